@@ -1,0 +1,234 @@
+"""The interface shared by every hypergradient estimator."""
+
+from __future__ import annotations
+
+import warnings
+from abc import ABC
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from lightning_hypergrad.inner_loop import Trajectory, leaves
+from lightning_hypergrad.problem import BilevelProblem
+
+
+@dataclass
+class HypergradResult:
+    """What an estimator returns for one bilevel problem.
+
+    Attributes:
+        hypergrads: the estimate of ``d L_val(w_T, alpha) / d alpha``, one tensor per hyperparameter tensor.
+        params: the final inner parameters ``w_T`` (detached).
+        inner_losses: ``L_train(w_{t-1})`` at each step t = 1..T.
+        outer_loss: ``L_val(w_T)``.
+    """
+
+    hypergrads: list[Tensor]
+    params: list[Tensor]
+    inner_losses: list[float]
+    outer_loss: float
+
+
+@dataclass
+class Estimate:
+    """An estimator's raw output: gradients with respect to the leaves ``h`` the losses received."""
+
+    grads: list[Tensor | None]
+    trajectory: Trajectory
+    outer_loss: Tensor
+
+
+def outer_grads(
+    problem: BilevelProblem, params: Sequence[Tensor], h: Sequence[Tensor]
+) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
+    """``L_val(w, h)``, its gradient with respect to ``w`` and (where ``h`` requires grad) to ``h``."""
+    w = leaves(params)
+    with torch.enable_grad():
+        loss = problem.outer_loss(w, h)
+        wrt_h = [x for x in h if x.requires_grad]
+        grads = torch.autograd.grad(loss, [*w, *wrt_h], allow_unused=True)
+    g_w = [torch.zeros_like(p) if g is None else g for p, g in zip(w, grads)]
+    g_h_iter = iter(grads[len(w) :])
+    g_h = [next(g_h_iter) if x.requires_grad else None for x in h]
+    return loss.detach(), g_w, g_h
+
+
+def add_grads(total: list[Tensor | None], new: Sequence[Tensor | None], scale: float = 1.0) -> None:
+    """``total += scale * new`` entry by entry, where ``None`` stands for zero."""
+    for i, g in enumerate(new):
+        if g is None:
+            continue
+        g = g if scale == 1.0 else g * scale
+        total[i] = g if total[i] is None else total[i] + g
+
+
+def _reachable_leaves(roots: Sequence[Tensor]) -> set[int]:
+    """The ids of the leaf tensors that the autograd graphs of ``roots`` reach."""
+    found: set[int] = set()
+    stack = []
+    for r in roots:
+        if not isinstance(r, Tensor) or not r.requires_grad:
+            continue
+        if r.grad_fn is None:
+            found.add(id(r))
+        else:
+            stack.append(r.grad_fn)
+    seen = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            found.add(id(variable))
+        stack.extend(fn for fn, _ in node.next_functions)
+    return found
+
+
+def _flatten_settings(values: object) -> list[Tensor]:
+    if isinstance(values, Tensor):
+        return [values]
+    if isinstance(values, (list, tuple)):
+        return [v for v in values if isinstance(v, Tensor)]
+    return []
+
+
+def check_dependence(problem: BilevelProblem, h: Sequence[Tensor], h_leaf: Sequence[Tensor]) -> None:
+    """Raise if a hyperparameter reaches no loss and no optimizer setting, or a loss captures one directly."""
+    w = leaves(problem.init_params)
+    with torch.enable_grad():
+        roots = [problem.inner_loss(w, h_leaf), problem.outer_loss(w, h_leaf)]
+        for name in problem.optimizer.hyper_settings():
+            roots += _flatten_settings(getattr(problem.optimizer, name)(h_leaf))
+    reached = _reachable_leaves(roots)
+    captured = [i for i, a in enumerate(problem.hparams) if id(a) in reached]
+    if captured:
+        raise ValueError(
+            f"the losses or the optimizer settings use hparams{captured} directly instead of the `hparams` "
+            "argument they receive; write them as functions of that argument (with `features`, of the tensors "
+            "`features()` returns), so that the estimators can differentiate them"
+        )
+    used_h = [x for x, leaf in zip(h, h_leaf) if id(leaf) in reached]
+    used = {id(x) for x in used_h} if problem.features is None else _reachable_leaves(used_h)
+    unused = [i for i, a in enumerate(problem.hparams) if id(a) not in used]
+    if unused:
+        raise ValueError(
+            f"hparams{unused} affect neither the inner loss, the outer loss nor the inner optimizer's settings, so "
+            "their hypergradient is undefined; remove them from `hparams` or make the losses depend on them"
+        )
+
+
+class HypergradEstimator(ABC):
+    """Computes (or estimates) the hypergradient ``d L_val(w_T(alpha), alpha) / d alpha`` of a bilevel problem.
+
+    Subclasses implement :meth:`_estimate`, which drives the shared inner loop
+    (:func:`lightning_hypergrad.inner_loop.unroll`) and returns gradients with respect to the tensors ``h`` the
+    losses receive. The base class maps them to the hyperparameters (through ``problem.features`` once), checks
+    them and, on request, accumulates them into ``.grad``.
+
+    Args:
+        nonfinite: what to do with a hypergradient that has NaN or infinite entries: ``"warn"`` (a warning,
+            and nothing is accumulated) or ``"raise"``.
+    """
+
+    #: the short name of the estimator in configs and logs
+    name: ClassVar[str] = ""
+    #: whether the estimator can differentiate through the inner optimizer's own settings
+    supports_optimizer_hparams: ClassVar[bool] = True
+
+    def __init__(self, nonfinite: Literal["warn", "raise"] = "warn") -> None:
+        if nonfinite not in ("warn", "raise"):
+            raise ValueError(f"nonfinite={nonfinite!r} is not one of 'warn', 'raise'")
+        self.nonfinite = nonfinite
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "nonfinite")
+        return f"{type(self).__name__}({args})"
+
+    def validate(self, problem: BilevelProblem) -> None:
+        """Raise ``ValueError`` if this estimator cannot handle ``problem``."""
+        settings = problem.optimizer.hyper_settings()
+        if settings and not self.supports_optimizer_hparams:
+            raise ValueError(
+                f"{type(self).__name__} cannot differentiate through the inner optimizer's own settings "
+                f"({', '.join(settings)}): the implicit function theorem sees only the inner optimum, which does "
+                "not depend on them. Use Greedy, T1T2, RMD or FMD for optimizer hyperparameters."
+            )
+
+    def __call__(self, problem: BilevelProblem, *, accumulate: bool = False, check: bool = True) -> HypergradResult:
+        """Compute the hypergradient of ``problem``.
+
+        Args:
+            problem: the bilevel problem.
+            accumulate: add the hypergradients to the ``.grad`` of the hyperparameters (so that the problems of
+                a meta-batch sum up).
+            check: check that every hyperparameter reaches a loss or a setting (costs one forward of each loss).
+
+        Raises:
+            ValueError: the estimator cannot handle the problem, or a hyperparameter is unused.
+            FloatingPointError: a non-finite hypergradient with ``nonfinite="raise"``.
+        """
+        self.validate(problem)
+        with torch.enable_grad():
+            h = list(problem.features()) if problem.features is not None else problem.hparams
+            h_leaf = leaves(h)
+            if check:
+                check_dependence(problem, h, h_leaf)
+            hypergrads, estimate = self._hypergrads(problem, h, h_leaf)
+        finite = self._check_finite(hypergrads)
+        if accumulate and finite:
+            for a, g in zip(problem.hparams, hypergrads):
+                a.grad = g.detach().clone() if a.grad is None else a.grad + g.detach()
+        return HypergradResult(
+            hypergrads=[g.detach() for g in hypergrads],
+            params=[p.detach() for p in estimate.trajectory.params],
+            inner_losses=estimate.trajectory.inner_losses,
+            outer_loss=float(estimate.outer_loss),
+        )
+
+    def _hypergrads(
+        self, problem: BilevelProblem, h: Sequence[Tensor], h_leaf: list[Tensor]
+    ) -> tuple[list[Tensor], Estimate]:
+        estimate = self._estimate(problem, h_leaf)
+        grads = estimate.grads
+        if problem.features is None:
+            return [torch.zeros_like(a) if g is None else g for a, g in zip(problem.hparams, grads)], estimate
+        pairs = [(x, g) for x, g in zip(h, grads) if g is not None and x.requires_grad]
+        mapped: Sequence[Tensor | None] = [None] * len(problem.hparams)
+        if pairs:
+            mapped = torch.autograd.grad(
+                [x for x, _ in pairs], problem.hparams, [g for _, g in pairs], allow_unused=True
+            )
+        return [torch.zeros_like(a) if g is None else g for a, g in zip(problem.hparams, mapped)], estimate
+
+    def _estimate(self, problem: BilevelProblem, h: list[Tensor]) -> Estimate:
+        """Gradients with respect to ``h`` (leaves), from one run of the inner loop.
+
+        Subclasses implement this, or override :meth:`_hypergrads` where they map to the hyperparameters
+        themselves (forward mode).
+        """
+        raise NotImplementedError
+
+    def _check_finite(self, hypergrads: Sequence[Tensor]) -> bool:
+        bad = [i for i, g in enumerate(hypergrads) if not bool(torch.isfinite(g).all())]
+        if not bad:
+            return True
+        message = (
+            f"{type(self).__name__}: the hypergradient of hparams{bad} has NaN or infinite entries, so it was not "
+            "accumulated; the inner loop has probably diverged: lower the inner optimizer's learning rate or the "
+            "number of inner steps (steps/T)"
+        )
+        if self.nonfinite == "raise":
+            raise FloatingPointError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        return False
+
+
+def check_positive_int(owner: str, name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner} {name} must be an integer >= 1, got {value!r}")
+    return value

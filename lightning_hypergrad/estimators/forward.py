@@ -1,0 +1,108 @@
+"""Exact forward-mode differentiation (FMD) for hyperparameters with few entries."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_hypergrad.estimators.base import Estimate, HypergradEstimator, check_positive_int, outer_grads
+from lightning_hypergrad.estimators.implicit import dot
+from lightning_hypergrad.inner_loop import InnerStep, StepMode, unroll
+from lightning_hypergrad.problem import BilevelProblem
+
+
+def jvp(outputs: Sequence[Tensor], inputs: Sequence[Tensor], tangents: Sequence[Sequence[Tensor]]) -> list[list[Tensor]]:
+    """Jacobian-vector products of ``outputs`` (with their graph) for each list of input ``tangents``.
+
+    Uses the double-backward identity ``J v = d/du <J^T u, v>``: one reverse pass with a graph, then one more
+    reverse pass per tangent.
+    """
+    keep = [i for i, o in enumerate(outputs) if o.requires_grad]
+    u = [torch.zeros_like(outputs[i]).requires_grad_() for i in keep]
+    vjp = torch.autograd.grad([outputs[i] for i in keep], inputs, u, create_graph=True, allow_unused=True)
+    used = [k for k, g in enumerate(vjp) if g is not None and g.requires_grad]
+    results = []
+    for tangent in tangents:
+        out = [torch.zeros_like(o) for o in outputs]
+        if used:
+            parts = torch.autograd.grad(
+                [vjp[k] for k in used], u, [tangent[k] for k in used], retain_graph=True, allow_unused=True
+            )
+            for i, part in zip(keep, parts):
+                if part is not None:
+                    out[i] = part
+        results.append(out)
+    return results
+
+
+class FMD(HypergradEstimator):
+    """The exact hypergradient (eq. 3-5) by forward mode: ``Z_t = A_t Z_{t-1} + B_t``, ``Z_t = dw_t / d alpha``.
+
+    One tangent per hyperparameter entry is carried through the inner loop (and through the optimizer's
+    state), so the cost is H Jacobian-vector products per step and the memory O((P + S) H). Suits a few
+    hyperparameters (a learning rate, a handful of regularization strengths); no graph lives across steps.
+
+    Args:
+        max_entries: the largest number of hyperparameter entries accepted; above it, use RMD.
+
+    Raises:
+        ValueError: the hyperparameters have more than ``max_entries`` entries.
+    """
+
+    name = "fmd"
+
+    def __init__(self, max_entries: int = 64, nonfinite: str = "warn") -> None:
+        super().__init__(nonfinite)
+        self.max_entries = check_positive_int("FMD", "max_entries", max_entries)
+
+    def validate(self, problem: BilevelProblem) -> None:
+        super().validate(problem)
+        entries = sum(a.numel() for a in problem.hparams)
+        if entries > self.max_entries:
+            raise ValueError(
+                f"FMD carries one tangent per hyperparameter entry, and this problem has {entries} entries > "
+                f"max_entries={self.max_entries}; use RMD (or another reverse-mode estimator), or raise max_entries"
+            )
+
+    def _feature_tangents(self, problem: BilevelProblem, h: Sequence[Tensor], h_leaf: Sequence[Tensor]):
+        """``dh / d alpha_j`` for every entry ``j`` of the hyperparameters, as lists shaped like ``h``."""
+        units = []
+        for a_index, a in enumerate(problem.hparams):
+            for j in range(a.numel()):
+                unit = [torch.zeros_like(b) for b in problem.hparams]
+                unit[a_index].view(-1)[j] = 1
+                units.append(unit)
+        if problem.features is None:
+            return units
+        return jvp(list(h), problem.hparams, units)
+
+    def _hypergrads(self, problem: BilevelProblem, h, h_leaf):
+        h_tangents = self._feature_tangents(problem, h, h_leaf)
+        n = len(h_tangents)
+        z_w: list[list[Tensor]] = [[torch.zeros_like(p) for p in problem.init_params] for _ in range(n)]
+        z_s: list[list[Tensor]] | None = None
+
+        def on_step(step: InnerStep) -> None:
+            nonlocal z_w, z_s
+            state_before = step.state_before.tensors()
+            if z_s is None:
+                z_s = [[torch.zeros_like(s) for s in state_before] for _ in range(n)]
+            outputs = [*step.params, *step.state.tensors()]
+            inputs = [*step.params_before, *state_before, *h_leaf]
+            tangents = [[*z_w[j], *z_s[j], *h_tangents[j]] for j in range(n)]
+            out = jvp(outputs, inputs, tangents)
+            n_params = len(step.params)
+            z_w = [[x.detach() for x in o[:n_params]] for o in out]
+            z_s = [[x.detach() for x in o[n_params:]] for o in out]
+
+        trajectory = unroll(problem, h_leaf, lambda t: StepMode.LOCAL, on_step)
+        loss, g_w, g_h = outer_grads(problem, trajectory.params, h_leaf)
+        g_h = [torch.zeros_like(x) if g is None else g for x, g in zip(h_leaf, g_h)]
+        flat = torch.stack([dot(g_w, z_w[j]) + dot(g_h, h_tangents[j]) for j in range(n)])
+        hypergrads, offset = [], 0
+        for a in problem.hparams:
+            hypergrads.append(flat[offset : offset + a.numel()].view_as(a).to(a.dtype))
+            offset += a.numel()
+        return hypergrads, Estimate([], trajectory, loss)

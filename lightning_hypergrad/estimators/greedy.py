@@ -1,0 +1,97 @@
+"""The generalized greedy hypergradient (eq. 6 of the paper) and T1-T2, its limit as gamma -> 0."""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_hypergrad.estimators.base import Estimate, HypergradEstimator, add_grads, outer_grads
+from lightning_hypergrad.inner_loop import InnerStep, StepMode, unroll
+from lightning_hypergrad.problem import BilevelProblem
+
+
+class _WeightedGreedy(HypergradEstimator):
+    """``grad_alpha L_val(w_T) + sum_t c_t g_t B_t`` for step weights ``c_t`` given by :meth:`weight`.
+
+    ``g_t = grad_w L_val(w_t, alpha)`` and ``B_t = dPhi(w_{t-1}, s_{t-1}, alpha) / d alpha`` with ``w_{t-1}`` and
+    ``s_{t-1}`` held constant, so ``g_t B_t`` is one vector-Jacobian product of the step alone: no graph lives
+    from one inner step to the next and the memory does not grow with T.
+    """
+
+    def weight(self, t: int, steps: int) -> float:
+        raise NotImplementedError
+
+    def _estimate(self, problem: BilevelProblem, h):
+        steps = problem.steps
+        total: list = [None] * len(h)
+        h_const = [x.detach() for x in h]
+        final: dict = {}
+
+        def on_step(step: InnerStep) -> None:
+            if step.mode is StepMode.CONSTANT:
+                return
+            if step.t == steps:
+                loss, g_w, g_h = outer_grads(problem, step.params, h)
+                add_grads(total, g_h)
+                final["loss"] = loss
+            else:
+                _, g_w, _ = outer_grads(problem, step.params, h_const)
+            c = self.weight(step.t, steps)
+            vjp = torch.autograd.grad(step.params, h, [c * g for g in g_w], allow_unused=True)
+            add_grads(total, vjp)
+
+        def mode(t: int) -> StepMode:
+            return StepMode.LOCAL if self.weight(t, steps) != 0 else StepMode.CONSTANT
+
+        trajectory = unroll(problem, h, mode, on_step)
+        return Estimate(total, trajectory, final["loss"])
+
+
+class Greedy(_WeightedGreedy):
+    """The generalized greedy hypergradient of the paper, eq. 6::
+
+        d_alpha L_val(w_T, alpha; gamma) = grad_alpha L_val(w_T, alpha) + sum_{t=1}^T gamma^(T-t) g_t B_t
+
+    with ``g_t = grad_{w_t} L_val(w_t, alpha)`` and ``B_t = dPhi(w_{t-1}, alpha) / d alpha``. It replaces the
+    product of Jacobians ``prod_{k>t} A_k`` of the exact hypergradient by ``gamma^(T-t)`` and ``g_T`` by ``g_t``.
+    Cost: the inner loop plus T vector-Jacobian products and T outer gradients; memory O(P + H).
+
+    Args:
+        gamma: the discount, in (0, 1]. ``gamma = 1`` weights every step equally; ``gamma -> 0`` gives T1-T2
+            (Proposition 4.1). The paper found 0.99 best.
+
+    Raises:
+        ValueError: ``gamma`` outside (0, 1].
+
+    Example::
+
+        >>> Greedy(gamma=0.99)
+        Greedy(gamma=0.99)
+    """
+
+    name = "greedy"
+
+    def __init__(self, gamma: float = 0.99, nonfinite: str = "warn") -> None:
+        super().__init__(nonfinite)
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
+            raise ValueError(
+                f"Greedy gamma must be in (0, 1], got {gamma!r}: gamma = 1 weights every inner step equally and "
+                "gamma -> 0 recovers T1-T2 (use the T1T2 estimator for that)"
+            )
+        self.gamma = float(gamma)
+
+    def weight(self, t: int, steps: int) -> float:
+        return self.gamma ** (steps - t)
+
+
+class T1T2(_WeightedGreedy):
+    """T1-T2 (Luketina et al., 2016): the greedy term of the last step only::
+
+        grad_alpha L_val(w_T, alpha) + g_T B_T
+
+    Cost: the inner loop plus one vector-Jacobian product; memory O(P + H).
+    """
+
+    name = "t1t2"
+
+    def weight(self, t: int, steps: int) -> float:
+        return 1.0 if t == steps else 0.0

@@ -1,0 +1,112 @@
+"""The one inner loop that every estimator drives.
+
+Each step ``t`` computes ``w_t, s_t = Phi(w_{t-1}, s_{t-1}, h)`` in one of three modes, chosen per step by the
+estimator:
+
+- ``CONSTANT``: nothing is differentiated; no autograd graph survives the step.
+- ``LOCAL``: the step is differentiable with respect to its own inputs (``w_{t-1}``, ``s_{t-1}``, fresh leaves)
+  and to ``h``; the graph lives until the estimator's ``on_step`` hook has used it (Greedy, T1-T2, FMD).
+- ``CHAIN``: the step is differentiable and connected to the graph of the previous step (reverse mode).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_hypergrad.optim.base import OptimizerState
+from lightning_hypergrad.problem import BilevelProblem
+
+
+class StepMode(enum.Enum):
+    CONSTANT = "constant"
+    LOCAL = "local"
+    CHAIN = "chain"
+
+
+@dataclass
+class InnerStep:
+    """What one inner step saw and produced; handed to the estimator's ``on_step`` hook.
+
+    Attributes:
+        t: the step's index, 1 to T.
+        mode: how the step was computed.
+        params_before: ``w_{t-1}``; leaves that require grad in ``LOCAL`` mode.
+        state_before: ``s_{t-1}``; its tensors are leaves that require grad in ``LOCAL`` mode.
+        params: ``w_t``, connected to ``h`` (and to the inputs) unless the mode is ``CONSTANT``.
+        state: ``s_t``.
+        loss: ``L_train(w_{t-1}, h)``, detached.
+    """
+
+    t: int
+    mode: StepMode
+    params_before: list[Tensor]
+    state_before: OptimizerState
+    params: list[Tensor]
+    state: OptimizerState
+    loss: Tensor
+
+
+@dataclass
+class Trajectory:
+    """The end of an inner loop: ``w_T`` and ``s_T`` (connected to the graph after ``CHAIN`` steps)."""
+
+    params: list[Tensor]
+    state: OptimizerState
+    inner_losses: list[float]
+
+
+def leaves(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Detached copies that require grad, so that a gradient can be taken with respect to them."""
+    return [x.detach().requires_grad_() for x in tensors]
+
+
+def unroll(
+    problem: BilevelProblem,
+    h: Sequence[Tensor],
+    mode: Callable[[int], StepMode],
+    on_step: Callable[[InnerStep], None] | None = None,
+) -> Trajectory:
+    """Run the ``T`` inner steps of ``problem`` from its initial parameters.
+
+    Args:
+        problem: the bilevel problem.
+        h: the hyperparameter leaves the losses and the optimizer's settings receive.
+        mode: the mode of each step ``t`` (1 to T).
+        on_step: called after each step, while its graph is alive.
+    """
+    opt = problem.optimizer
+    h_const = [x.detach() for x in h]
+    w: list[Tensor] = [p.detach() for p in problem.init_params]
+    state = opt.init(w)
+    losses: list[Tensor] = []
+    with torch.enable_grad():
+        for t in range(1, problem.steps + 1):
+            step_mode = mode(t)
+            if step_mode is StepMode.CONSTANT:
+                w_in, s_in = leaves(w), state.detached()
+                loss = problem.inner_loss(w_in, h_const)
+                grads = torch.autograd.grad(loss, w_in, materialize_grads=True)
+                with torch.no_grad():
+                    w_new, s_new = opt.update(w_in, grads, s_in, h_const)
+            else:
+                if step_mode is StepMode.LOCAL:
+                    w_in, s_in = leaves(w), state.detached(requires_grad=True)
+                else:
+                    w_in = [x if x.requires_grad else x.detach().requires_grad_() for x in w]
+                    s_in = state
+                loss = problem.inner_loss(w_in, h)
+                grads = torch.autograd.grad(loss, w_in, create_graph=True, materialize_grads=True)
+                w_new, s_new = opt.update(w_in, grads, s_in, h)
+            losses.append(loss.detach())
+            if on_step is not None:
+                on_step(InnerStep(t, step_mode, w_in, s_in, w_new, s_new, loss.detach()))
+            if step_mode is StepMode.CHAIN:
+                w, state = w_new, s_new
+            else:
+                w, state = [x.detach() for x in w_new], s_new.detached()
+    return Trajectory(w, state, torch.stack(losses).tolist())

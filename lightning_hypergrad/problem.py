@@ -1,0 +1,69 @@
+"""The bilevel problem that every estimator takes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from lightning_hypergrad.optim.base import DifferentiableOptimizer
+
+LossFn = Callable[[Sequence[Tensor], Sequence[Tensor]], Tensor]
+"""``loss(params, hparams) -> scalar``: a loss of the inner parameters and the hyperparameters."""
+
+
+@dataclass
+class BilevelProblem:
+    """One bilevel problem: ``min_alpha L_val(w_T(alpha), alpha)`` where ``w_T`` is ``T`` steps on ``L_train``.
+
+    The loss functions must use the hyperparameters through their second argument, never by capturing the
+    tensors of ``hparams``: the estimators call them with copies (and, for forward mode, with tangents).
+
+    Attributes:
+        inner_loss: ``L_train(w, h)``, the loss the inner optimizer minimizes.
+        outer_loss: ``L_val(w, h)``, the loss whose hypergradient is computed.
+        hparams: the hyperparameter tensors ``alpha`` (leaves that require grad, e.g. a module's parameters).
+        init_params: the initial inner parameters ``w_0`` (not modified).
+        optimizer: the differentiable inner optimizer ``Phi``.
+        steps: the number of inner steps ``T``.
+        features: optional; the part of the problem that depends on the hyperparameters alone (in meta-learning:
+            the backbone's features of the task's images). Called once with no argument, it returns tensors
+            computed from ``hparams``; the loss functions and the optimizer's settings then receive these tensors
+            as ``h`` instead of ``hparams``. The estimators differentiate through it once per problem, whatever
+            ``T`` is.
+    """
+
+    inner_loss: LossFn
+    outer_loss: LossFn
+    hparams: Sequence[Tensor]
+    init_params: Sequence[Tensor]
+    optimizer: DifferentiableOptimizer
+    steps: int
+    features: Callable[[], Sequence[Tensor]] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps (T, the number of inner steps) must be an integer >= 1, got {self.steps!r}")
+        self.hparams = list(self.hparams)
+        self.init_params = list(self.init_params)
+        if not self.hparams:
+            raise ValueError("hparams is empty: give at least one hyperparameter tensor")
+        if not self.init_params:
+            raise ValueError("init_params is empty: give at least one inner parameter tensor")
+        for i, a in enumerate(self.hparams):
+            if not isinstance(a, Tensor) or not a.requires_grad:
+                raise ValueError(
+                    f"hparams[{i}] must be a tensor that requires grad (e.g. nn.Parameter or "
+                    f"torch.tensor(..., requires_grad=True)), got {type(a).__name__}"
+                    + (" without requires_grad" if isinstance(a, Tensor) else "")
+                )
+        for i, w in enumerate(self.init_params):
+            if not isinstance(w, Tensor) or not w.is_floating_point():
+                raise ValueError(f"init_params[{i}] must be a floating-point tensor, got {type(w).__name__}")
+        if not isinstance(self.optimizer, DifferentiableOptimizer):
+            raise TypeError(
+                "optimizer must be a differentiable inner optimizer such as lightning_hypergrad.SGD or "
+                f"lightning_hypergrad.Adam, got {type(self.optimizer).__name__} (torch.optim optimizers update in "
+                "place and cannot be differentiated)"
+            )
