@@ -13,7 +13,9 @@ from lightning_hypergrad.inner_loop import InnerStep, StepMode, unroll
 from lightning_hypergrad.problem import BilevelProblem
 
 
-def jvp(outputs: Sequence[Tensor], inputs: Sequence[Tensor], tangents: Sequence[Sequence[Tensor]]) -> list[list[Tensor]]:
+def jvp(
+    outputs: Sequence[Tensor], inputs: Sequence[Tensor], tangents: Sequence[Sequence[Tensor]]
+) -> list[list[Tensor]]:
     """Jacobian-vector products of ``outputs`` (with their graph) for each list of input ``tangents``.
 
     Uses the double-backward identity ``J v = d/du <J^T u, v>``: one reverse pass with a graph, then one more

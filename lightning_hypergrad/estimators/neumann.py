@@ -25,7 +25,9 @@ class Neumann(ImplicitEstimator):
     def __init__(self, iterations: int = 10, scale: float | None = None, nonfinite: str = "warn") -> None:
         super().__init__(iterations, nonfinite)
         if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-            raise ValueError(f"Neumann scale must be a number > 0 (below 2 / the largest Hessian eigenvalue), got {scale!r}")
+            raise ValueError(
+                f"Neumann scale must be a number > 0 (below 2 / the largest Hessian eigenvalue), got {scale!r}"
+            )
         self.scale = None if scale is None else float(scale)
 
     def _scale(self, problem) -> float:
