@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from abc import ABC
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -122,7 +121,7 @@ def check_dependence(problem: BilevelProblem, h: Sequence[Tensor], h_leaf: Seque
         )
 
 
-class HypergradEstimator(ABC):
+class HypergradEstimator:
     """Computes (or estimates) the hypergradient ``d L_val(w_T(alpha), alpha) / d alpha`` of a bilevel problem.
 
     Subclasses implement :meth:`_estimate`, which drives the shared inner loop
