@@ -1,0 +1,697 @@
+"""Time and memory of the hypergradient estimators on two bilevel problems.
+
+Run from the repository root::
+
+    python benchmarks/estimators.py [--quick] [--json PATH] [--device cpu|cuda] [--threads N]
+                                    [--problems fewshot whole_network] [--estimators fo greedy(0.99) ...]
+
+What is measured
+----------------
+For every estimator (FO, T1-T2, Greedy(0.99), RMD, TruncatedRMD(K=5), Neumann(K=10, scale = the inner learning
+rate), ConjugateGradient(K=10)) and every number of inner steps T (10, 50, 200; with ``--quick`` 10, 50), one
+*outer step* is timed and its peak memory measured:
+
+``fewshot``
+    The meta-learning setup of the paper: a backbone of 3 blocks (Conv2d 3x3 with 32 channels, BatchNorm2d, ReLU,
+    MaxPool2d 2) maps 32x32 RGB images to 512 features; its parameters are the hyperparameters. The inner
+    parameters are a linear head 512 -> 5, reset to zero for each task and trained for T steps of SGD (lr 0.1,
+    momentum 0.9) on the support set; the outer loss is the cross-entropy on the query set. Tasks are 5-way
+    10-shot on random images (50 support and 50 query images). The backbone runs once per task (``features``).
+    One outer step = one estimator call per task of the meta-batch (10 tasks; 4 with ``--quick``), then an Adam
+    step on the backbone.
+``whole_network``
+    Hyperparameter optimization of a whole small conv net on random 28x28 images: every weight of the net is an
+    inner parameter, and the hyperparameters are a log weight decay per parameter entry. The inner loss is the
+    cross-entropy of a train batch (64) plus ``0.5 * sum(exp(lwd) * w**2)``, minimized by T steps of SGD (lr 0.05,
+    momentum 0.9); the outer loss is the cross-entropy of a validation batch (64). One outer step = one estimator
+    call and an Adam step on the log weight decays. As a reference, one *plain training step* of the same net is
+    measured too (forward, backward and a ``torch.optim.SGD`` step with the same learning rate, momentum and a
+    weight decay of 1e-3, on the same train batch); it is the ``plain_step`` row, with T = 1.
+
+FMD is left out of both: it carries one tangent per hyperparameter entry, and both problems have thousands.
+
+Timing: each configuration is built afresh from fixed seeds, warmed up with one outer step, then a few outer
+steps (3; 2 with ``--quick``) are timed one by one with ``time.perf_counter`` (after ``torch.cuda.synchronize``
+on CUDA); the table shows the median.
+
+Peak memory (``peak_bytes``) is measured on one more outer step, separately from the timing, as the peak memory
+above what was in use before the step:
+
+- CUDA: ``torch.cuda.max_memory_allocated()`` after ``torch.cuda.reset_peak_memory_stats()``, minus the bytes
+  allocated before the step.
+- CPU (Linux): the peak resident set size. At import, glibc is told to serve every allocation of 64 KiB or more
+  with its own ``mmap`` (``mallopt(M_MMAP_THRESHOLD)``), so that freed tensors go back to the OS and the
+  resident size follows the live tensors. Before the step ``malloc_trim(0)`` returns the free heap, writing "5"
+  to ``/proc/self/clear_refs`` resets the high-water mark and ``VmRSS`` is read; after it, ``VmHWM``. The peak is
+  ``VmHWM - VmRSS(before)``, to within a few pages and the small allocations the heap keeps.
+- Fallback where neither is available (or with ``--memory saved``): the peak bytes of tensors that autograd
+  holds for the backward pass, counted with ``torch.autograd.graph.saved_tensors_hooks`` (each storage once).
+  This leaves out the tensors that are not saved for backward, so it underestimates the true peak.
+
+The method used is printed under the tables.
+
+How to read the ratios
+----------------------
+``fewshot``: ``ratio`` is the time of the outer step divided by FO's at the same T, and ``peak ratio`` the same
+for the peak memory. FO runs the inner loop without any graph, so the ratios say what each estimator adds to the
+cheapest one (the backbone's forward and backward are common to all and dominate at small T).
+
+``whole_network``: ``ratio`` is ``seconds_per_step / (T * plain_step_seconds)``: the cost of one inner step
+(with everything the estimator adds, spread over the T steps) in plain training steps. ``peak ratio`` is the
+peak memory of the outer step divided by that of one plain training step. An estimator whose memory does not
+grow with T (FO, T1-T2, Greedy, Neumann, CG) keeps its peak ratio flat in T; RMD's grows linearly in T and
+TruncatedRMD's with its K.
+
+The JSON file (``--json PATH``) holds one record per row with the keys ``problem``, ``estimator``, ``T``,
+``seconds_per_step``, ``peak_bytes`` and ``ratio`` (the time ratio; ``null`` where its reference was not run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import gc
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+import lightning_hypergrad as lh
+
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 64 * 1024
+MIB = 1024**2
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+def _set_mmap_threshold(libc: ctypes.CDLL | None) -> bool:
+    """Have glibc ``mmap`` every allocation of 64 KiB or more, so that freeing a tensor lowers the RSS."""
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
+
+# Done at import, before any large tensor exists: the threshold only affects the allocations that follow.
+_LIBC = _load_libc()
+_MMAP_THRESHOLD_SET = _set_mmap_threshold(_LIBC)
+
+OuterStep = Callable[[], None]
+
+
+# --------------------------------------------------------------------------------------------------- estimators
+
+
+@dataclass(frozen=True)
+class EstimatorSpec:
+    """An estimator of the benchmark: its short name and how to build it given the inner learning rate."""
+
+    name: str
+    build: Callable[[float], lh.HypergradEstimator]
+
+
+ESTIMATOR_SPECS: tuple[EstimatorSpec, ...] = (
+    EstimatorSpec("fo", lambda lr: lh.FO()),
+    EstimatorSpec("t1t2", lambda lr: lh.T1T2()),
+    EstimatorSpec("greedy(0.99)", lambda lr: lh.Greedy(gamma=0.99)),
+    EstimatorSpec("rmd", lambda lr: lh.RMD()),
+    EstimatorSpec("truncated_rmd(5)", lambda lr: lh.TruncatedRMD(truncate=5)),
+    EstimatorSpec("neumann(10)", lambda lr: lh.Neumann(iterations=10, scale=lr)),
+    EstimatorSpec("cg(10)", lambda lr: lh.ConjugateGradient(iterations=10)),
+)
+
+
+def select_estimators(names: Sequence[str] | None) -> list[EstimatorSpec]:
+    """The specs named in ``names`` (a full short name such as ``greedy(0.99)``, or its part before ``(``)."""
+    if not names:
+        return list(ESTIMATOR_SPECS)
+    wanted = {n.lower() for n in names}
+    chosen = [s for s in ESTIMATOR_SPECS if s.name in wanted or s.name.split("(")[0] in wanted]
+    known = {s.name for s in ESTIMATOR_SPECS} | {s.name.split("(")[0] for s in ESTIMATOR_SPECS}
+    unknown = sorted(wanted - known)
+    if unknown:
+        raise SystemExit(f"unknown estimator(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+    return chosen
+
+
+# ------------------------------------------------------------------------------------------------------ problems
+
+FEWSHOT_WAYS = 5
+FEWSHOT_SHOTS = 10
+FEWSHOT_QUERIES = 10
+FEWSHOT_INNER_LR = 0.1
+WHOLE_NET_INNER_LR = 0.05
+WHOLE_NET_BATCH = 64
+WHOLE_NET_INIT_WEIGHT_DECAY = 1e-3
+INNER_MOMENTUM = 0.9
+OUTER_LR = 1e-3
+
+
+def fewshot_backbone() -> nn.Sequential:
+    """3 blocks of (Conv2d 3x3, 32 channels, BatchNorm2d, ReLU, MaxPool2d 2): 3x32x32 images -> 512 features."""
+    blocks: list[nn.Module] = []
+    channels = 3
+    for _ in range(3):
+        blocks += [nn.Conv2d(channels, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2)]
+        channels = 32
+    return nn.Sequential(*blocks, nn.Flatten())
+
+
+@dataclass
+class Task:
+    """One few-shot task: support and query images with their labels."""
+
+    x_support: Tensor
+    y_support: Tensor
+    x_query: Tensor
+    y_query: Tensor
+
+
+def random_task(generator: torch.Generator, device: torch.device) -> Task:
+    """A 5-way 10-shot task of random images, labels shuffled within each set."""
+
+    def labels() -> Tensor:
+        y = torch.arange(FEWSHOT_WAYS).repeat_interleave(FEWSHOT_SHOTS)
+        return y[torch.randperm(len(y), generator=generator)]
+
+    n_support, n_query = FEWSHOT_WAYS * FEWSHOT_SHOTS, FEWSHOT_WAYS * FEWSHOT_QUERIES
+    x_support = torch.randn(n_support, 3, 32, 32, generator=generator)
+    x_query = torch.randn(n_query, 3, 32, 32, generator=generator)
+    return Task(x_support.to(device), labels().to(device), x_query.to(device), labels().to(device))
+
+
+def head_logits(w: Sequence[Tensor], features: Tensor) -> Tensor:
+    return F.linear(features, w[0], w[1])
+
+
+def fewshot_problem(
+    backbone: nn.Module, task: Task, head_init: Sequence[Tensor], steps: int
+) -> lh.BilevelProblem:
+    """The bilevel problem of one task: T SGD steps of the head on the support features."""
+    return lh.BilevelProblem(
+        inner_loss=lambda w, h: F.cross_entropy(head_logits(w, h[0]), task.y_support),
+        outer_loss=lambda w, h: F.cross_entropy(head_logits(w, h[1]), task.y_query),
+        hparams=list(backbone.parameters()),
+        init_params=list(head_init),
+        optimizer=lh.SGD(lr=FEWSHOT_INNER_LR, momentum=INNER_MOMENTUM),
+        steps=steps,
+        features=lambda: [backbone(task.x_support), backbone(task.x_query)],
+    )
+
+
+def make_fewshot_step(
+    spec: EstimatorSpec, steps: int, meta_batch: int, device: torch.device, seed: int = 0
+) -> OuterStep:
+    """One outer step of few-shot meta-learning: the estimator on each task, then Adam on the backbone."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    backbone = fewshot_backbone().to(device).train()
+    features = 32 * 4 * 4
+    head_init = [torch.zeros(FEWSHOT_WAYS, features, device=device), torch.zeros(FEWSHOT_WAYS, device=device)]
+    tasks = [random_task(generator, device) for _ in range(meta_batch)]
+    outer_opt = torch.optim.Adam(backbone.parameters(), lr=OUTER_LR)
+    estimator = spec.build(FEWSHOT_INNER_LR)
+
+    def outer_step() -> None:
+        for task in tasks:
+            estimator(fewshot_problem(backbone, task, head_init, steps), accumulate=True, check=False)
+        outer_opt.step()
+        outer_opt.zero_grad(set_to_none=True)
+
+    return outer_step
+
+
+def whole_network() -> nn.Sequential:
+    """A small conv net for 1x28x28 images and 10 classes."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 5 * 5, 10),
+    )
+
+
+@dataclass
+class WholeNetData:
+    """The net, its parameter names and a fixed train and validation batch."""
+
+    net: nn.Module
+    names: list[str]
+    x_train: Tensor
+    y_train: Tensor
+    x_val: Tensor
+    y_val: Tensor
+
+
+def whole_net_data(device: torch.device, seed: int = 0) -> WholeNetData:
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    net = whole_network().to(device)
+    names = [name for name, _ in net.named_parameters()]
+
+    def batch() -> tuple[Tensor, Tensor]:
+        x = torch.randn(WHOLE_NET_BATCH, 1, 28, 28, generator=generator)
+        y = torch.randint(0, 10, (WHOLE_NET_BATCH,), generator=generator)
+        return x.to(device), y.to(device)
+
+    x_train, y_train = batch()
+    x_val, y_val = batch()
+    return WholeNetData(net, names, x_train, y_train, x_val, y_val)
+
+
+def make_whole_network_step(spec: EstimatorSpec, steps: int, device: torch.device, seed: int = 0) -> OuterStep:
+    """One outer step of weight-decay tuning: the estimator on the whole net, then Adam on the log decays."""
+    data = whole_net_data(device, seed)
+    init = [p.detach().clone() for p in data.net.parameters()]
+    log_wd = [torch.full_like(p, math.log(WHOLE_NET_INIT_WEIGHT_DECAY)).requires_grad_() for p in init]
+
+    def logits(w: Sequence[Tensor], x: Tensor) -> Tensor:
+        return functional_call(data.net, dict(zip(data.names, w)), (x,))
+
+    def inner_loss(w: Sequence[Tensor], h: Sequence[Tensor]) -> Tensor:
+        penalty = sum((lwd.exp() * p.square()).sum() for p, lwd in zip(w, h))
+        return F.cross_entropy(logits(w, data.x_train), data.y_train) + 0.5 * penalty
+
+    def outer_loss(w: Sequence[Tensor], h: Sequence[Tensor]) -> Tensor:
+        return F.cross_entropy(logits(w, data.x_val), data.y_val)
+
+    problem = lh.BilevelProblem(
+        inner_loss=inner_loss,
+        outer_loss=outer_loss,
+        hparams=log_wd,
+        init_params=init,
+        optimizer=lh.SGD(lr=WHOLE_NET_INNER_LR, momentum=INNER_MOMENTUM),
+        steps=steps,
+    )
+    outer_opt = torch.optim.Adam(log_wd, lr=OUTER_LR)
+    estimator = spec.build(WHOLE_NET_INNER_LR)
+
+    def outer_step() -> None:
+        estimator(problem, accumulate=True, check=False)
+        outer_opt.step()
+        outer_opt.zero_grad(set_to_none=True)
+
+    return outer_step
+
+
+def make_plain_step(device: torch.device, seed: int = 0) -> OuterStep:
+    """One ordinary training step of the whole-network net on its train batch (the reference of the ratios)."""
+    data = whole_net_data(device, seed)
+    opt = torch.optim.SGD(
+        data.net.parameters(),
+        lr=WHOLE_NET_INNER_LR,
+        momentum=INNER_MOMENTUM,
+        weight_decay=WHOLE_NET_INIT_WEIGHT_DECAY,
+    )
+
+    def plain_step() -> None:
+        loss = F.cross_entropy(data.net(data.x_train), data.y_train)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return plain_step
+
+
+# -------------------------------------------------------------------------------------------------- peak memory
+
+
+class PeakMemory(ABC):
+    """Measures the peak memory that a call adds to what was in use before it."""
+
+    description: str = ""
+
+    @abstractmethod
+    def measure(self, fn: Callable[[], None]) -> int:
+        """Run ``fn`` once and return its peak memory in bytes above the starting point."""
+
+
+class CudaPeak(PeakMemory):
+    description = "CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus allocated before"
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def measure(self, fn: Callable[[], None]) -> int:
+        gc.collect()
+        torch.cuda.synchronize(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        fn()
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device) - before
+
+
+def _proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                value, unit = line.split()[1:3]
+                assert unit == "kB", line
+                return int(value) * 1024
+    raise KeyError(key)
+
+
+class RssPeak(PeakMemory):
+    description = (
+        "CPU: peak RSS (VmHWM after the step - VmRSS before, with glibc mmap threshold 64 KiB, malloc_trim(0) and "
+        "/proc/self/clear_refs=5 before the step)"
+    )
+
+    def __init__(self, libc: ctypes.CDLL) -> None:
+        self.libc = libc
+
+    @staticmethod
+    def available(libc: ctypes.CDLL | None) -> bool:
+        """Whether the mmap threshold was set and the high-water mark can be reset and read."""
+        if libc is None or not _MMAP_THRESHOLD_SET or not hasattr(libc, "malloc_trim"):
+            return False
+        try:
+            RssPeak._reset_high_water_mark()
+            _proc_status_bytes("VmRSS")
+            _proc_status_bytes("VmHWM")
+        except (OSError, KeyError, ValueError, AssertionError):
+            return False
+        return True
+
+    @staticmethod
+    def _reset_high_water_mark() -> None:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+
+    def measure(self, fn: Callable[[], None]) -> int:
+        gc.collect()
+        self.libc.malloc_trim(0)
+        self._reset_high_water_mark()
+        before = _proc_status_bytes("VmRSS")
+        fn()
+        return max(0, _proc_status_bytes("VmHWM") - before)
+
+
+class _SavedStorageCounter:
+    """Live bytes of the storages that autograd holds for backward, each storage counted once."""
+
+    def __init__(self) -> None:
+        self.refs: dict[int, tuple[int, int]] = {}  # storage address -> (references, bytes)
+        self.live = 0
+        self.peak = 0
+
+    def add(self, key: int, nbytes: int) -> None:
+        count, _ = self.refs.get(key, (0, nbytes))
+        if count == 0:
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+        self.refs[key] = (count + 1, nbytes)
+
+    def remove(self, key: int) -> None:
+        count, nbytes = self.refs[key]
+        if count == 1:
+            del self.refs[key]
+            self.live -= nbytes
+        else:
+            self.refs[key] = (count - 1, nbytes)
+
+
+class _SavedHandle:
+    """What the pack hook returns in place of a saved tensor; releases its count when autograd drops it."""
+
+    __slots__ = ("counter", "key", "tensor")
+
+    def __init__(self, counter: _SavedStorageCounter, tensor: Tensor) -> None:
+        storage = tensor.untyped_storage()
+        self.counter, self.key, self.tensor = counter, storage.data_ptr(), tensor
+        counter.add(self.key, storage.nbytes())
+
+    def __del__(self) -> None:
+        self.counter.remove(self.key)
+
+
+class SavedTensorsPeak(PeakMemory):
+    description = (
+        "fallback: peak bytes of tensors saved for backward (torch.autograd.graph.saved_tensors_hooks, each "
+        "storage once); leaves out everything not saved for backward"
+    )
+
+    def measure(self, fn: Callable[[], None]) -> int:
+        counter = _SavedStorageCounter()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: _SavedHandle(counter, t), lambda h: h.tensor):
+            fn()
+        gc.collect()
+        return counter.peak
+
+
+def choose_memory_meter(device: torch.device, method: str) -> PeakMemory:
+    if device.type == "cuda" and method in ("auto", "cuda"):
+        return CudaPeak(device)
+    if method == "cuda":
+        raise SystemExit("--memory cuda needs --device cuda")
+    if method in ("auto", "rss") and RssPeak.available(_LIBC):
+        assert _LIBC is not None
+        return RssPeak(_LIBC)
+    if method == "rss":
+        raise SystemExit("--memory rss is unavailable here (needs Linux glibc and /proc/self/clear_refs)")
+    return SavedTensorsPeak()
+
+
+# ------------------------------------------------------------------------------------------------- measurement
+
+
+@dataclass
+class Record:
+    """One row: the keys of the JSON file, plus the peak ratio shown in the table."""
+
+    problem: str
+    estimator: str
+    T: int
+    seconds_per_step: float
+    peak_bytes: int
+    ratio: float | None = None
+    peak_ratio: float | None = None
+
+    def to_json(self) -> dict[str, object]:
+        record = asdict(self)
+        del record["peak_ratio"]
+        return record
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(step: OuterStep, device: torch.device, repeats: int, meter: PeakMemory) -> tuple[float, int]:
+    """The median seconds of ``repeats`` timed calls after one warm-up, and the peak bytes of one more call."""
+    step()
+    synchronize(device)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds), meter.measure(step)
+
+
+def run_fewshot(
+    specs: Sequence[EstimatorSpec],
+    steps_list: Sequence[int],
+    meta_batch: int,
+    repeats: int,
+    device: torch.device,
+    meter: PeakMemory,
+) -> list[Record]:
+    records = []
+    for steps in steps_list:
+        rows = []
+        for spec in specs:
+            seconds, peak = measure(make_fewshot_step(spec, steps, meta_batch, device), device, repeats, meter)
+            rows.append(Record("fewshot", spec.name, steps, seconds, peak))
+            log(f"fewshot T={steps} {spec.name}: {seconds:.4f} s/step, peak {peak / MIB:.1f} MiB")
+        reference = next((r for r in rows if r.estimator == "fo"), None)
+        for row in rows:
+            if reference is not None:
+                row.ratio = row.seconds_per_step / reference.seconds_per_step
+                row.peak_ratio = row.peak_bytes / reference.peak_bytes if reference.peak_bytes else None
+        records += rows
+    return records
+
+
+def run_whole_network(
+    specs: Sequence[EstimatorSpec],
+    steps_list: Sequence[int],
+    repeats: int,
+    device: torch.device,
+    meter: PeakMemory,
+) -> list[Record]:
+    plain_seconds, plain_peak = measure(make_plain_step(device), device, max(repeats, 5), meter)
+    plain = Record("whole_network", "plain_step", 1, plain_seconds, plain_peak, ratio=1.0, peak_ratio=1.0)
+    log(f"whole_network plain_step: {plain_seconds:.5f} s/step, peak {plain_peak / MIB:.1f} MiB")
+    records = [plain]
+    for steps in steps_list:
+        for spec in specs:
+            seconds, peak = measure(make_whole_network_step(spec, steps, device), device, repeats, meter)
+            records.append(
+                Record(
+                    "whole_network",
+                    spec.name,
+                    steps,
+                    seconds,
+                    peak,
+                    ratio=seconds / (steps * plain_seconds),
+                    peak_ratio=peak / plain_peak if plain_peak else None,
+                )
+            )
+            log(f"whole_network T={steps} {spec.name}: {seconds:.4f} s/step, peak {peak / MIB:.1f} MiB")
+    return records
+
+
+# ------------------------------------------------------------------------------------------------------- output
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def markdown_table(records: Sequence[Record]) -> str:
+    lines = [
+        "| estimator | T | s/step | ratio | peak MiB | peak ratio |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in records:
+        lines.append(
+            f"| {r.estimator} | {r.T} | {r.seconds_per_step:.4f} | {_ratio(r.ratio)} | "
+            f"{r.peak_bytes / MIB:.1f} | {_ratio(r.peak_ratio)} |"
+        )
+    return "\n".join(lines)
+
+
+PROBLEM_NOTES = {
+    "fewshot": "ratio = s/step / FO's s/step at the same T; peak ratio = peak / FO's peak at the same T.",
+    "whole_network": (
+        "ratio = s/step / (T * plain_step s/step), the cost per inner step in plain training steps; "
+        "peak ratio = peak / plain_step's peak."
+    ),
+}
+FMD_NOTE = (
+    "FMD is excluded: it carries one tangent per hyperparameter entry, and this problem has thousands "
+    "({entries} entries)."
+)
+
+
+def hparam_entries(problem: str) -> int:
+    if problem == "fewshot":
+        return sum(p.numel() for p in fewshot_backbone().parameters())
+    return sum(p.numel() for p in whole_network().parameters())
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as cpuinfo:
+                name = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    return (
+        f"device: {device.type} ({name}); torch {torch.__version__}; threads: {torch.get_num_threads()}; "
+        f"python {platform.python_version()}"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------- main
+
+PROBLEMS = ("fewshot", "whole_network")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="T in {10, 50}, meta-batch 4, 2 timed steps")
+    parser.add_argument("--json", metavar="PATH", help="write the records to this JSON file")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    parser.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads(N)")
+    parser.add_argument("--problems", nargs="+", choices=PROBLEMS, default=list(PROBLEMS))
+    parser.add_argument(
+        "--estimators",
+        nargs="+",
+        metavar="NAME",
+        help=f"subset of: {', '.join(s.name for s in ESTIMATOR_SPECS)} (or the name before the parenthesis)",
+    )
+    parser.add_argument(
+        "--memory",
+        choices=("auto", "cuda", "rss", "saved"),
+        default="auto",
+        help="peak-memory method (auto: cuda on CUDA, else rss, else the saved-tensors fallback)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    wall_start = time.perf_counter()
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda, but CUDA is not available")
+    device = torch.device(device_name)
+    specs = select_estimators(args.estimators)
+    meter = choose_memory_meter(device, args.memory)
+    steps_list = (10, 50) if args.quick else (10, 50, 200)
+    meta_batch = 4 if args.quick else 10
+    repeats = 2 if args.quick else 3
+
+    print(machine_description(device))
+    print(f"timing: median of {repeats} outer steps after 1 warm-up; peak memory: {meter.description}\n")
+    records: list[Record] = []
+    for problem in args.problems:
+        if problem == "fewshot":
+            rows = run_fewshot(specs, steps_list, meta_batch, repeats, device, meter)
+            title = f"fewshot (5-way 10-shot, meta-batch {meta_batch}, backbone = hyperparameters)"
+        else:
+            rows = run_whole_network(specs, steps_list, repeats, device, meter)
+            title = "whole_network (all weights inner, per-entry log weight decay = hyperparameters)"
+        records += rows
+        print(f"## {title}\n")
+        print(markdown_table(rows))
+        print()
+        print(PROBLEM_NOTES[problem])
+        print(FMD_NOTE.format(entries=hparam_entries(problem)))
+        print()
+
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump([r.to_json() for r in records], out, indent=2)
+        print(f"wrote {len(records)} records to {args.json}")
+    print(f"total wall time: {time.perf_counter() - wall_start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

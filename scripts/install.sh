@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Creates .venv (if absent) and installs lightning_hypergrad with everything it needs, offline-friendly:
+# torch and torchvision at the versions pinned below, learn2learn built from source the way Python 3.11 needs,
+# then the package itself (editable) with its few-shot and development extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+VENV="${VENV:-.venv}"
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+pip install "torch==${TORCH_VERSION:-2.14.1}" "torchvision==${TORCHVISION_VERSION:-0.29.1}"
+# learn2learn 0.2.0 is source-only and its bundled C files do not compile on Python 3.11: build it with PEP 517
+# and build_ext so that Cython regenerates them, without letting pip resolve its dependencies.
+if ! "$VENV/bin/python" -c "import importlib.metadata as m; m.version('learn2learn')" >/dev/null 2>&1; then
+    pip install Cython numpy gym scipy tqdm requests
+    pip install --use-pep517 --no-deps --config-settings="--build-option=build_ext" learn2learn==0.2.0
+fi
+pip install -e ".[fewshot,dev]"

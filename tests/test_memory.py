@@ -1,0 +1,72 @@
+"""Memory of the estimators against T, measured deterministically as the peak of bytes saved for backward."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+from bilevel_cases import MLPTask
+
+import lightning_hypergrad as lh
+
+
+class SavedTensorMeter:
+    """Peak bytes of the tensors that autograd holds for backward at any one time."""
+
+    class _Held:
+        def __init__(self, tensor: torch.Tensor) -> None:
+            self.tensor = tensor
+
+    def __init__(self) -> None:
+        self.live = 0
+        self.peak = 0
+
+    def _release(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def pack(self, tensor: torch.Tensor):
+        held = self._Held(tensor.detach())  # no reference back to the graph, so no cycle delays its release
+        nbytes = tensor.numel() * tensor.element_size()
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(held, self._release, nbytes)
+        return held
+
+    @staticmethod
+    def unpack(held):
+        return held.tensor
+
+    def measure(self, fn) -> int:
+        with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
+            fn()
+        return self.peak
+
+
+def peak_saved_bytes(estimator: lh.HypergradEstimator, steps: int) -> int:
+    task = MLPTask(features=6, hidden=16, n=32)
+    problem = task.problem(steps, lh.SGD(lr=0.1, momentum=0.9))
+    return SavedTensorMeter().measure(lambda: estimator(problem))
+
+
+@pytest.mark.parametrize(
+    "estimator",
+    [lh.FO(), lh.T1T2(), lh.Greedy(0.99), lh.Neumann(iterations=5), lh.ConjugateGradient(iterations=5), lh.FMD()],
+    ids=lambda e: type(e).__name__,
+)
+@pytest.mark.filterwarnings("ignore:ConjugateGradient met non-positive curvature")
+def test_memory_does_not_grow_with_the_number_of_inner_steps(estimator):
+    short, long = peak_saved_bytes(estimator, 10), peak_saved_bytes(estimator, 100)
+    assert short > 0
+    assert long <= 1.1 * short
+
+
+def test_rmd_memory_grows_with_the_number_of_inner_steps():
+    short, long = peak_saved_bytes(lh.RMD(), 10), peak_saved_bytes(lh.RMD(), 100)
+    assert long >= 5 * short
+
+
+def test_truncated_rmd_memory_follows_k_not_t():
+    at_10 = peak_saved_bytes(lh.TruncatedRMD(truncate=5), 10)
+    at_100 = peak_saved_bytes(lh.TruncatedRMD(truncate=5), 100)
+    assert at_100 <= 1.1 * at_10
