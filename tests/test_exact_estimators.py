@@ -36,8 +36,9 @@ def test_rmd_equals_closed_form_of_unrolled_descent_on_ridge(steps, momentum):
 def test_rmd_equals_finite_differences_for_a_loss_hyperparameter():
     task, steps = MLPTask(), 12
     result = lh.RMD()(task.problem(steps, lh.SGD(lr=0.3, momentum=0.9)))
-    fd_wd = central_difference(lambda x: simulate_outer_loss(task, steps, x, task.temp.detach(), 0.3), task.log_wd.detach())
-    fd_temp = central_difference(lambda x: simulate_outer_loss(task, steps, task.log_wd.detach(), x, 0.3), task.temp.detach())
+    lw, tp = task.log_wd.detach(), task.temp.detach()
+    fd_wd = central_difference(lambda x: simulate_outer_loss(task, steps, x, tp, 0.3), lw)
+    fd_temp = central_difference(lambda x: simulate_outer_loss(task, steps, lw, x, 0.3), tp)
     torch.testing.assert_close(result.hypergrads[0], fd_wd, rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(result.hypergrads[1], fd_temp, rtol=1e-5, atol=1e-9)
     assert fd_wd.abs().min() > 1e-6
@@ -46,7 +47,8 @@ def test_rmd_equals_finite_differences_for_a_loss_hyperparameter():
 def test_rmd_equals_finite_differences_for_the_inner_learning_rate():
     task, steps = MLPTask(), 12
     log_lr = task.log_lr
-    problem = task.problem(steps, lh.SGD(lr=lambda h: h[2].exp(), momentum=0.9), hparams=[task.log_wd, task.temp, log_lr])
+    optimizer = lh.SGD(lr=lambda h: h[2].exp(), momentum=0.9)
+    problem = task.problem(steps, optimizer, hparams=[task.log_wd, task.temp, log_lr])
     got = lh.RMD()(problem).hypergrads[2]
     lw, tp = task.log_wd.detach(), task.temp.detach()
     fd = central_difference(lambda x: simulate_outer_loss(task, steps, lw, tp, math.exp(float(x))), log_lr.detach())
