@@ -24,7 +24,28 @@ from lightning_hypergrad.problem import BilevelProblem
 
 __version__ = "0.1.0"
 
+# The Lightning layer is imported on first use, so that the core engine works (and imports fast) without it.
+_LIGHTNING_NAMES = {
+    "BilevelModule": "lightning_hypergrad.module",
+    "FewShotClassifier": "lightning_hypergrad.fewshot",
+    "HypergradCallback": "lightning_hypergrad.callbacks",
+    "FewShotDataModule": "lightning_hypergrad.data",
+}
+
+
+def __getattr__(name: str):
+    if name in _LIGHTNING_NAMES:
+        import importlib
+
+        return getattr(importlib.import_module(_LIGHTNING_NAMES[name]), name)
+    raise AttributeError(f"module 'lightning_hypergrad' has no attribute {name!r}")
+
+
 __all__ = [
+    "BilevelModule",
+    "FewShotClassifier",
+    "FewShotDataModule",
+    "HypergradCallback",
     "ESTIMATORS",
     "FMD",
     "FO",

@@ -1,0 +1,3 @@
+from lightning_hypergrad.cli import main
+
+main()

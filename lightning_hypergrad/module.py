@@ -1,0 +1,307 @@
+"""``BilevelModule``: the LightningModule that runs the inner loop and steps the hyperparameters."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torchmetrics.aggregation import CatMetric
+
+from lightning_hypergrad.estimators import Greedy, HypergradEstimator
+from lightning_hypergrad.inner_loop import StepMode, unroll
+from lightning_hypergrad.optim import SGD, DifferentiableOptimizer
+from lightning_hypergrad.problem import BilevelProblem
+
+Task = Any
+
+
+def split_meta_batch(batch: Any) -> list[Task]:
+    """The tasks of a meta-batch: a list as it is, or a dict of tensors stacked along a first (task) dimension."""
+    if isinstance(batch, (list, tuple)):
+        return list(batch)
+    if isinstance(batch, dict):
+        sizes = {v.shape[0] for v in batch.values() if isinstance(v, Tensor)}
+        if len(sizes) != 1:
+            raise ValueError(
+                "a meta-batch given as a dict must hold tensors with one shared first (task) dimension, got first "
+                f"dimensions {sorted(sizes)}; return a list of tasks from the dataloader, or override split_tasks"
+            )
+        return [{k: v[i] if isinstance(v, Tensor) else v for k, v in batch.items()} for i in range(sizes.pop())]
+    raise TypeError(f"cannot split a meta-batch of type {type(batch).__name__}; override BilevelModule.split_tasks")
+
+
+class BilevelModule(L.LightningModule):
+    """A LightningModule for bilevel optimization with manual optimization.
+
+    The module's own parameters are the hyperparameters ``alpha`` (e.g. a backbone), stepped by the optimizer of
+    :meth:`configure_optimizers` (Adam by default). Each training step takes a meta-batch of tasks, runs the
+    ``T``-step inner loop of each task with the differentiable ``inner_optimizer``, lets ``estimator`` compute
+    its hypergradient, accumulates the mean over the tasks into the hyperparameters' ``.grad``, clips it if asked,
+    and steps the outer optimizer.
+
+    A subclass writes what is specific to its problem:
+
+    - :meth:`init_params` (``w_0`` of a task), :meth:`inner_loss` and :meth:`outer_loss` (``L_train``, ``L_val``);
+    - optionally :meth:`features`, the part that depends on the hyperparameters alone (computed once per task,
+      e.g. a backbone's features of the task's images); the losses then receive it as ``h``;
+    - optionally :meth:`task_metrics` (per-task numbers to log, e.g. query accuracy).
+
+    Logged: ``train/outer_loss``, ``train/hypergrad_norm``, ``train/seconds_per_step``, the task metrics under
+    ``train/``, and, in validation and test, each task metric's mean and 95% confidence interval over the tasks
+    (``val/acc``, ``val/acc_ci95``).
+
+    Args:
+        estimator: the hypergradient estimator (default ``Greedy(gamma=0.99)``).
+        inner_optimizer: the differentiable inner optimizer (default ``SGD(lr=0.1, momentum=0.9)``).
+        inner_steps: ``T``, the number of inner steps per task.
+        meta_batch_size: tasks per outer step; when set, it overrides the data module's ``meta_batch_size``.
+        outer_lr: learning rate of the default outer optimizer (Adam).
+        gradient_clip_val: clip the hypergradient (Lightning's ``clip_gradients``) at this value; ``None``: no clip.
+        gradient_clip_algorithm: ``"norm"`` or ``"value"``.
+
+    Raises:
+        ValueError: a setting out of its range (the message names it).
+    """
+
+    def __init__(
+        self,
+        estimator: HypergradEstimator | None = None,
+        inner_optimizer: DifferentiableOptimizer | None = None,
+        inner_steps: int = 10,
+        meta_batch_size: int | None = None,
+        outer_lr: float = 1e-3,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
+    ) -> None:
+        super().__init__()
+        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
+            raise ValueError(f"inner_steps (T) must be an integer >= 1, got {inner_steps!r}")
+        if meta_batch_size is not None and (not isinstance(meta_batch_size, int) or meta_batch_size < 1):
+            raise ValueError(
+                f"meta_batch_size must be an integer >= 1 (or null to use the data's), got {meta_batch_size!r}"
+            )
+        if not isinstance(outer_lr, (int, float)) or not outer_lr > 0 or not math.isfinite(outer_lr):
+            raise ValueError(f"outer_lr must be a finite number > 0, got {outer_lr!r}")
+        if gradient_clip_val is not None and not gradient_clip_val > 0:
+            raise ValueError(f"gradient_clip_val must be > 0 or null, got {gradient_clip_val!r}")
+        if gradient_clip_algorithm not in ("norm", "value"):
+            raise ValueError(f"gradient_clip_algorithm must be 'norm' or 'value', got {gradient_clip_algorithm!r}")
+        self.automatic_optimization = False
+        self.estimator = estimator if estimator is not None else Greedy(0.99)
+        self.inner_optimizer = inner_optimizer if inner_optimizer is not None else SGD(lr=0.1, momentum=0.9)
+        if not isinstance(self.estimator, HypergradEstimator):
+            raise TypeError(
+                f"estimator must be a HypergradEstimator (e.g. lightning_hypergrad.Greedy), got {estimator!r}"
+            )
+        if not isinstance(self.inner_optimizer, DifferentiableOptimizer):
+            raise TypeError(
+                "inner_optimizer must be a differentiable optimizer (lightning_hypergrad.SGD, Adam or AdamW), got "
+                f"{inner_optimizer!r}"
+            )
+        self.inner_steps = inner_steps
+        self.meta_batch_size = meta_batch_size
+        self.outer_lr = float(outer_lr)
+        self.gradient_clip_val = gradient_clip_val
+        self.gradient_clip_algorithm = gradient_clip_algorithm
+        self.skipped_steps = 0
+        self._checked = False
+        self.capture_hypergrad = False
+        self.last_hypergrad: list[Tensor] | None = None
+        self.eval_metrics = torch.nn.ModuleDict()
+
+    # ----------------------------------------------------------------- what a subclass writes
+    def init_params(self, task: Task) -> list[Tensor]:
+        """The initial inner parameters ``w_0`` of ``task``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement init_params(task)")
+
+    def inner_loss(self, params: Sequence[Tensor], h: Sequence[Tensor], task: Task) -> Tensor:
+        """``L_train(w, h)`` on ``task``; ``h`` is :meth:`features` or the hyperparameters."""
+        raise NotImplementedError(f"{type(self).__name__} must implement inner_loss(params, h, task)")
+
+    def outer_loss(self, params: Sequence[Tensor], h: Sequence[Tensor], task: Task) -> Tensor:
+        """``L_val(w, h)`` on ``task``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement outer_loss(params, h, task)")
+
+    def features(self, task: Task) -> list[Tensor] | None:
+        """The part of the problem that depends on the hyperparameters alone, or ``None`` (the default).
+
+        When a subclass returns tensors here (computed from the module's parameters, e.g. ``self.backbone(x)``),
+        the losses receive them as ``h``, and they are computed and differentiated once per task.
+        """
+        return None
+
+    def task_metrics(self, params: Sequence[Tensor], h: Sequence[Tensor], task: Task) -> dict[str, Tensor]:
+        """Numbers to log for one task after its inner loop (e.g. ``{"acc": ...}``); none by default."""
+        return {}
+
+    def hyperparameters(self) -> list[Tensor]:
+        """The hyperparameters ``alpha``: the module's parameters that require grad."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def split_tasks(self, batch: Any) -> list[Task]:
+        """The tasks of a meta-batch (see :func:`split_meta_batch`)."""
+        return split_meta_batch(batch)
+
+    # ----------------------------------------------------------------- the engine
+    def _uses_features(self) -> bool:
+        return type(self).features is not BilevelModule.features
+
+    def make_problem(self, task: Task, cache: dict | None = None) -> BilevelProblem:
+        """The :class:`BilevelProblem` of one task; ``cache['h']`` receives the features when computed."""
+        cache = {} if cache is None else cache
+        features = None
+        if self._uses_features():
+
+            def features():
+                cache["h"] = self.features(task)
+                return cache["h"]
+
+        return BilevelProblem(
+            inner_loss=lambda w, h: self.inner_loss(w, h, task),
+            outer_loss=lambda w, h: self.outer_loss(w, h, task),
+            hparams=self.hyperparameters(),
+            init_params=self.init_params(task),
+            optimizer=self.inner_optimizer,
+            steps=self.inner_steps,
+            features=features,
+        )
+
+    def meta_gradient(
+        self, tasks: Sequence[Task], estimator: HypergradEstimator | None = None
+    ) -> tuple[list[Tensor], dict[str, float]]:
+        """The mean hypergradient over ``tasks`` and the mean of the task metrics (with ``outer_loss``)."""
+        estimator = estimator or self.estimator
+        hparams = self.hyperparameters()
+        total = [torch.zeros_like(a) for a in hparams]
+        sums: dict[str, float] = {}
+        for task in tasks:
+            cache: dict = {}
+            problem = self.make_problem(task, cache)
+            result = estimator(problem, check=not self._checked)
+            self._checked = True
+            for t, g in zip(total, result.hypergrads):
+                t.add_(g)
+            h = [x.detach() for x in cache["h"]] if "h" in cache else [a.detach() for a in hparams]
+            with torch.no_grad():
+                metrics = {"outer_loss": result.outer_loss, **self.task_metrics(result.params, h, task)}
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+        n = max(len(tasks), 1)
+        return [t / n for t in total], {k: v / n for k, v in sums.items()}
+
+    def adapt(self, task: Task) -> tuple[list[Tensor], list[Tensor]]:
+        """Run the inner loop of ``task`` without any hypergradient; the final parameters and ``h``."""
+        with torch.no_grad():
+            h = self.features(task) if self._uses_features() else self.hyperparameters()
+            h = [x.detach() for x in h]
+        problem = self.make_problem(task)
+        trajectory = unroll(problem, h, lambda t: StepMode.CONSTANT)
+        return trajectory.params, h
+
+    # ----------------------------------------------------------------- Lightning hooks
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.meta_batch_size is not None and hasattr(datamodule, "meta_batch_size"):
+            datamodule.meta_batch_size = self.meta_batch_size
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.outer_lr)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        start = time.perf_counter()
+        tasks = self.split_tasks(batch)
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        hypergrads, metrics = self.meta_gradient(tasks)
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in hypergrads]))
+        if self.capture_hypergrad:
+            self.last_hypergrad = [g.detach().clone() for g in hypergrads]
+        if not bool(torch.isfinite(norm)):
+            self.skipped_steps += 1
+        else:
+            for a, g in zip(self.hyperparameters(), hypergrads):
+                a.grad = g if a.grad is None else a.grad + g
+            if self.gradient_clip_val is not None:
+                self.clip_gradients(
+                    optimizer,
+                    gradient_clip_val=self.gradient_clip_val,
+                    gradient_clip_algorithm=self.gradient_clip_algorithm,
+                )
+            optimizer.step()
+            self._step_schedulers("step")
+        batch_size = len(tasks)
+        self.log("train/outer_loss", metrics.pop("outer_loss"), prog_bar=True, batch_size=batch_size)
+        for key, value in metrics.items():
+            self.log(f"train/{key}", value, prog_bar=key == "acc", batch_size=batch_size)
+        self.log("train/hypergrad_norm", norm, batch_size=batch_size)
+        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=batch_size)
+        self.log("train/seconds_per_step", time.perf_counter() - start, batch_size=batch_size)
+        return torch.tensor(0.0)
+
+    def on_train_epoch_end(self) -> None:
+        self._step_schedulers("epoch")
+
+    def _step_schedulers(self, interval: str) -> None:
+        if self._trainer is None:
+            return
+        for config in self.trainer.lr_scheduler_configs:
+            if config.interval == interval and (
+                self.trainer.global_step % config.frequency == 0 or interval == "epoch"
+            ):
+                config.scheduler.step()
+
+    def _evaluate(self, batch: Any, stage: str) -> None:
+        with torch.inference_mode(False), torch.enable_grad():
+            batch = _clone_tensors(batch)
+            for task in self.split_tasks(batch):
+                params, h = self.adapt(task)
+                with torch.no_grad():
+                    metrics = {"outer_loss": self.outer_loss(params, h, task), **self.task_metrics(params, h, task)}
+                for key, value in metrics.items():
+                    self._metric(stage, key).update(torch.as_tensor(value, dtype=torch.float32, device=self.device))
+
+    def _metric(self, stage: str, key: str) -> CatMetric:
+        name = f"{stage}__{key}"
+        if name not in self.eval_metrics:
+            self.eval_metrics[name] = CatMetric().to(self.device)
+        return self.eval_metrics[name]
+
+    def _log_evaluation(self, stage: str) -> None:
+        for name, metric in list(self.eval_metrics.items()):
+            if not name.startswith(f"{stage}__"):
+                continue
+            key = name.split("__", 1)[1]
+            values = metric.compute().float().reshape(-1)
+            metric.reset()
+            mean = values.mean()
+            ci95 = 1.96 * values.std() / math.sqrt(values.numel()) if values.numel() > 1 else torch.zeros(())
+            self.log(f"{stage}/{key}", mean, prog_bar=key == "acc")
+            self.log(f"{stage}/{key}_ci95", ci95)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")
+
+
+def _clone_tensors(batch: Any) -> Any:
+    """Normal tensors from inference-mode ones, so that the inner loop can be differentiated in evaluation."""
+    if isinstance(batch, Tensor):
+        return batch.clone()
+    if isinstance(batch, dict):
+        return {k: _clone_tensors(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_clone_tensors(v) for v in batch)
+    return batch

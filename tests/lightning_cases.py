@@ -1,0 +1,34 @@
+"""Synthetic few-shot tasks and a quiet Trainer for the Lightning tests."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+
+def random_meta_batch(tasks: int = 2, ways: int = 3, shots: int = 2, queries: int = 3, shape=(1, 8, 8), seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "support_x": torch.randn(tasks, ways * shots, *shape, generator=g),
+        "support_y": torch.arange(ways).repeat_interleave(shots).repeat(tasks, 1),
+        "query_x": torch.randn(tasks, ways * queries, *shape, generator=g),
+        "query_y": torch.arange(ways).repeat_interleave(queries).repeat(tasks, 1),
+    }
+
+
+def loader(*batches):
+    return DataLoader(list(batches), batch_size=None)
+
+
+def quiet_trainer(**kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    return L.Trainer(**(defaults | kwargs))
