@@ -22,3 +22,17 @@ def test_readme_shows_the_plain_pytorch_example_verbatim():
     body = example.split('"""', 2)[2].strip()
     assert body in readme
     assert len(example.splitlines()) < 40
+
+
+def test_custom_module_example_lowers_the_validation_loss():
+    import torch
+
+    namespace = runpy.run_path(str(ROOT / "examples" / "custom_module.py"), run_name="example")
+    task = namespace["digits_task"]()
+    model = namespace["main"](steps=15)
+    with torch.no_grad():
+        after = float(model.outer_loss(*model.adapt(task), task))
+        model.log_wd.fill_(-3.0)  # back to the initial hyperparameters, same inner settings
+        before = float(model.outer_loss(*model.adapt(task), task))
+    assert after < 0.9 * before
+    assert len((ROOT / "examples" / "custom_module.py").read_text().splitlines()) < 60
