@@ -31,11 +31,12 @@ rate), ConjugateGradient(K=10)) and every number of inner steps T (10, 50, 200; 
 FMD is left out of both: it carries one tangent per hyperparameter entry, and both problems have thousands.
 
 Timing: each configuration is built afresh from fixed seeds, warmed up with one outer step, then a few outer
-steps (3; 2 with ``--quick``) are timed one by one with ``time.perf_counter`` (after ``torch.cuda.synchronize``
-on CUDA); the table shows the median.
+steps (3; 2 with ``--quick``; the plain step 5) are timed one by one with ``time.perf_counter`` (after
+``torch.cuda.synchronize`` on CUDA); the table shows the median.
 
-Peak memory (``peak_bytes``) is measured on one more outer step, separately from the timing, as the peak memory
-above what was in use before the step:
+Peak memory (``peak_bytes``) is measured in a separate pass that comes before all the timing passes: each
+configuration is built afresh again, warmed up with one outer step, and the peak memory of one more outer step
+above what was in use before it is measured:
 
 - CUDA: ``torch.cuda.max_memory_allocated()`` after ``torch.cuda.reset_peak_memory_stats()``, minus the bytes
   allocated before the step.
@@ -43,12 +44,15 @@ above what was in use before the step:
   with its own ``mmap`` (``mallopt(M_MMAP_THRESHOLD)``), so that freed tensors go back to the OS and the
   resident size follows the live tensors. Before the step ``malloc_trim(0)`` returns the free heap, writing "5"
   to ``/proc/self/clear_refs`` resets the high-water mark and ``VmRSS`` is read; after it, ``VmHWM``. The peak is
-  ``VmHWM - VmRSS(before)``, to within a few pages and the small allocations the heap keeps.
+  ``VmHWM - VmRSS(before)``, to within a few pages and the small allocations the heap keeps. The timing passes
+  run with glibc's usual thresholds instead (mmap above 32 MiB, freed memory kept in the heap for reuse), as an
+  mmap, page faults and munmap for every tensor of 64 KiB or more slow CPU steps by up to 2x; that is why they
+  come after every memory pass (a heap grown by them would serve later allocations without raising the RSS).
 - Fallback where neither is available (or with ``--memory saved``): the peak bytes of tensors that autograd
   holds for the backward pass, counted with ``torch.autograd.graph.saved_tensors_hooks`` (each storage once).
   This leaves out the tensors that are not saved for backward, so it underestimates the true peak.
 
-The method used is printed under the tables.
+The method used is printed above the tables.
 
 How to read the ratios
 ----------------------
@@ -69,6 +73,7 @@ The JSON file (``--json PATH``) holds one record per row with the keys ``problem
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import ctypes.util
 import gc
@@ -79,8 +84,9 @@ import statistics
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -89,32 +95,58 @@ from torch.func import functional_call
 
 import lightning_hypergrad as lh
 
-M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 64 * 1024
 MIB = 1024**2
+# glibc mallopt parameters and the two settings the benchmark switches between
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MEMORY_MMAP_THRESHOLD = 64 * 1024  # measuring memory: every allocation of 64 KiB or more is its own mmap
+MEMORY_TRIM_THRESHOLD = 128 * 1024  # glibc's default
+TIMING_MMAP_THRESHOLD = 32 * MIB  # timing: the ceiling of glibc's own dynamic threshold on 64-bit Linux
+TIMING_TRIM_THRESHOLD = 64 * MIB  # keep freed heap memory for reuse instead of returning it at every free
 
 
 def _load_libc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
         return None
 
 
-def _set_mmap_threshold(libc: ctypes.CDLL | None) -> bool:
-    """Have glibc ``mmap`` every allocation of 64 KiB or more, so that freeing a tensor lowers the RSS."""
+def _set_malloc_thresholds(libc: ctypes.CDLL | None, mmap_threshold: int, trim_threshold: int) -> bool:
+    """Set glibc's mmap and trim thresholds; False where this is not glibc."""
     if libc is None or not hasattr(libc, "mallopt"):
         return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(libc.mallopt(M_TRIM_THRESHOLD, trim_threshold))
 
 
-# Done at import, before any large tensor exists: the threshold only affects the allocations that follow.
+# Done at import, before any large tensor exists (a threshold only affects the allocations that follow): glibc
+# mmaps every allocation of 64 KiB or more, so that freeing a tensor lowers the RSS.
 _LIBC = _load_libc()
-_MMAP_THRESHOLD_SET = _set_mmap_threshold(_LIBC)
+_MMAP_THRESHOLD_SET = _set_malloc_thresholds(_LIBC, MEMORY_MMAP_THRESHOLD, MEMORY_TRIM_THRESHOLD)
+
+
+@contextlib.contextmanager
+def heap_reuse_for_timing() -> Iterator[None]:
+    """glibc's usual heap reuse while timing; the memory-measuring thresholds again after.
+
+    With an mmap, page faults and munmap for every tensor of 64 KiB or more, CPU steps run up to 2x slower.
+    """
+    if not _MMAP_THRESHOLD_SET:
+        yield
+        return
+    _set_malloc_thresholds(_LIBC, TIMING_MMAP_THRESHOLD, TIMING_TRIM_THRESHOLD)
+    try:
+        yield
+    finally:
+        _set_malloc_thresholds(_LIBC, MEMORY_MMAP_THRESHOLD, MEMORY_TRIM_THRESHOLD)
+
 
 OuterStep = Callable[[], None]
+PROBLEMS = ("fewshot", "whole_network")
+PLAIN_STEP = "plain_step"
+PLAIN_STEP_REPEATS = 5  # the plain step is short: time more of them
 
 
 # --------------------------------------------------------------------------------------------------- estimators
@@ -202,9 +234,7 @@ def head_logits(w: Sequence[Tensor], features: Tensor) -> Tensor:
     return F.linear(features, w[0], w[1])
 
 
-def fewshot_problem(
-    backbone: nn.Module, task: Task, head_init: Sequence[Tensor], steps: int
-) -> lh.BilevelProblem:
+def fewshot_problem(backbone: nn.Module, task: Task, head_init: Sequence[Tensor], steps: int) -> lh.BilevelProblem:
     """The bilevel problem of one task: T SGD steps of the head on the support features."""
     return lh.BilevelProblem(
         inner_loss=lambda w, h: F.cross_entropy(head_logits(w, h[0]), task.y_support),
@@ -224,8 +254,8 @@ def make_fewshot_step(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed + 1)
     backbone = fewshot_backbone().to(device).train()
-    features = 32 * 4 * 4
-    head_init = [torch.zeros(FEWSHOT_WAYS, features, device=device), torch.zeros(FEWSHOT_WAYS, device=device)]
+    n_features = 32 * 4 * 4
+    head_init = [torch.zeros(FEWSHOT_WAYS, n_features, device=device), torch.zeros(FEWSHOT_WAYS, device=device)]
     tasks = [random_task(generator, device) for _ in range(meta_batch)]
     outer_opt = torch.optim.Adam(backbone.parameters(), lr=OUTER_LR)
     estimator = spec.build(FEWSHOT_INNER_LR)
@@ -441,7 +471,9 @@ class _SavedHandle:
 
     def __init__(self, counter: _SavedStorageCounter, tensor: Tensor) -> None:
         storage = tensor.untyped_storage()
-        self.counter, self.key, self.tensor = counter, storage.data_ptr(), tensor
+        # Detached: holding a saved output itself would tie it to its own graph node in a reference cycle that
+        # never frees; autograd restores the graph links of what the unpack hook returns.
+        self.counter, self.key, self.tensor = counter, storage.data_ptr(), tensor.detach()
         counter.add(self.key, storage.nbytes())
 
     def __del__(self) -> None:
@@ -501,70 +533,94 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(step: OuterStep, device: torch.device, repeats: int, meter: PeakMemory) -> tuple[float, int]:
-    """The median seconds of ``repeats`` timed calls after one warm-up, and the peak bytes of one more call."""
+@dataclass(frozen=True)
+class Job:
+    """One row to measure: ``make_step`` builds the configuration afresh and returns its outer step."""
+
+    problem: str
+    estimator: str
+    T: int
+    make_step: Callable[[], OuterStep]
+    repeats: int
+
+
+def fewshot_jobs(
+    specs: Sequence[EstimatorSpec], steps_list: Sequence[int], meta_batch: int, repeats: int, device: torch.device
+) -> list[Job]:
+    return [
+        Job("fewshot", spec.name, steps, partial(make_fewshot_step, spec, steps, meta_batch, device), repeats)
+        for steps in steps_list
+        for spec in specs
+    ]
+
+
+def whole_network_jobs(
+    specs: Sequence[EstimatorSpec], steps_list: Sequence[int], repeats: int, device: torch.device
+) -> list[Job]:
+    plain = Job("whole_network", PLAIN_STEP, 1, partial(make_plain_step, device), max(repeats, PLAIN_STEP_REPEATS))
+    return [plain] + [
+        Job("whole_network", spec.name, steps, partial(make_whole_network_step, spec, steps, device), repeats)
+        for steps in steps_list
+        for spec in specs
+    ]
+
+
+def peak_bytes(job: Job, device: torch.device, meter: PeakMemory) -> int:
+    """The peak memory of one outer step after a warm-up one."""
+    step = job.make_step()
+    step()
+    synchronize(device)
+    return meter.measure(step)
+
+
+def seconds_per_step(job: Job, device: torch.device) -> float:
+    """The median seconds of ``job.repeats`` timed outer steps after a warm-up one."""
+    step = job.make_step()
     step()
     synchronize(device)
     seconds = []
-    for _ in range(repeats):
+    for _ in range(job.repeats):
         start = time.perf_counter()
         step()
         synchronize(device)
         seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds), meter.measure(step)
+    return statistics.median(seconds)
 
 
-def run_fewshot(
-    specs: Sequence[EstimatorSpec],
-    steps_list: Sequence[int],
-    meta_batch: int,
-    repeats: int,
-    device: torch.device,
-    meter: PeakMemory,
-) -> list[Record]:
+def run_jobs(jobs: Sequence[Job], device: torch.device, meter: PeakMemory) -> list[Record]:
+    """Peak memory of every job first, then the timings, then the ratios.
+
+    The memory passes all come first because the timing passes let glibc keep freed memory in its heap, which
+    later allocations would reuse without raising the RSS.
+    """
+    peaks = []
+    for job in jobs:
+        peaks.append(peak_bytes(job, device, meter))
+        log(f"memory {job.problem} {job.estimator} T={job.T}: {peaks[-1] / MIB:.1f} MiB")
+        gc.collect()
     records = []
-    for steps in steps_list:
-        rows = []
-        for spec in specs:
-            seconds, peak = measure(make_fewshot_step(spec, steps, meta_batch, device), device, repeats, meter)
-            rows.append(Record("fewshot", spec.name, steps, seconds, peak))
-            log(f"fewshot T={steps} {spec.name}: {seconds:.4f} s/step, peak {peak / MIB:.1f} MiB")
-        reference = next((r for r in rows if r.estimator == "fo"), None)
-        for row in rows:
-            if reference is not None:
-                row.ratio = row.seconds_per_step / reference.seconds_per_step
-                row.peak_ratio = row.peak_bytes / reference.peak_bytes if reference.peak_bytes else None
-        records += rows
+    with heap_reuse_for_timing():
+        for job, peak in zip(jobs, peaks):
+            seconds = seconds_per_step(job, device)
+            log(f"time {job.problem} {job.estimator} T={job.T}: {seconds:.4f} s/step")
+            records.append(Record(job.problem, job.estimator, job.T, seconds, peak))
+            gc.collect()
+    add_ratios(records)
     return records
 
 
-def run_whole_network(
-    specs: Sequence[EstimatorSpec],
-    steps_list: Sequence[int],
-    repeats: int,
-    device: torch.device,
-    meter: PeakMemory,
-) -> list[Record]:
-    plain_seconds, plain_peak = measure(make_plain_step(device), device, max(repeats, 5), meter)
-    plain = Record("whole_network", "plain_step", 1, plain_seconds, plain_peak, ratio=1.0, peak_ratio=1.0)
-    log(f"whole_network plain_step: {plain_seconds:.5f} s/step, peak {plain_peak / MIB:.1f} MiB")
-    records = [plain]
-    for steps in steps_list:
-        for spec in specs:
-            seconds, peak = measure(make_whole_network_step(spec, steps, device), device, repeats, meter)
-            records.append(
-                Record(
-                    "whole_network",
-                    spec.name,
-                    steps,
-                    seconds,
-                    peak,
-                    ratio=seconds / (steps * plain_seconds),
-                    peak_ratio=peak / plain_peak if plain_peak else None,
-                )
-            )
-            log(f"whole_network T={steps} {spec.name}: {seconds:.4f} s/step, peak {peak / MIB:.1f} MiB")
-    return records
+def add_ratios(records: Sequence[Record]) -> None:
+    """fewshot: to FO at the same T; whole_network: time per inner step and peak, to the plain training step."""
+    by_key = {(r.problem, r.estimator, r.T): r for r in records}
+    for r in records:
+        if r.problem == "fewshot":
+            reference, inner_steps = by_key.get(("fewshot", "fo", r.T)), 1
+        else:
+            reference, inner_steps = by_key.get(("whole_network", PLAIN_STEP, 1)), r.T
+        if reference is None:
+            continue
+        r.ratio = r.seconds_per_step / (inner_steps * reference.seconds_per_step)
+        r.peak_ratio = r.peak_bytes / reference.peak_bytes if reference.peak_bytes else None
 
 
 # ------------------------------------------------------------------------------------------------------- output
@@ -628,8 +684,6 @@ def machine_description(device: torch.device) -> str:
 
 # --------------------------------------------------------------------------------------------------------- main
 
-PROBLEMS = ("fewshot", "whole_network")
-
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
@@ -669,18 +723,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     repeats = 2 if args.quick else 3
 
     print(machine_description(device))
-    print(f"timing: median of {repeats} outer steps after 1 warm-up; peak memory: {meter.description}\n")
-    records: list[Record] = []
-    for problem in args.problems:
-        if problem == "fewshot":
-            rows = run_fewshot(specs, steps_list, meta_batch, repeats, device, meter)
-            title = f"fewshot (5-way 10-shot, meta-batch {meta_batch}, backbone = hyperparameters)"
-        else:
-            rows = run_whole_network(specs, steps_list, repeats, device, meter)
-            title = "whole_network (all weights inner, per-entry log weight decay = hyperparameters)"
-        records += rows
-        print(f"## {title}\n")
-        print(markdown_table(rows))
+    print(
+        f"timing: median of {repeats} outer steps (plain_step: {max(repeats, PLAIN_STEP_REPEATS)}) after 1 warm-up; "
+        f"peak memory: {meter.description}\n"
+    )
+    jobs: list[Job] = []
+    if "fewshot" in args.problems:
+        jobs += fewshot_jobs(specs, steps_list, meta_batch, repeats, device)
+    if "whole_network" in args.problems:
+        jobs += whole_network_jobs(specs, steps_list, repeats, device)
+    records = run_jobs(jobs, device, meter)
+
+    titles = {
+        "fewshot": f"fewshot (5-way 10-shot, meta-batch {meta_batch}, backbone = hyperparameters)",
+        "whole_network": "whole_network (all weights inner, per-entry log weight decay = hyperparameters)",
+    }
+    for problem in dict.fromkeys(args.problems):
+        print(f"## {titles[problem]}\n")
+        print(markdown_table([r for r in records if r.problem == problem]))
         print()
         print(PROBLEM_NOTES[problem])
         print(FMD_NOTE.format(entries=hparam_entries(problem)))

@@ -70,6 +70,7 @@ def unroll(
     h: Sequence[Tensor],
     mode: Callable[[int], StepMode],
     on_step: Callable[[InnerStep], None] | None = None,
+    state_requires_grad: bool = False,
 ) -> Trajectory:
     """Run the ``T`` inner steps of ``problem`` from its initial parameters.
 
@@ -78,6 +79,8 @@ def unroll(
         h: the hyperparameter leaves the losses and the optimizer's settings receive.
         mode: the mode of each step ``t`` (1 to T).
         on_step: called after each step, while its graph is alive.
+        state_requires_grad: in ``LOCAL`` mode, make ``s_{t-1}`` leaves that require grad too (forward mode
+            differentiates with respect to the state; the other estimators need not pay for it).
     """
     opt = problem.optimizer
     h_const = [x.detach() for x in h]
@@ -95,7 +98,7 @@ def unroll(
                     w_new, s_new = opt.update(w_in, grads, s_in, h_const)
             else:
                 if step_mode is StepMode.LOCAL:
-                    w_in, s_in = leaves(w), state.detached(requires_grad=True)
+                    w_in, s_in = leaves(w), state.detached(requires_grad=state_requires_grad)
                 else:
                     w_in = [x if x.requires_grad else x.detach().requires_grad_() for x in w]
                     s_in = state

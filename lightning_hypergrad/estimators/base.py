@@ -213,9 +213,9 @@ class HypergradEstimator:
         raise NotImplementedError
 
     def _check_finite(self, hypergrads: Sequence[Tensor]) -> bool:
-        bad = [i for i, g in enumerate(hypergrads) if not bool(torch.isfinite(g).all())]
-        if not bad:
+        if bool(torch.stack([torch.isfinite(g).all() for g in hypergrads]).all()):  # one host sync
             return True
+        bad = [i for i, g in enumerate(hypergrads) if not bool(torch.isfinite(g).all())]
         message = (
             f"{type(self).__name__}: the hypergradient of hparams{bad} has NaN or infinite entries, so it was not "
             "accumulated; the inner loop has probably diverged: lower the inner optimizer's learning rate or the "

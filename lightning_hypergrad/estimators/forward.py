@@ -99,7 +99,7 @@ class FMD(HypergradEstimator):
             z_w = [[x.detach() for x in o[:n_params]] for o in out]
             z_s = [[x.detach() for x in o[n_params:]] for o in out]
 
-        trajectory = unroll(problem, h_leaf, lambda t: StepMode.LOCAL, on_step)
+        trajectory = unroll(problem, h_leaf, lambda t: StepMode.LOCAL, on_step, state_requires_grad=True)
         loss, g_w, g_h = outer_grads(problem, trajectory.params, h_leaf)
         g_h = [torch.zeros_like(x) if g is None else g for x, g in zip(h_leaf, g_h)]
         flat = torch.stack([dot(g_w, z_w[j]) + dot(g_h, h_tangents[j]) for j in range(n)])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_hypergrad.estimators.base import Estimate, HypergradEstimator, add_grads, outer_grads
+from lightning_hypergrad.estimators.base import Estimate, HypergradEstimator, add_grads
 from lightning_hypergrad.inner_loop import InnerStep, StepMode, unroll
 from lightning_hypergrad.problem import BilevelProblem
 
@@ -29,15 +29,14 @@ class _WeightedGreedy(HypergradEstimator):
         def on_step(step: InnerStep) -> None:
             if step.mode is StepMode.CONSTANT:
                 return
-            if step.t == steps:
-                loss, g_w, g_h = outer_grads(problem, step.params, h)
-                add_grads(total, g_h)
-                final["loss"] = loss
-            else:
-                _, g_w, _ = outer_grads(problem, step.params, h_const)
+            # One backward of L_val(Phi(w_{t-1}, s_{t-1}, h)) gives g_t B_t by the chain rule (and, at t = T, the
+            # direct term too): the outer gradient and the vector-Jacobian product in a single pass.
+            last = step.t == steps
+            loss = problem.outer_loss(step.params, h if last else h_const)
             c = self.weight(step.t, steps)
-            vjp = torch.autograd.grad(step.params, h, [c * g for g in g_w], allow_unused=True)
-            add_grads(total, vjp)
+            add_grads(total, torch.autograd.grad(loss if c == 1 else c * loss, h, allow_unused=True))
+            if last:
+                final["loss"] = loss.detach()
 
         def mode(t: int) -> StepMode:
             return StepMode.LOCAL if self.weight(t, steps) != 0 else StepMode.CONSTANT
