@@ -27,15 +27,17 @@ class SaveConfigToRun(SaveConfigCallback):
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         logger = trainer.logger
+        filename = self.config_filename
         if isinstance(logger, WandbLogger):
             directory = logger.experiment.dir
+            filename = f"lightning_{filename}"  # W&B keeps its own config.yaml in the same folder
             logger.experiment.config.update({"cli_config": self.parser.dump(self.config, skip_none=False)})
         else:
             directory = trainer.log_dir or os.getcwd()
         os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, self.config_filename)
+        path = os.path.join(directory, filename)
         if os.path.exists(path):
-            stem, ext = os.path.splitext(self.config_filename)
+            stem, ext = os.path.splitext(filename)
             path = os.path.join(directory, f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}{ext}")
         self.parser.save(self.config, path, skip_none=False, multifile=self.multifile)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -116,6 +117,9 @@ class FewShotClassifier(BilevelModule):
                 )
             setattr(self, name, theirs)
             self.hparams[name] = theirs
+        # what the loggers and checkpoints record: the values taken from the data, so that
+        # ``load_from_checkpoint`` rebuilds the same backbone and Lightning's hparams merge finds no conflict
+        self._hparams_initial = copy.deepcopy(self._hparams)
         if self.backbone is None:
             self._build()
 
