@@ -30,9 +30,10 @@ rate), ConjugateGradient(K=10)) and every number of inner steps T (10, 50, 200; 
 
 FMD is left out of both: it carries one tangent per hyperparameter entry, and both problems have thousands.
 
-Timing: each configuration is built afresh from fixed seeds, warmed up with one outer step, then a few outer
-steps (3; 2 with ``--quick``; the plain step 5) are timed one by one with ``time.perf_counter`` (after
-``torch.cuda.synchronize`` on CUDA); the table shows the median.
+Timing: each configuration is built afresh from fixed seeds and warmed up with one outer step; then the
+configurations of one problem and one T are timed in interleaved rounds (7 rounds; 2 with ``--quick``; the plain
+step at least 5), one outer step of each per round, with ``time.perf_counter`` (after ``torch.cuda.synchronize``
+on CUDA), so that a busy phase of a shared machine hits them alike; the table shows the median.
 
 Peak memory (``peak_bytes``) is measured in a separate pass that comes before all the timing passes: each
 configuration is built afresh again, warmed up with one outer step, and the peak memory of one more outer step
@@ -573,18 +574,28 @@ def peak_bytes(job: Job, device: torch.device, meter: PeakMemory) -> int:
     return meter.measure(step)
 
 
-def seconds_per_step(job: Job, device: torch.device) -> float:
-    """The median seconds of ``job.repeats`` timed outer steps after a warm-up one."""
-    step = job.make_step()
-    step()
-    synchronize(device)
-    seconds = []
-    for _ in range(job.repeats):
-        start = time.perf_counter()
+def interleaved_seconds_per_step(jobs: Sequence[Job], device: torch.device) -> list[float]:
+    """The median seconds per outer step of each job, timed in interleaved rounds after one warm-up step each.
+
+    Round ``r`` times one step of every job in turn, so that a slow phase of a shared machine hits all of them
+    alike instead of inflating the one that happened to run then.
+    """
+    steps = []
+    for job in jobs:
+        step = job.make_step()
         step()
         synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+        steps.append(step)
+    seconds: list[list[float]] = [[] for _ in jobs]
+    for round_index in range(max(job.repeats for job in jobs)):
+        for job, step, times in zip(jobs, steps, seconds):
+            if round_index >= job.repeats:
+                continue
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+    return [statistics.median(times) for times in seconds]
 
 
 def run_jobs(jobs: Sequence[Job], device: torch.device, meter: PeakMemory) -> list[Record]:
@@ -600,11 +611,18 @@ def run_jobs(jobs: Sequence[Job], device: torch.device, meter: PeakMemory) -> li
         gc.collect()
     records = []
     with heap_reuse_for_timing():
-        for job, peak in zip(jobs, peaks):
-            seconds = seconds_per_step(job, device)
-            log(f"time {job.problem} {job.estimator} T={job.T}: {seconds:.4f} s/step")
-            records.append(Record(job.problem, job.estimator, job.T, seconds, peak))
+        groups: dict[tuple[str, int], list[int]] = {}
+        for index, job in enumerate(jobs):  # estimators compared side by side at one T are timed together
+            groups.setdefault((job.problem, job.T), []).append(index)
+        seconds_of: dict[int, float] = {}
+        for indices in groups.values():
+            for index, seconds in zip(indices, interleaved_seconds_per_step([jobs[i] for i in indices], device)):
+                seconds_of[index] = seconds
+                job = jobs[index]
+                log(f"time {job.problem} {job.estimator} T={job.T}: {seconds:.4f} s/step")
             gc.collect()
+        for index, (job, peak) in enumerate(zip(jobs, peaks)):
+            records.append(Record(job.problem, job.estimator, job.T, seconds_of[index], peak))
     add_ratios(records)
     return records
 
@@ -687,7 +705,7 @@ def machine_description(device: torch.device) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="T in {10, 50}, meta-batch 4, 2 timed steps")
+    parser.add_argument("--quick", action="store_true", help="T in {10, 50}, meta-batch 4, 2 timed steps (else 7)")
     parser.add_argument("--json", metavar="PATH", help="write the records to this JSON file")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     parser.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads(N)")
@@ -720,7 +738,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     meter = choose_memory_meter(device, args.memory)
     steps_list = (10, 50) if args.quick else (10, 50, 200)
     meta_batch = 4 if args.quick else 10
-    repeats = 2 if args.quick else 3
+    repeats = 2 if args.quick else 7
 
     print(machine_description(device))
     print(

@@ -15,7 +15,7 @@ import lightning_hypergrad as lh
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="digits", help="digits, omniglot, cifar100, cifarfs, mini-imagenet, folder")
+    parser.add_argument("--dataset", default="digits", help="digits, omniglot, cifar100, mini-imagenet, ...")
     parser.add_argument("--root", default=None, help="where the data set lies (not needed for digits)")
     parser.add_argument("--ways", type=int, default=5)
     parser.add_argument("--shots", type=int, default=5)

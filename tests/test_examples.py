@@ -36,3 +36,9 @@ def test_custom_module_example_lowers_the_validation_loss():
         before = float(model.outer_loss(*model.adapt(task), task))
     assert after < 0.9 * before
     assert len((ROOT / "examples" / "custom_module.py").read_text().splitlines()) < 60
+
+
+def test_fewshot_example_runs_in_a_short_form():
+    namespace = runpy.run_path(str(ROOT / "examples" / "fewshot.py"), run_name="example")
+    metrics = namespace["main"](["--steps", "3", "--ways", "3", "--shots", "2"])
+    assert 0.0 <= metrics["val/acc"] <= 1.0 and metrics["val/acc_ci95"] > 0
