@@ -1,7 +1,7 @@
 """The paper's few-shot model in Lightning: a conv backbone meta-learned with the greedy hypergradient.
 
-    python examples/fewshot.py                                   # digits, offline, about a minute on a CPU
-    python examples/fewshot.py --dataset omniglot --root ../shared/data/omniglot --shots 10 --estimator fo
+python examples/fewshot.py                                   # digits, offline, about a minute on a CPU
+python examples/fewshot.py --dataset omniglot --root ../shared/data/omniglot --shots 10 --estimator fo
 """
 
 from __future__ import annotations
