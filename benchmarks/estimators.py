@@ -41,15 +41,18 @@ above what was in use before it is measured:
 
 - CUDA: ``torch.cuda.max_memory_allocated()`` after ``torch.cuda.reset_peak_memory_stats()``, minus the bytes
   allocated before the step.
-- CPU (Linux): the peak resident set size. At import, glibc is told to serve every allocation of 64 KiB or more
-  with its own ``mmap`` (``mallopt(M_MMAP_THRESHOLD)``), so that freed tensors go back to the OS and the
-  resident size follows the live tensors. Before the step ``malloc_trim(0)`` returns the free heap, writing "5"
-  to ``/proc/self/clear_refs`` resets the high-water mark and ``VmRSS`` is read; after it, ``VmHWM``. The peak is
-  ``VmHWM - VmRSS(before)``, to within a few pages and the small allocations the heap keeps. The timing passes
+- CPU (the default, ``--memory allocator``): the peak of live tensor bytes during the step, from the
+  allocation and free events that ``torch.profiler`` records with ``profile_memory=True``. It counts every tensor
+  (saved for backward or not) and is not blurred by how the C library's heap is fragmented.
+- CPU with ``--memory rss`` (Linux): the peak resident set size. At import, glibc is told to serve every allocation
+  of 64 KiB or more with its own ``mmap`` (``mallopt(M_MMAP_THRESHOLD)``), so that freed tensors go back to the OS
+  and the resident size follows the live tensors. Before the step ``malloc_trim(0)`` returns the free heap, writing
+  "5" to ``/proc/self/clear_refs`` resets the high-water mark and ``VmRSS`` is read; after it, ``VmHWM``. The peak
+  is ``VmHWM - VmRSS(before)``, to within a few pages and the small allocations the heap keeps. The timing passes
   run with glibc's usual thresholds instead (mmap above 32 MiB, freed memory kept in the heap for reuse), as an
-  mmap, page faults and munmap for every tensor of 64 KiB or more slow CPU steps by up to 2x; that is why they
-  come after every memory pass (a heap grown by them would serve later allocations without raising the RSS).
-- Fallback where neither is available (or with ``--memory saved``): the peak bytes of tensors that autograd
+  mmap, page faults and munmap for every tensor of 64 KiB or more slow CPU steps by up to 2x; that is why they come
+  after every memory pass (a heap grown by them would serve later allocations without raising the RSS).
+- With ``--memory saved``: the peak bytes of tensors that autograd
   holds for the backward pass, counted with ``torch.autograd.graph.saved_tensors_hooks`` (each storage once).
   This leaves out the tensors that are not saved for backward, so it underestimates the true peak.
 
@@ -395,6 +398,31 @@ class CudaPeak(PeakMemory):
         return torch.cuda.max_memory_allocated(self.device) - before
 
 
+class AllocatorPeak(PeakMemory):
+    """The peak of live tensor bytes during the call, from the allocation and free events of ``torch.profiler``.
+
+    Counts every tensor the call allocates (autograd's saved tensors, gradients, temporaries) and nothing else, so
+    it does not depend on how the C library's heap happens to be fragmented.
+    """
+
+    description = "CPU: peak of live tensor bytes allocated during the step (torch.profiler memory events)"
+
+    def measure(self, fn: Callable[[], None]) -> int:
+        from torch.profiler import ProfilerActivity, profile
+
+        gc.collect()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        events = sorted(
+            (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+        )
+        live = peak = 0
+        for _, nbytes in events:
+            live += nbytes
+            peak = max(peak, live)
+        return peak
+
+
 def _proc_status_bytes(key: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
@@ -500,7 +528,9 @@ def choose_memory_meter(device: torch.device, method: str) -> PeakMemory:
         return CudaPeak(device)
     if method == "cuda":
         raise SystemExit("--memory cuda needs --device cuda")
-    if method in ("auto", "rss") and RssPeak.available(_LIBC):
+    if method in ("auto", "allocator"):
+        return AllocatorPeak()
+    if method == "rss" and RssPeak.available(_LIBC):
         assert _LIBC is not None
         return RssPeak(_LIBC)
     if method == "rss":
@@ -718,9 +748,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--memory",
-        choices=("auto", "cuda", "rss", "saved"),
+        choices=("auto", "cuda", "allocator", "rss", "saved"),
         default="auto",
-        help="peak-memory method (auto: cuda on CUDA, else rss, else the saved-tensors fallback)",
+        help="peak-memory method (auto: cuda on CUDA, else allocator: live tensor bytes from torch.profiler; "
+        "rss: peak resident memory; saved: bytes saved for backward)",
     )
     return parser.parse_args(argv)
 
