@@ -238,6 +238,20 @@ def head_logits(w: Sequence[Tensor], features: Tensor) -> Tensor:
     return F.linear(features, w[0], w[1])
 
 
+# How the backbone sees a task. One pass over support and query together is what FewShotClassifier does (batch
+# norm normalizes them jointly); with separate passes (--separate-passes) FO skips the backward pass through the
+# support images entirely, since its hypergradient depends on the query features only.
+SEPARATE_PASSES = False
+
+
+def task_features(backbone: nn.Module, task: Task) -> list[Tensor]:
+    if SEPARATE_PASSES:
+        return [backbone(task.x_support), backbone(task.x_query)]
+    out = backbone(torch.cat([task.x_support, task.x_query]))
+    n_support = task.x_support.shape[0]
+    return [out[:n_support], out[n_support:]]
+
+
 def fewshot_problem(backbone: nn.Module, task: Task, head_init: Sequence[Tensor], steps: int) -> lh.BilevelProblem:
     """The bilevel problem of one task: T SGD steps of the head on the support features."""
     return lh.BilevelProblem(
@@ -247,7 +261,7 @@ def fewshot_problem(backbone: nn.Module, task: Task, head_init: Sequence[Tensor]
         init_params=list(head_init),
         optimizer=lh.SGD(lr=FEWSHOT_INNER_LR, momentum=INNER_MOMENTUM),
         steps=steps,
-        features=lambda: [backbone(task.x_support), backbone(task.x_query)],
+        features=lambda: task_features(backbone, task),
     )
 
 
@@ -739,6 +753,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", metavar="PATH", help="write the records to this JSON file")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     parser.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads(N)")
+    parser.add_argument(
+        "--separate-passes",
+        action="store_true",
+        help="fewshot: run the backbone on support and query separately (default: one pass, as FewShotClassifier)",
+    )
     parser.add_argument("--problems", nargs="+", choices=PROBLEMS, default=list(PROBLEMS))
     parser.add_argument(
         "--estimators",
@@ -759,6 +778,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     wall_start = time.perf_counter()
     args = parse_args(argv)
+    global SEPARATE_PASSES
+    SEPARATE_PASSES = args.separate_passes
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -784,7 +805,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     records = run_jobs(jobs, device, meter)
 
     titles = {
-        "fewshot": f"fewshot (5-way 10-shot, meta-batch {meta_batch}, backbone = hyperparameters)",
+        "fewshot": f"fewshot (5-way 10-shot, meta-batch {meta_batch}, backbone = hyperparameters, "
+        f"{'separate support/query passes' if SEPARATE_PASSES else 'one backbone pass per task'})",
         "whole_network": "whole_network (all weights inner, per-entry log weight decay = hyperparameters)",
     }
     for problem in dict.fromkeys(args.problems):
