@@ -1,0 +1,242 @@
+"""``lightning-hypergrad-bench table2``: a tiny run on digits, resumption, and the report's gamma selection."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lightning_hypergrad.experiments.table2 import (
+    CHOSEN,
+    Method,
+    choose_gammas,
+    main,
+    mean_ci95,
+    parse_method,
+    record_name,
+    report,
+)
+
+TINY = [
+    "table2",
+    "run",
+    "--dataset",
+    "digits",
+    "--ways",
+    "3",
+    "--methods",
+    "fo",
+    "greedy0.99",
+    "--steps",
+    "3",
+    "--meta-batch",
+    "2",
+    "--eval-tasks",
+    "4",
+    "--seeds",
+    "2",
+    "--shots",
+    "2",
+    "--workers",
+    "1",
+]
+TINY_RECORDS = {record_name("digits", 3, m, s) for m in ("fo", "greedy0.99") for s in (0, 1)}
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def snapshot(runs: Path) -> dict[str, tuple[int, str]]:
+    return {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in runs.glob("*.json")}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    out = tmp_path_factory.mktemp("table2")
+    return out, main([*TINY, "--out", str(out)])
+
+
+def test_tiny_run_writes_one_record_per_run_and_the_report(tiny_run: tuple[Path, int]) -> None:
+    out, code = tiny_run
+    assert code == 0
+    runs = out / "runs"
+    assert {p.name for p in runs.iterdir()} == TINY_RECORDS  # no temporary file left behind
+    for name in TINY_RECORDS:
+        record = json.loads((runs / name).read_text())
+        assert record["dataset"] == "digits" and record["ways"] == 3 and record["shots"] == 2
+        assert record["steps"] == record["steps_run"] == 3 and record["meta_batch"] == 2 and record["eval_tasks"] == 4
+        assert record["jvps"] == (0 if record["method"] == "fo" else 10)
+        assert record["gamma"] == (None if record["method"] == "fo" else 0.99)
+        for key in ("val_acc", "test_acc"):
+            assert 0.0 <= record[key] <= 1.0
+        for key in ("val_ci95", "test_ci95", "seconds_per_step", "wall_seconds"):
+            assert record[key] >= 0.0
+        assert record["torch_threads"] == 1 and record["timestamp"]
+    markdown = (out / "table2.md").read_text(encoding="utf-8")
+    ours, paper = markdown.split("## The paper's Table 2")
+    expected = ("| FO | 0 |", "| T1-T2 | 1 | n/a |", "| IFT (Neumann) | 11 | n/a |", "| Greedy (γ=0.99) | 10 |")
+    for row in (*expected, "| Greedy (γ chosen on meta-val) | 10 |"):
+        assert ours.count(row) == 2  # in both protocols' tables
+    assert "| FO | 0 | 43.48 ± 1.64 |" in paper and "| Greedy (γ=0.99) | 10 | 46.10 ± 1.95 |" in paper
+    assert "| method | JVPs | s/step | 3-way | 4-way | 5-way |" in markdown
+    assert "(n=2)" in markdown and "n/a" in markdown and "CIFAR-100" in markdown
+    rows = read_csv(out / "table2.csv")
+    assert len(rows) == 2 * 5 * 3  # protocols x (FO, T1-T2, IFT, chosen, greedy0.99) x (3, 4, 5 ways)
+    assert (out / "table2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerun_resumes(tiny_run: tuple[Path, int], capsys: pytest.CaptureFixture[str]) -> None:
+    out, _ = tiny_run
+    runs = out / "runs"
+    before = snapshot(runs)
+    capsys.readouterr()
+    assert main([*TINY, "--out", str(out)]) == 0
+    assert "4 done, 0 remaining" in capsys.readouterr().out
+    assert snapshot(runs) == before  # nothing trained again
+
+    removed = record_name("digits", 3, "fo", 1)
+    old = json.loads((runs / removed).read_text())
+    (runs / removed).unlink()
+    assert main([*TINY, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "3 done, 1 remaining" in printed and "[1/1] digits 3-way fo seed 1" in printed
+    after = snapshot(runs)
+    assert {k: v for k, v in after.items() if k != removed} == {k: v for k, v in before.items() if k != removed}
+    new = json.loads((runs / removed).read_text())
+    assert (new["val_acc"], new["test_acc"]) == (old["val_acc"], old["test_acc"])  # the seed fixes the run
+
+
+def test_records_with_other_settings_are_not_reused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    name = record_name("digits", 3, "fo", 0)
+    (tmp_path / "runs").mkdir()
+    record = {"dataset": "digits", "ways": 3, "method": "fo", "seed": 0, "shots": 2, "queries": 2, "steps": 5}
+    (tmp_path / "runs" / name).write_text(json.dumps(record | {"meta_batch": 2, "eval_tasks": 4}))
+    args = [*TINY[:7], "fo", *TINY[9:]]
+    assert main([*args, "--seeds", "1", "--out", str(tmp_path)]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def make_record(ways: int, method: str, seed: int, val: float, test: float) -> dict[str, Any]:
+    parsed = parse_method(method)
+    return {
+        "dataset": "omniglot",
+        "ways": ways,
+        "shots": 10,
+        "queries": 10,
+        "method": method,
+        "gamma": parsed.gamma,
+        "jvps": parsed.jvps,
+        "seed": seed,
+        "val_acc": val,
+        "val_ci95": 0.01,
+        "test_acc": test,
+        "test_ci95": 0.01,
+        "seconds_per_step": 0.5,
+        "wall_seconds": 100.0,
+        "steps": 200,
+        "meta_batch": 10,
+        "eval_tasks": 500,
+        "timestamp": f"2025-01-01T00:00:0{seed}+00:00",
+    }
+
+
+# (val accuracies, test accuracies) over seeds 0, 1, 2: on 3 ways gamma 0.99 is best on validation but 0.9 on test;
+# on 4 ways gamma 0.999 is best on validation, 0.99 on test. No 5-way record: those cells must read n/a.
+HAND_MADE = {
+    (3, "greedy0.9"): ([0.50, 0.52, 0.48], [0.70, 0.72, 0.71]),
+    (3, "greedy0.99"): ([0.55, 0.60, 0.53], [0.40, 0.47, 0.44]),
+    (3, "greedy0.999"): ([0.52, 0.51, 0.53], [0.50, 0.50, 0.52]),
+    (4, "greedy0.9"): ([0.30, 0.31, 0.29], [0.30, 0.30, 0.30]),
+    (4, "greedy0.99"): ([0.35, 0.33, 0.34], [0.60, 0.61, 0.62]),
+    (4, "greedy0.999"): ([0.40, 0.36, 0.41], [0.33, 0.38, 0.35]),
+    (3, "fo"): ([0.45], [0.44]),
+}
+
+
+@pytest.fixture()
+def hand_made(tmp_path: Path) -> Path:
+    (tmp_path / "runs").mkdir()
+    for (ways, method), (vals, tests) in HAND_MADE.items():
+        for seed, (val, test) in enumerate(zip(vals, tests)):
+            record = make_record(ways, method, seed, val, test)
+            (tmp_path / "runs" / record_name("omniglot", ways, method, seed)).write_text(json.dumps(record))
+    return tmp_path
+
+
+def independent_ci95(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return 1.96 * std / math.sqrt(len(values))
+
+
+def test_report_chooses_gamma_on_validation(hand_made: Path) -> None:
+    assert report(hand_made) == 0
+    rows = read_csv(hand_made / "table2.csv")
+
+    def cell(protocol: str, method: str, ways: int) -> dict[str, str]:
+        (row,) = [r for r in rows if (r["protocol"], r["method"], r["ways"]) == (protocol, method, str(ways))]
+        return row
+
+    for ways, gamma in ((3, "0.99"), (4, "0.999")):
+        vals, tests = HAND_MADE[(ways, f"greedy{gamma}")]
+        clean, paper = cell("clean", CHOSEN, ways), cell("paper", CHOSEN, ways)
+        assert float(clean["gamma"]) == float(paper["gamma"]) == float(gamma)
+        assert clean["reported_on"] == "test" and paper["reported_on"] == "val"
+        assert float(clean["mean"]) == pytest.approx(100 * sum(tests) / 3)
+        assert float(clean["ci95"]) == pytest.approx(independent_ci95([100 * t for t in tests]))
+        assert float(paper["mean"]) == pytest.approx(100 * sum(vals) / 3)
+        assert float(paper["ci95"]) == pytest.approx(independent_ci95([100 * v for v in vals]))
+        assert clean["n"] == paper["n"] == "3"
+    for method in (CHOSEN, "fo", "t1t2", "neumann", "greedy0.99"):
+        assert cell("clean", method, 5)["mean"] == "" and cell("clean", method, 5)["n"] == "0"
+    single = cell("clean", "fo", 3)
+    assert float(single["mean"]) == pytest.approx(44.0) and single["ci95"] == "" and single["n"] == "1"
+    # each gamma's own row reports that gamma, whatever was chosen
+    assert float(cell("clean", "greedy0.9", 3)["mean"]) == pytest.approx(100 * statistics.fmean([0.70, 0.72, 0.71]))
+
+    markdown = (hand_made / "table2.md").read_text(encoding="utf-8")
+    assert "γ chosen: 3-way 0.99, 4-way 0.999" in markdown
+    clean_table = markdown.split("(b) clean protocol")[1].split("###")[0]
+    chosen_row = next(line for line in clean_table.splitlines() if line.startswith("| Greedy (γ chosen"))
+    mean, ci = (
+        100 * sum(HAND_MADE[(3, "greedy0.99")][1]) / 3,
+        independent_ci95([100 * t for t in HAND_MADE[(3, "greedy0.99")][1]]),
+    )
+    assert f"{mean:.2f} ± {ci:.2f} (n=3), γ=0.99" in chosen_row
+    assert chosen_row.rstrip(" |").endswith("n/a")  # 5-way
+    fo_row = next(line for line in clean_table.splitlines() if line.startswith("| FO |"))
+    assert "| 44.00 (n=1) |" in fo_row  # a single seed shows no interval
+    assert "Total compute" in markdown and (hand_made / "table2.png").is_file()
+
+
+def test_gamma_ties_and_statistics() -> None:
+    records = [make_record(5, m, s, 0.5, 0.1 * s) for m in ("greedy0.999", "greedy0.9") for s in (0, 1)]
+    assert choose_gammas(records) == {("omniglot", 5): 0.9}  # ties go to the smallest gamma
+    assert mean_ci95([]) == (None, None)
+    assert mean_ci95([3.0]) == (3.0, None)
+    mean, ci = mean_ci95([1.0, 2.0, 4.0])
+    assert mean == pytest.approx(7 / 3) and ci == pytest.approx(independent_ci95([1.0, 2.0, 4.0]))
+
+
+def test_method_names() -> None:
+    assert parse_method("greedy0.99") == parse_method("Greedy-0.99") == Method("greedy", 0.99)
+    assert parse_method("greedy0.999").name == "greedy0.999" and parse_method("greedy.9").name == "greedy0.9"
+    assert [parse_method(n).jvps for n in ("fo", "t1t2", "neumann", "greedy0.9")] == [0, 1, 11, 10]
+    assert parse_method("ift") == Method("neumann") and parse_method("T1-T2") == Method("t1t2")
+    for bad in ("greedy", "greedy1.5", "greedy0", "rmd"):
+        with pytest.raises(ValueError, match="greedy<gamma>"):
+            parse_method(bad)
+    with pytest.raises(SystemExit):
+        main(["table2", "run", "--dataset", "digits", "--methods", "greedy2"])
+
+
+def test_report_command_without_records(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", "--out", str(tmp_path)]) == 1  # "table2" may be left out
+    assert "no records" in capsys.readouterr().err
