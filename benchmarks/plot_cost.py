@@ -12,7 +12,7 @@ problem: it is drawn as a horizontal dashed line and listed under the table.
 Outputs in ``--out``:
 
 - ``memory_vs_T.png``: peak memory (MiB) of one outer step against T, one panel per problem, one line per
-  estimator (a log-scale y axis where the values of a panel span more than a factor of 8);
+  estimator (a log-scale y axis where the values of a panel span more than a factor of 8, else a linear one from 0);
 - ``time_vs_T.png``: seconds per outer step against T, likewise;
 - ``cost.md``: per problem, a table with a row per estimator and, for each T, the seconds per step, the time
   ratio and the peak MiB.
@@ -66,6 +66,7 @@ class Record:
 
     @property
     def peak_mib(self) -> float:
+        """The peak memory in MiB."""
         return self.peak_bytes / MIB
 
 
@@ -151,11 +152,14 @@ def plot_metric(records: Sequence[Record], metric: str, ylabel: str, title: str,
         positive = [v for v in values if v > 0]
         if positive and max(positive) / min(positive) > LOG_SCALE_SPAN:
             ax.set_yscale("log")
+        else:
+            # a linear axis from zero, so that near-equal values look near-equal
+            ax.set_ylim(0, 1.15 * max(values, default=1.0))
         ax.set_xlabel("T (inner steps)")
         ax.set_ylabel(ylabel)
         ax.set_title(TITLES.get(problem, problem))
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="lower right" if ax.get_yscale() == "linear" else "best")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
@@ -163,6 +167,7 @@ def plot_metric(records: Sequence[Record], metric: str, ylabel: str, title: str,
 
 
 def _value(record: Record, metric: str) -> float:
+    """The plotted value of ``record``: peak MiB or seconds per step."""
     return record.peak_mib if metric == "peak_mib" else record.seconds_per_step
 
 
@@ -170,6 +175,7 @@ def _value(record: Record, metric: str) -> float:
 
 
 def _number(value: float | None, digits: int) -> str:
+    """``value`` rounded for a table cell, ``–`` where missing."""
     if value is None or not math.isfinite(value):
         return "–"
     return f"{value:.{digits}f}"
@@ -218,6 +224,7 @@ def markdown_report(records: Sequence[Record], source: Path, missing: Sequence[s
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line options (see the module docstring)."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument(
         "--input",
