@@ -240,3 +240,17 @@ def test_method_names() -> None:
 def test_report_command_without_records(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", "--out", str(tmp_path)]) == 1  # "table2" may be left out
     assert "no records" in capsys.readouterr().err
+
+
+def test_cifar100_protocol_runs_end_to_end_on_a_generated_stand_in(tmp_path: Path) -> None:
+    """CIFAR-100 cannot be downloaded here: a small copy in the official layout goes through the whole runner."""
+    from test_data import _write_cifar
+
+    _write_cifar(tmp_path / "cifar")
+    out = tmp_path / "out"
+    argv = ["table2", "run", "--dataset", "cifar100", "--root", str(tmp_path / "cifar"), "--ways", "3"]
+    argv += ["--methods", "t1t2", "--steps", "2", "--meta-batch", "2", "--eval-tasks", "4", "--seeds", "1"]
+    assert main([*argv, "--shots", "2", "--queries", "3", "--out", str(out)]) == 0
+    record = json.loads((out / "runs" / record_name("cifar100", 3, "t1t2", 0)).read_text())
+    assert record["dataset"] == "cifar100" and 0.0 <= record["val_acc"] <= 1.0
+    assert (out / "table2.md").is_file() and (out / "table2.png").is_file()
