@@ -24,7 +24,8 @@ class ConvBackbone(nn.Sequential):
         channels, height, width_px = image_shape
         layers: list[nn.Module] = []
         for _ in range(depth):
-            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+            # no bias: batch norm removes it, and Adam would move it by rounding noise alone
+            layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
             if min(height, width_px) >= 2:
                 layers.append(nn.MaxPool2d(2))
                 height, width_px = height // 2, width_px // 2
@@ -52,7 +53,7 @@ class FewShotClassifier(BilevelModule):
         depth: number of convolutional blocks of the backbone.
         width: channels of each block.
         estimator, inner_optimizer, inner_steps, meta_batch_size, outer_lr, gradient_clip_val,
-        gradient_clip_algorithm: see :class:`BilevelModule`.
+        gradient_clip_algorithm, nonfinite: see :class:`BilevelModule`.
 
     Raises:
         ValueError: ``depth`` or ``width`` < 1, or ``ways``/``image_shape`` disagreeing with the data module's.
@@ -71,6 +72,7 @@ class FewShotClassifier(BilevelModule):
         outer_lr: float = 1e-3,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
+        nonfinite: str = "skip",
     ) -> None:
         super().__init__(
             estimator=estimator,
@@ -80,6 +82,7 @@ class FewShotClassifier(BilevelModule):
             outer_lr=outer_lr,
             gradient_clip_val=gradient_clip_val,
             gradient_clip_algorithm=gradient_clip_algorithm,
+            nonfinite=nonfinite,
         )
         for name, value in (("depth", depth), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,6 +64,10 @@ class BilevelModule(L.LightningModule):
         outer_lr: learning rate of the default outer optimizer (Adam).
         gradient_clip_val: clip the hypergradient (Lightning's ``clip_gradients``) at this value; ``None``: no clip.
         gradient_clip_algorithm: ``"norm"`` or ``"value"``.
+        nonfinite: what a step does when the hypergradient has NaN or infinite entries (e.g. an exploding inner
+            learning rate), detected before the outer step: ``"skip"`` the outer step and count it in
+            ``train/skipped_steps``, or ``"raise"`` a ``FloatingPointError``. The hyperparameters are never
+            updated with a non-finite value.
 
     Raises:
         ValueError: a setting out of its range (the message names it).
@@ -77,6 +82,7 @@ class BilevelModule(L.LightningModule):
         outer_lr: float = 1e-3,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
+        nonfinite: str = "skip",
     ) -> None:
         super().__init__()
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
@@ -89,6 +95,8 @@ class BilevelModule(L.LightningModule):
             raise ValueError(f"outer_lr must be a finite number > 0, got {outer_lr!r}")
         if gradient_clip_val is not None and not gradient_clip_val > 0:
             raise ValueError(f"gradient_clip_val must be > 0 or null, got {gradient_clip_val!r}")
+        if nonfinite not in ("skip", "raise"):
+            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
         if gradient_clip_algorithm not in ("norm", "value"):
             raise ValueError(f"gradient_clip_algorithm must be 'norm' or 'value', got {gradient_clip_algorithm!r}")
         self.automatic_optimization = False
@@ -108,6 +116,7 @@ class BilevelModule(L.LightningModule):
         self.outer_lr = float(outer_lr)
         self.gradient_clip_val = gradient_clip_val
         self.gradient_clip_algorithm = gradient_clip_algorithm
+        self.nonfinite = nonfinite
         self.skipped_steps = 0
         self._checked = False
         self.capture_hypergrad = False
@@ -205,6 +214,13 @@ class BilevelModule(L.LightningModule):
 
     # ----------------------------------------------------------------- Lightning hooks
     def setup(self, stage: str) -> None:
+        if self._trainer is not None and str(self.trainer.precision) in ("16-mixed", "16", "16-true"):
+            raise ValueError(
+                f"trainer.precision={self.trainer.precision!r} is not supported by BilevelModule: the hypergradients "
+                "are taken with torch.autograd.grad through the inner loop, where Lightning's fp16 loss scaling does "
+                "not reach, so small gradients would underflow silently. Use precision: bf16-mixed (CPU, and GPUs from "
+                "the A100 on) or 32-true"
+            )
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if self.meta_batch_size is not None and hasattr(datamodule, "meta_batch_size"):
             datamodule.meta_batch_size = self.meta_batch_size
@@ -217,12 +233,25 @@ class BilevelModule(L.LightningModule):
         tasks = self.split_tasks(batch)
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        hypergrads, metrics = self.meta_gradient(tasks)
+        with warnings.catch_warnings():  # the module applies its own policy below, once per step
+            warnings.filterwarnings("ignore", message=".*NaN or infinite", category=RuntimeWarning)
+            hypergrads, metrics = self.meta_gradient(tasks)
+        hypergrads = self._average_across_processes(hypergrads)
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in hypergrads]))
         if self.capture_hypergrad:
             self.last_hypergrad = [g.detach().clone() for g in hypergrads]
         if not bool(torch.isfinite(norm)):
+            if self.nonfinite == "raise":
+                raise FloatingPointError(
+                    f"the hypergradient of training step {self.global_step} has NaN or infinite entries, and "
+                    "nonfinite='raise'; the inner loop has probably diverged: lower the inner optimizer's learning "
+                    "rate or inner_steps, or set nonfinite: skip to skip such steps"
+                )
             self.skipped_steps += 1
+            # every .grad is None, so the optimizer leaves the hyperparameters and its state as they are; the call
+            # keeps Lightning's step counter (max_steps, schedulers, checkpoints) in step with the batches
+            optimizer.zero_grad(set_to_none=True)
+            optimizer.step()
         else:
             for a, g in zip(self.hyperparameters(), hypergrads):
                 a.grad = g if a.grad is None else a.grad + g
@@ -242,6 +271,28 @@ class BilevelModule(L.LightningModule):
         self.log("train/skipped_steps", float(self.skipped_steps), batch_size=batch_size)
         self.log("train/seconds_per_step", time.perf_counter() - start, batch_size=batch_size)
         return torch.tensor(0.0)
+
+    def _average_across_processes(self, hypergrads: list[Tensor]) -> list[Tensor]:
+        """The mean over the processes of a multi-process run (each saw its share of the meta-batch).
+
+        The hypergradients come from ``torch.autograd.grad``, which DDP's gradient hooks never see, so they are
+        reduced here explicitly, in one flat all-reduce.
+        """
+        if self._trainer is None or self.trainer.world_size == 1:
+            return hypergrads
+        flat = torch.cat([g.reshape(-1) for g in hypergrads])
+        flat = self.trainer.strategy.reduce(flat, reduce_op="mean")
+        out, offset = [], 0
+        for g in hypergrads:
+            out.append(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+        return out
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lightning_hypergrad"] = {"skipped_steps": self.skipped_steps}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_steps = checkpoint.get("lightning_hypergrad", {}).get("skipped_steps", 0)
 
     def on_train_epoch_end(self) -> None:
         self._step_schedulers("epoch")

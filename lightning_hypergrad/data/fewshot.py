@@ -175,6 +175,7 @@ class FewShotDataModule(LightningDataModule):
         self._splits: dict[str, ClassSplit] | None = None
         self._samplers: dict[str, TaskSampler] = {}
         self._batches: dict[str, TaskBatches] = {}
+        self._resume_skip = 0
 
     # -----------------------------------------------------------------------------------------------------------------
     # checks
@@ -289,14 +290,26 @@ class FewShotDataModule(LightningDataModule):
         if not self._samplers:
             self.setup()
         epoch = self.epoch if split == "train" else 0
-        batches = TaskBatches(self._samplers[split], num_tasks, self.meta_batch_size, self.seed, split, epoch)
+        shard = (0, 1)
+        if split == "train" and self._trainer_or_none() is not None and self.trainer.world_size > 1:
+            if self.trainer._accelerator_connector.use_distributed_sampler:
+                raise ValueError(
+                    "FewShotDataModule splits each meta-batch across the processes itself: set "
+                    "trainer.use_distributed_sampler: false (Trainer(use_distributed_sampler=False)) for multi-process "
+                    "runs"
+                )
+            shard = (self.trainer.global_rank, self.trainer.world_size)
+        batches = TaskBatches(
+            self._samplers[split], num_tasks, self.meta_batch_size, self.seed, split, epoch, shard=shard
+        )
         self._batches[split] = batches
         return batches
 
     def train_dataloader(self) -> DataLoader:
         """``train_batches`` batches of ``meta_batch_size`` fresh tasks, which change with the epoch."""
         batches = self._task_batches("train", self.train_batches * self.meta_batch_size)
-        return self._loader(batches, sampler=EpochSampler(len(batches), self.set_epoch))
+        skip, self._resume_skip = self._resume_skip, 0
+        return self._loader(batches, sampler=EpochSampler(len(batches), self.set_epoch, skip=skip))
 
     def val_dataloader(self) -> DataLoader:
         """The ``val_tasks`` fixed meta-validation tasks, ``meta_batch_size`` at a time."""
@@ -322,9 +335,25 @@ class FewShotDataModule(LightningDataModule):
         if "train" in self._batches:
             self._batches["train"].set_epoch(epoch)
 
+    def _trainer_or_none(self):
+        return getattr(self, "trainer", None)
+
+    def _batches_done(self) -> int:
+        """Training batches completed in the current epoch (0 at an epoch's end), from the trainer's fit loop."""
+        trainer = self._trainer_or_none()
+        if trainer is None:
+            return 0
+        # "processed", not "completed": a checkpoint written in on_train_batch_end counts the batch as not completed
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return done if 0 < done < self.train_batches else 0
+
     def state_dict(self) -> dict[str, Any]:
-        """The sampling state saved in checkpoints: ``seed`` and ``epoch``."""
-        return {"seed": self.seed, "epoch": self.epoch}
+        """The sampling state saved in checkpoints: ``seed``, ``epoch`` and the batches done in the epoch.
+
+        A run resumed from a checkpoint taken in the middle of an epoch continues with the next batch of that
+        epoch, so it sees exactly the tasks an uninterrupted run would.
+        """
+        return {"seed": self.seed, "epoch": self.epoch, "batches_done": self._batches_done()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores the sampling state of :meth:`state_dict`, so that the same batches follow."""
@@ -334,6 +363,7 @@ class FewShotDataModule(LightningDataModule):
         for batches in self._batches.values():
             batches.seed = seed
         self.set_epoch(state_dict.get("epoch", 0))
+        self._resume_skip = int(state_dict.get("batches_done", 0))
 
 
 def _check_int(name: str, value: object, minimum: int | None) -> None:

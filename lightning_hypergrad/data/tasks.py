@@ -118,14 +118,31 @@ class TaskBatches(Dataset):
         seed: the base seed.
         stream: separates the task streams of the splits (e.g. ``"train"``, ``"val"``).
         epoch: the epoch whose tasks are drawn (changed with :meth:`set_epoch`).
+        shard: ``(rank, world_size)``: batch ``i`` holds only this process's contiguous share of the tasks of
+            meta-batch ``i`` (``batch_size`` must be divisible by ``world_size``), so that processes that average
+            their hypergradients see exactly the meta-batch of a single process.
 
     Raises:
         IndexError: an index outside ``0 .. len(self) - 1`` (which ends iteration by ``__getitem__``).
     """
 
     def __init__(
-        self, sampler: TaskSampler, num_tasks: int, batch_size: int, seed: int, stream: str, epoch: int = 0
+        self,
+        sampler: TaskSampler,
+        num_tasks: int,
+        batch_size: int,
+        seed: int,
+        stream: str,
+        epoch: int = 0,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
+        rank, world_size = shard
+        if batch_size % world_size:
+            raise ValueError(
+                f"meta_batch_size={batch_size} is not divisible by the {world_size} processes; choose a multiple of "
+                f"{world_size} so that every process gets the same share of each meta-batch"
+            )
+        self.shard = shard
         self.sampler = sampler
         self.num_tasks = num_tasks
         self.batch_size = batch_size
@@ -144,10 +161,12 @@ class TaskBatches(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"batch index {index} out of range for {len(self)} batches")
         first = index * self.batch_size
-        tasks = [
-            self.sampler.sample(derive_seed(self.seed, self.stream, self.epoch, t))
-            for t in range(first, min(first + self.batch_size, self.num_tasks))
-        ]
+        ids = range(first, min(first + self.batch_size, self.num_tasks))
+        rank, world_size = self.shard
+        if world_size > 1:
+            share = self.batch_size // world_size
+            ids = ids[rank * share : (rank + 1) * share]
+        tasks = [self.sampler.sample(derive_seed(self.seed, self.stream, self.epoch, t)) for t in ids]
         return {key: torch.stack([task[key] for task in tasks]) for key in BATCH_KEYS}
 
 
@@ -157,18 +176,23 @@ class EpochSampler(Sampler[int]):
     Args:
         length: the number of indices.
         on_set_epoch: called with the epoch by :meth:`set_epoch`.
+        skip: the first iteration starts at this index (the batches that a resumed run has already trained on);
+            later iterations start at 0. The length stays ``length``, which Lightning's restored batch counter
+            expects.
     """
 
-    def __init__(self, length: int, on_set_epoch: Callable[[int], None]) -> None:
+    def __init__(self, length: int, on_set_epoch: Callable[[int], None], skip: int = 0) -> None:
         self.length = length
         self.on_set_epoch = on_set_epoch
+        self.skip = skip
 
     def set_epoch(self, epoch: int) -> None:
         """Forwards the epoch (Lightning calls this before each training epoch)."""
         self.on_set_epoch(epoch)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.length))
+        start, self.skip = self.skip, 0
+        return iter(range(start, self.length))
 
     def __len__(self) -> int:
         return self.length

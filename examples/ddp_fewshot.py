@@ -1,0 +1,74 @@
+"""Few-shot meta-learning on several processes with Lightning's DDP: the meta-batch is split across them.
+
+    python examples/ddp_fewshot.py --devices 2                   # 2 CPU processes (gloo); on GPUs: --accelerator gpu
+    python examples/ddp_fewshot.py --devices 1 --save one.pt     # the same run on one process, for comparison
+
+Each process runs its share of the tasks of every meta-batch and the processes average their hypergradients
+before the outer step, so every process ends each step with the hyperparameters a single process would have.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import lightning as L
+import torch
+
+import lightning_hypergrad as lh
+
+
+class StepTimer(L.Callback):
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--estimator", default="greedy", help="greedy (0.99) or any name of lh.ESTIMATORS")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--meta-batch", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--save", default=None, help="write the final hyperparameters here (rank 0)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    L.seed_everything(0)
+    estimator = lh.Greedy(0.99) if args.estimator == "greedy" else lh.get_estimator(args.estimator)
+    model = lh.FewShotClassifier(estimator=estimator, inner_steps=5, width=16)
+    data = lh.FewShotDataModule(
+        "digits", ways=5, shots=5, queries=5, meta_batch_size=args.meta_batch, train_batches=args.steps, val_tasks=1
+    )
+    timer = StepTimer()
+    trainer = L.Trainer(
+        accelerator=args.accelerator,
+        devices=args.devices,
+        strategy="ddp" if args.devices > 1 else "auto",
+        use_distributed_sampler=False,  # the data module splits each meta-batch across the processes itself
+        max_steps=args.steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        callbacks=[timer],
+    )
+    trainer.fit(model, data)
+    if trainer.is_global_zero:
+        later = timer.seconds[1:] or timer.seconds
+        print(f"processes: {trainer.world_size}, median seconds per step: {statistics.median(later):.4f}")
+        if args.save:
+            torch.save([p.detach().cpu() for p in model.parameters()], args.save)
+
+
+if __name__ == "__main__":
+    main()
