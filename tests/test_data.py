@@ -122,7 +122,7 @@ def test_epochs_differ_and_state_dict_resumes_the_sequence() -> None:
     assert not _equal(epoch0, epoch1)
     assert _equal(_batches(dm.val_dataloader()), val0)  # the validation tasks are fixed
     state = dm.state_dict()
-    assert state == {"seed": 7, "epoch": 1}
+    assert state == {"seed": 7, "epoch": 1, "batches_done": 0}  # no trainer: no batch done mid-epoch
 
     resumed = _digits(seed=0)
     resumed.load_state_dict(state)
