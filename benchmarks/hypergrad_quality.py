@@ -10,7 +10,7 @@ What is measured
 The model is :class:`lightning_hypergrad.FewShotClassifier` (a conv backbone of 3 blocks of width 32, the
 hyperparameters; a linear head trained for T inner steps of SGD with learning rate 0.1, the inner parameters).
 Tasks are 5-way 10-shot Omniglot with 10 queries per class when ``$OMNIGLOT_ROOT`` or
-``/work/shared/data/omniglot`` holds ``images_background.npz``; otherwise scikit-learn's 8x8 digits, 5-way 5-shot
+``../shared/data/omniglot`` (beside the repository) holds ``images_background.npz``; otherwise scikit-learn's 8x8 digits, 5-way 5-shot
 (the dataset used is printed and written into the markdown).
 
 Checkpoints: the backbone as initialized (step 0) and after ``--train-steps`` outer steps of meta-training with
@@ -89,7 +89,7 @@ TRAIN_MOMENTUM = 0.9
 OUTER_LR = 1e-3
 META_BATCH = 10
 WAYS = 5
-OMNIGLOT_DEFAULT_ROOT = "/work/shared/data/omniglot"
+OMNIGLOT_DEFAULT_ROOT = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot")  # beside the repo
 OMNIGLOT_FILE = "images_background.npz"
 
 GREEDY_FOCUS = 0.99  # the gamma the paper recommends, compared with T1-T2 in the summary
