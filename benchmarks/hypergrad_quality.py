@@ -10,8 +10,8 @@ What is measured
 The model is :class:`lightning_hypergrad.FewShotClassifier` (a conv backbone of 3 blocks of width 32, the
 hyperparameters; a linear head trained for T inner steps of SGD with learning rate 0.1, the inner parameters).
 Tasks are 5-way 10-shot Omniglot with 10 queries per class when ``$OMNIGLOT_ROOT`` or
-``../shared/data/omniglot`` (beside the repository) holds ``images_background.npz``; otherwise scikit-learn's 8x8 digits, 5-way 5-shot
-(the dataset used is printed and written into the markdown).
+``../shared/data/omniglot`` (beside the repository) holds ``images_background.npz``; otherwise scikit-learn's 8x8
+digits, 5-way 5-shot (the dataset used is printed and written into the markdown).
 
 Checkpoints: the backbone as initialized (step 0) and after ``--train-steps`` outer steps of meta-training with
 Greedy(0.99), T = 10, inner momentum 0.9, Adam (lr 1e-3) and 10 tasks per meta-batch (a plain loop over
