@@ -15,25 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import lightning as L
 import torch
 
 import lightning_hypergrad as lh
+from lightning_hypergrad.callbacks import StepTimer
 
 DEFAULT_OMNIGLOT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "omniglot")
-
-
-class StepTimer(L.Callback):
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.seconds.append(time.perf_counter() - self._start)
 
 
 def build(name: str) -> lh.HypergradEstimator:
@@ -71,7 +60,7 @@ def main() -> None:
                 enable_model_summary=False, limit_val_batches=0, callbacks=[timer], accelerator="cpu",
             )  # fmt: skip
             trainer.fit(model, data)
-            times[name] += timer.seconds[1:]  # the first step warms up
+            times[name] += timer.durations[1:]  # the first step warms up
     fo = statistics.median(times["fo"]) if "fo" in times else None
     print(f"\n{dataset}, 5-way {shots}-shot, meta-batch 10, T = 10; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; median of {args.rounds} x {args.steps} steps\n")  # fmt: skip

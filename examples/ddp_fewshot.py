@@ -11,23 +11,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import lightning as L
 import torch
 
 import lightning_hypergrad as lh
-
-
-class StepTimer(L.Callback):
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.seconds.append(time.perf_counter() - self._start)
+from lightning_hypergrad.callbacks import StepTimer
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     trainer.fit(model, data)
     if trainer.is_global_zero:
-        later = timer.seconds[1:] or timer.seconds
+        later = timer.durations[1:] or timer.durations
         print(f"processes: {trainer.world_size}, median seconds per step: {statistics.median(later):.4f}")
         if args.save:
             torch.save([p.detach().cpu() for p in model.parameters()], args.save)

@@ -42,6 +42,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from lightning_hypergrad.callbacks import StepTimer
 from lightning_hypergrad.data.fewshot import FewShotDataModule
 from lightning_hypergrad.data.sources import ClassSplit
 from lightning_hypergrad.estimators import FO, T1T2, Greedy, HypergradEstimator, Neumann
@@ -200,31 +201,6 @@ class CachedFewShotDataModule(FewShotDataModule):
         if key not in _SPLITS:
             _SPLITS[key] = super()._load()
         return _SPLITS[key]
-
-
-class StepTimer(L.Callback):
-    """Times each training step between ``on_train_batch_start`` and ``on_train_batch_end``.
-
-    A step holds the backbone's forward, the inner loops, the hypergradient and the outer Adam step; the sampling of
-    the tasks (before ``on_train_batch_start``) is not counted.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.durations: list[float] = []
-        self._start: float | None = None
-
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if self._start is not None:
-            self.durations.append(time.perf_counter() - self._start)
-            self._start = None
 
 
 @contextlib.contextmanager
