@@ -113,3 +113,19 @@ def test_gradient_clipping_goes_through_lightning():
 def test_invalid_module_settings_fail_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FewShotClassifier(ways=3, image_shape=(1, 8, 8), **kwargs)
+
+
+class _WithScheduler(FewShotClassifier):
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), lr=1e-2)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.1)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def test_a_step_interval_scheduler_is_stepped_once_per_training_step():
+    torch.manual_seed(0)
+    model = _WithScheduler(ways=3, image_shape=(1, 8, 8), inner_steps=2)
+    trainer = quiet_trainer(max_steps=5)
+    trainer.fit(model, loader(*[random_meta_batch(seed=s) for s in range(5)]))
+    # StepLR(step_size=2, gamma=0.1) after 5 steps: 1e-2 * 0.1 ** (5 // 2)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-4)
