@@ -27,12 +27,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--meta-batch", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--width", type=int, default=16, help="channels of the backbone's blocks")
+    parser.add_argument("--inner-steps", type=int, default=5, help="T")
     parser.add_argument("--save", default=None, help="write the final hyperparameters here (rank 0)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     L.seed_everything(0)
     estimator = lh.Greedy(0.99) if args.estimator == "greedy" else lh.get_estimator(args.estimator)
-    model = lh.FewShotClassifier(estimator=estimator, inner_steps=5, width=16)
+    model = lh.FewShotClassifier(estimator=estimator, inner_steps=args.inner_steps, width=args.width)
     data = lh.FewShotDataModule(
         "digits", ways=5, shots=5, queries=5, meta_batch_size=args.meta_batch, train_batches=args.steps, val_tasks=1
     )
