@@ -94,6 +94,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from machine import device_name
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -729,18 +730,9 @@ def hparam_entries(problem: str) -> int:
 
 
 def machine_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as cpuinfo:
-                name = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
     return (
-        f"device: {device.type} ({name}); torch {torch.__version__}; threads: {torch.get_num_threads()}; "
-        f"python {platform.python_version()}"
+        f"device: {device.type} ({device_name(device)}); torch {torch.__version__}; "
+        f"threads: {torch.get_num_threads()}; python {platform.python_version()}"
     )
 
 

@@ -53,7 +53,6 @@ import argparse
 import dataclasses
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -67,6 +66,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from machine import device_name  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 import lightning_hypergrad as lh  # noqa: E402
@@ -636,16 +636,9 @@ def log(message: str) -> None:
 
 def machine_description(device: torch.device) -> str:
     """The device, torch version and thread count, in one line."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as cpuinfo:
-                name = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-    return f"Machine: {device.type} ({name}); torch {torch.__version__}; threads {torch.get_num_threads()}"
+    return (
+        f"Machine: {device.type} ({device_name(device)}); torch {torch.__version__}; threads {torch.get_num_threads()}"
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
