@@ -161,3 +161,26 @@ def test_fmd_through_features_equals_rmd():
         )
 
     torch.testing.assert_close(lh.FMD()(problem()).hypergrads[0], lh.RMD()(problem()).hypergrads[0], rtol=1e-8, atol=0)
+
+
+def test_rmd_and_fmd_equal_finite_differences_for_a_logit_momentum():
+    task, steps = MLPTask(seed=2), 8
+    logit = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+
+    def simulate(x: torch.Tensor) -> float:
+        w = [p.clone().requires_grad_() for p in task.w0]
+        opt = torch.optim.SGD(w, lr=0.3, momentum=float(torch.sigmoid(x)))
+        for _ in range(steps):
+            opt.zero_grad()
+            task.inner_loss(w, [task.log_wd.detach()]).backward()
+            opt.step()
+        with torch.no_grad():
+            return float(task.outer_loss(w, [task.log_wd.detach(), task.temp.detach()]))
+
+    optimizer = lh.SGD(lr=0.3, momentum=lambda h: torch.sigmoid(h[2]))
+    hparams = [task.log_wd, task.temp, logit]
+    fd = central_difference(simulate, logit.detach())
+    for estimator in (lh.RMD(), lh.FMD()):
+        got = estimator(task.problem(steps, optimizer, hparams=hparams)).hypergrads[2]
+        torch.testing.assert_close(got, fd, rtol=1e-5, atol=1e-10)
+    assert abs(float(fd)) > 1e-6
