@@ -85,7 +85,7 @@ def unroll(
     opt = problem.optimizer
     h_const = [x.detach() for x in h]
     w: list[Tensor] = [p.detach() for p in problem.init_params]
-    state = opt.init(w)
+    state = problem.init_state.detached() if problem.init_state is not None else opt.init(w)
     losses: list[Tensor] = []
     with torch.enable_grad():
         for t in range(1, problem.steps + 1):

@@ -15,7 +15,7 @@ from torchmetrics.aggregation import CatMetric
 
 from lightning_hypergrad.estimators import Greedy, HypergradEstimator
 from lightning_hypergrad.inner_loop import StepMode, unroll
-from lightning_hypergrad.optim import SGD, DifferentiableOptimizer
+from lightning_hypergrad.optim import SGD, DifferentiableOptimizer, OptimizerState
 from lightning_hypergrad.problem import BilevelProblem
 
 Task = Any
@@ -68,6 +68,10 @@ class BilevelModule(L.LightningModule):
             learning rate), detected before the outer step: ``"skip"`` the outer step and count it in
             ``train/skipped_steps``, or ``"raise"`` a ``FloatingPointError``. The hyperparameters are never
             updated with a non-finite value.
+        online: carry the inner parameters and the inner optimizer's state from one outer step to the next
+            (the model keeps training between hyperparameter updates, as in Luketina et al. 2016) instead of
+            starting each task from :meth:`init_params`. Needs one task per meta-batch; the carried state is
+            saved in checkpoints.
 
     Raises:
         ValueError: a setting out of its range (the message names it).
@@ -83,6 +87,7 @@ class BilevelModule(L.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
         nonfinite: str = "skip",
+        online: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
@@ -117,6 +122,10 @@ class BilevelModule(L.LightningModule):
         self.gradient_clip_val = gradient_clip_val
         self.gradient_clip_algorithm = gradient_clip_algorithm
         self.nonfinite = nonfinite
+        self.online = bool(online)
+        self.carried_params: list[Tensor] | None = None
+        self.carried_state: OptimizerState | None = None
+        self._last_result = None
         self.skipped_steps = 0
         self._checked = False
         self.capture_hypergrad = False
@@ -170,14 +179,19 @@ class BilevelModule(L.LightningModule):
                 cache["h"] = self.features(task)
                 return cache["h"]
 
+        carried = self.online and self.carried_params is not None
+        if carried:  # a checkpoint restores them on the CPU
+            self.carried_params = [p.to(self.device) for p in self.carried_params]
+            self.carried_state = self.carried_state.replace([t.to(self.device) for t in self.carried_state.tensors()])
         return BilevelProblem(
             inner_loss=lambda w, h: self.inner_loss(w, h, task),
             outer_loss=lambda w, h: self.outer_loss(w, h, task),
             hparams=self.hyperparameters(),
-            init_params=self.init_params(task),
+            init_params=self.carried_params if carried else self.init_params(task),
             optimizer=self.inner_optimizer,
             steps=self.inner_steps,
             features=features,
+            init_state=self.carried_state if carried else None,
         )
 
     def meta_gradient(
@@ -185,6 +199,11 @@ class BilevelModule(L.LightningModule):
     ) -> tuple[list[Tensor], dict[str, float]]:
         """The mean hypergradient over ``tasks`` and the mean of the task metrics (with ``outer_loss``)."""
         estimator = estimator or self.estimator
+        if self.online and len(tasks) != 1:
+            raise ValueError(
+                f"online=True carries one inner model from step to step, but the meta-batch holds {len(tasks)} "
+                "tasks; use meta_batch_size 1 (or online=False)"
+            )
         hparams = self.hyperparameters()
         total = [torch.zeros_like(a) for a in hparams]
         sums: dict[str, float] = {}
@@ -193,6 +212,7 @@ class BilevelModule(L.LightningModule):
             problem = self.make_problem(task, cache)
             result = estimator(problem, check=not self._checked)
             self._checked = True
+            self._last_result = result
             for t, g in zip(total, result.hypergrads):
                 t.add_(g)
             h = [x.detach() for x in cache["h"]] if "h" in cache else [a.detach() for a in hparams]
@@ -236,6 +256,9 @@ class BilevelModule(L.LightningModule):
         with warnings.catch_warnings():  # the module applies its own policy below, once per step
             warnings.filterwarnings("ignore", message=".*NaN or infinite", category=RuntimeWarning)
             hypergrads, metrics = self.meta_gradient(tasks)
+        if self.online:  # the inner model trains on: the next step starts where this one ended
+            self.carried_params = [p.detach().clone() for p in self._last_result.params]
+            self.carried_state = self._last_result.state
         hypergrads = self._average_across_processes(hypergrads)
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in hypergrads]))
         if self.capture_hypergrad:
@@ -289,10 +312,19 @@ class BilevelModule(L.LightningModule):
         return out
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["lightning_hypergrad"] = {"skipped_steps": self.skipped_steps}
+        state = self.carried_state
+        checkpoint["lightning_hypergrad"] = {
+            "skipped_steps": self.skipped_steps,
+            "carried_params": self.carried_params,
+            "carried_state": None if state is None else {"step": state.step, "buffers": state.buffers},
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.skipped_steps = checkpoint.get("lightning_hypergrad", {}).get("skipped_steps", 0)
+        saved = checkpoint.get("lightning_hypergrad", {})
+        self.skipped_steps = saved.get("skipped_steps", 0)
+        self.carried_params = saved.get("carried_params")
+        state = saved.get("carried_state")
+        self.carried_state = None if state is None else OptimizerState(state["step"], state["buffers"])
 
     def on_train_epoch_end(self) -> None:
         self._step_schedulers("epoch")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from lightning_hypergrad.optim.base import DifferentiableOptimizer
+from lightning_hypergrad.optim.base import DifferentiableOptimizer, OptimizerState
 
 LossFn = Callable[[Sequence[Tensor], Sequence[Tensor]], Tensor]
 """``loss(params, hparams) -> scalar``: a loss of the inner parameters and the hyperparameters."""
@@ -32,6 +32,9 @@ class BilevelProblem:
             computed from ``hparams``; the loss functions and the optimizer's settings then receive these tensors
             as ``h`` instead of ``hparams``. The estimators differentiate through it once per problem, whatever
             ``T`` is.
+        init_state: optional; the inner optimizer's state at the start (e.g. the momentum buffers carried over
+            from the previous outer step in online mode). ``None``: a fresh state. Treated as a constant, like
+            ``init_params``.
     """
 
     inner_loss: LossFn
@@ -41,6 +44,7 @@ class BilevelProblem:
     optimizer: DifferentiableOptimizer
     steps: int
     features: Callable[[], Sequence[Tensor]] | None = None
+    init_state: OptimizerState | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:

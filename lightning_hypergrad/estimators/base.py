@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from lightning_hypergrad.inner_loop import Trajectory, leaves
+from lightning_hypergrad.optim.base import OptimizerState
 from lightning_hypergrad.problem import BilevelProblem
 
 
@@ -23,12 +24,14 @@ class HypergradResult:
         params: the final inner parameters ``w_T`` (detached).
         inner_losses: ``L_train(w_{t-1})`` at each step t = 1..T.
         outer_loss: ``L_val(w_T)``.
+        state: the inner optimizer's final state ``s_T`` (detached), to carry on in online mode.
     """
 
     hypergrads: list[Tensor]
     params: list[Tensor]
     inner_losses: list[float]
     outer_loss: float
+    state: OptimizerState | None = None
 
 
 @dataclass
@@ -187,6 +190,7 @@ class HypergradEstimator:
             params=[p.detach() for p in estimate.trajectory.params],
             inner_losses=estimate.trajectory.inner_losses,
             outer_loss=float(estimate.outer_loss),
+            state=estimate.trajectory.state.detached(),
         )
 
     def _hypergrads(
