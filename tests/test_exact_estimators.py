@@ -11,10 +11,15 @@ from bilevel_cases import MLPTask, Ridge, central_difference
 import lightning_hypergrad as lh
 
 
-def simulate_outer_loss(task: MLPTask, steps: int, log_wd, temp, lr: float, momentum: float = 0.9) -> float:
-    """``L_val(w_T)`` with the inner loop run by ``torch.optim.SGD`` itself (independent of the library)."""
+def simulate_outer_loss(
+    task: MLPTask, steps: int, log_wd, temp, lr: float = 0.3, momentum: float = 0.9, optimizer=None
+) -> float:
+    """``L_val(w_T)`` with the inner loop run by ``torch.optim`` itself (independent of the library).
+
+    ``optimizer(params)`` builds the torch optimizer; by default ``torch.optim.SGD(lr, momentum)``.
+    """
     w = [p.clone().requires_grad_() for p in task.w0]
-    opt = torch.optim.SGD(w, lr=lr, momentum=momentum)
+    opt = optimizer(w) if optimizer is not None else torch.optim.SGD(w, lr=lr, momentum=momentum)
     for _ in range(steps):
         opt.zero_grad()
         task.inner_loss(w, [log_wd]).backward()
@@ -58,16 +63,10 @@ def test_rmd_equals_finite_differences_for_the_inner_learning_rate():
 
 def test_rmd_through_adam_equals_finite_differences():
     task, steps = MLPTask(seed=1), 8
+    lw, tp = task.log_wd.detach(), task.temp.detach()
 
     def simulate(log_lr: torch.Tensor) -> float:
-        w = [p.clone().requires_grad_() for p in task.w0]
-        opt = torch.optim.Adam(w, lr=math.exp(float(log_lr)))
-        for _ in range(steps):
-            opt.zero_grad()
-            task.inner_loss(w, [task.log_wd.detach()]).backward()
-            opt.step()
-        with torch.no_grad():
-            return float(task.outer_loss(w, [task.log_wd.detach(), task.temp.detach()]))
+        return simulate_outer_loss(task, steps, lw, tp, optimizer=lambda w: torch.optim.Adam(w, lr=math.exp(log_lr)))
 
     problem = task.problem(steps, lh.Adam(lr=lambda h: h[2].exp()), hparams=[task.log_wd, task.temp, task.log_lr])
     got = lh.RMD()(problem).hypergrads[2]
@@ -166,16 +165,13 @@ def test_fmd_through_features_equals_rmd():
 def test_rmd_and_fmd_equal_finite_differences_for_a_logit_momentum():
     task, steps = MLPTask(seed=2), 8
     logit = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    lw, tp = task.log_wd.detach(), task.temp.detach()
 
     def simulate(x: torch.Tensor) -> float:
-        w = [p.clone().requires_grad_() for p in task.w0]
-        opt = torch.optim.SGD(w, lr=0.3, momentum=float(torch.sigmoid(x)))
-        for _ in range(steps):
-            opt.zero_grad()
-            task.inner_loss(w, [task.log_wd.detach()]).backward()
-            opt.step()
-        with torch.no_grad():
-            return float(task.outer_loss(w, [task.log_wd.detach(), task.temp.detach()]))
+        momentum = float(torch.sigmoid(x))
+        return simulate_outer_loss(
+            task, steps, lw, tp, optimizer=lambda w: torch.optim.SGD(w, lr=0.3, momentum=momentum)
+        )
 
     optimizer = lh.SGD(lr=0.3, momentum=lambda h: torch.sigmoid(h[2]))
     hparams = [task.log_wd, task.temp, logit]
