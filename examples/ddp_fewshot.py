@@ -14,6 +14,7 @@ import statistics
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 
 import lightning_hypergrad as lh
 from lightning_hypergrad.callbacks import StepTimer
@@ -29,7 +30,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--width", type=int, default=16, help="channels of the backbone's blocks")
     parser.add_argument("--inner-steps", type=int, default=5, help="T")
-    parser.add_argument("--save", default=None, help="write the final hyperparameters here (rank 0)")
+    parser.add_argument(
+        "--broadcast-buffers", action="store_true", help="let DDP also broadcast the buffers before every forward"
+    )
+    parser.add_argument("--save", default=None, help="write the final module here (rank r > 0: PATH.rankr)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     L.seed_everything(0)
@@ -42,7 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     trainer = L.Trainer(
         accelerator=args.accelerator,
         devices=args.devices,
-        strategy="ddp" if args.devices > 1 else "auto",
+        # the module averages batch norm's running statistics with the hypergradients, in the same all-reduce, so
+        # DDP's own broadcast of the buffers before every forward (a second synchronization per step) is not needed
+        strategy=DDPStrategy(broadcast_buffers=args.broadcast_buffers) if args.devices > 1 else "auto",
         use_distributed_sampler=False,  # the data module splits each meta-batch across the processes itself
         max_steps=args.steps,
         limit_val_batches=0,
@@ -57,8 +63,10 @@ def main(argv: list[str] | None = None) -> None:
     if trainer.is_global_zero:
         later = timer.durations[1:] or timer.durations
         print(f"processes: {trainer.world_size}, median seconds per step: {statistics.median(later):.4f}")
-        if args.save:
-            torch.save([p.detach().cpu() for p in model.parameters()], args.save)
+    if args.save:  # every process writes its own module, so that they can be compared
+        path = args.save if trainer.is_global_zero else f"{args.save}.rank{trainer.global_rank}"
+        params = [p.detach().cpu() for p in model.parameters()]
+        torch.save({"params": params, "buffers": [b.cpu() for b in model.buffers()]}, path)
 
 
 if __name__ == "__main__":

@@ -36,15 +36,30 @@ def test_two_ddp_processes_end_with_the_hyperparameters_of_one(tmp_path, estimat
         result = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         assert f"processes: {devices}" in result.stdout
-        finals[devices] = torch.cat([p.reshape(-1) for p in torch.load(out)])
-    moved = float((finals[1] - torch.cat([p.reshape(-1) for p in _initial_backbone()])).abs().max())
+        finals[devices] = torch.load(out)
+    moved = float((flat(finals[1]["params"]) - flat(_initial_backbone())).abs().max())
     assert moved > 1e-4  # the runs did train
-    torch.testing.assert_close(finals[2], finals[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(flat(finals[2]["params"]), flat(finals[1]["params"]), rtol=0, atol=1e-5)
+    # both processes leave with the same module: hyperparameters and batch norm's running statistics, which each
+    # process updated on its own tasks and which the module averages with the hypergradients (DDP's buffer
+    # broadcast is off in the example)
+    other = torch.load(tmp_path / "2.pt.rank1")
+    assert torch.equal(flat(other["params"]), flat(finals[2]["params"]))
+    assert torch.equal(flat(other["buffers"]), flat(finals[2]["buffers"]))
+    assert not torch.equal(flat(finals[2]["buffers"]), flat(_initial_buffers()))
+
+
+def flat(tensors) -> torch.Tensor:
+    return torch.cat([t.reshape(-1).double() for t in tensors])
 
 
 def _initial_backbone() -> list[torch.Tensor]:
     L.seed_everything(0)
     return [p.detach() for p in lh.FewShotClassifier(ways=5, image_shape=(1, 8, 8), width=16).parameters()]
+
+
+def _initial_buffers() -> list[torch.Tensor]:
+    return list(lh.FewShotClassifier(ways=5, image_shape=(1, 8, 8), width=16).buffers())
 
 
 def _resumable_run(**trainer_kwargs):

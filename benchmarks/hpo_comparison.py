@@ -1,0 +1,171 @@
+"""The three hyperparameter-optimization examples with every estimator, side by side, at equal outer steps.
+
+    python benchmarks/hpo_comparison.py                                   # all three examples, seed 0
+    python benchmarks/hpo_comparison.py --examples lr_schedule --seeds 0 1 2 --json results/hpo/lr.json
+
+Each run is the example's config (``configs/hpo/<example>.yaml``) with only the estimator changed (and without
+W&B, checkpoints or the RMD callback). Reported per run: the final validation loss and accuracy (the validation
+set is the outer objective's), the test loss and accuracy (held out from everything), the AUC of the sample weights
+(hypercleaning), the median seconds per training step (Lightning's batch hooks, first step excluded), the peak
+memory of one hypergradient computation (CPU: peak of live tensor bytes, torch.profiler's memory events, measured
+after training on the trained state) and the wall time of the whole ``fit``.
+
+For ``lr_schedule`` a grid of five fixed learning rates is run as well, each for the same number of inner steps
+(outer steps x T) from the same initial network, twice: in the same Lightning harness (FO, whose hypergradient of
+the learning rate is zero, so the rate stays fixed) and as a plain ``torch.optim.SGD`` loop (the cheapest way to run
+the grid). The total time of each grid is compared with the time of the learned run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from machine import AllocatorPeak, device_name
+
+import lightning_hypergrad as lh
+from lightning_hypergrad.callbacks import StepTimer
+from lightning_hypergrad.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ("weight_decay", "lr_schedule", "hypercleaning")
+ESTIMATORS = ("fo", "t1t2", "greedy0.5", "greedy0.9", "greedy0.99", "rmd", "neumann", "cg")
+GRID = (0.003, 0.01, 0.03, 0.1, 0.3)
+
+
+def estimator_args(name: str) -> list[str]:
+    if name.startswith("greedy"):
+        return ["--model.estimator", "lightning_hypergrad.Greedy", "--model.estimator.gamma", name[len("greedy") :]]
+    cls = type(lh.get_estimator(name)).__name__
+    return ["--model.estimator", f"lightning_hypergrad.{cls}"]
+
+
+def build(example: str, seed: int, extra: list[str]):
+    args = [
+        "--config", str(ROOT / "configs" / "hpo" / f"{example}.yaml"),
+        "--seed_everything", str(seed),
+        "--data.seed", str(seed),
+        "--model.init_seed", str(seed),
+        "--trainer.logger", "false",
+        "--trainer.callbacks", "[]",
+        "--trainer.enable_checkpointing", "false",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        *extra,
+    ]  # fmt: skip
+    return cli(args, run=False)
+
+
+def peak_hypergrad_bytes(model, data) -> int:
+    task = data.task("train")
+    return AllocatorPeak().measure(lambda: model.estimator(model.make_problem(task)))
+
+
+def evaluate(model, data, stage: str) -> dict[str, float]:
+    task = data.task(stage)
+    with torch.enable_grad():
+        params, h = model.adapt(task)
+    with torch.no_grad():
+        metrics = {"loss": model.outer_loss(params, h, task), **model.task_metrics(params, h, task)}
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def run(example: str, estimator: str, seed: int, extra: list[str] | None = None) -> dict:
+    built = build(example, seed, [*estimator_args(estimator), *(extra or [])])
+    model, data, trainer = built.model, built.datamodule, built.trainer
+    timer = StepTimer()
+    trainer.callbacks.append(timer)
+    start = time.perf_counter()
+    try:
+        trainer.fit(model, data)
+    except ValueError as error:  # e.g. IFT refusing the learning rate: recorded as such
+        return {"example": example, "estimator": estimator, "seed": seed, "refused": str(error).split("\n")[0]}
+    wall = time.perf_counter() - start
+    record = {
+        "example": example,
+        "estimator": estimator,
+        "seed": seed,
+        "outer_steps": trainer.global_step,
+        "inner_steps": model.inner_steps,
+        "val": evaluate(model, data, "val"),
+        "test": evaluate(model, data, "test"),
+        "seconds_per_step": statistics.median(timer.durations[1:]),
+        "fit_seconds": wall,
+        "peak_hypergrad_bytes": peak_hypergrad_bytes(model, data),
+        "skipped_steps": model.skipped_steps,
+    }
+    if hasattr(model, "learning_rates"):
+        record["final_lr"] = model.learning_rates().tolist()
+    if hasattr(model, "weight_decays"):
+        record["final_weight_decay"] = [float(d.mean()) for d in model.weight_decays()]
+    return record
+
+
+def plain_grid_run(example: str, lr: float, seed: int) -> dict:
+    """One fixed learning rate with ``torch.optim.SGD``: the same network, data and number of inner steps."""
+    built = build(example, seed, ["--model.estimator", "lightning_hypergrad.FO"])
+    model, data = built.model, built.datamodule
+    data.setup()
+    task = data.task("train")
+    total = built.trainer.max_steps * model.inner_steps
+    momentum = built.config["model"]["init_args"]["momentum"]
+    start = time.perf_counter()
+    w = [p.clone().requires_grad_() for p in model.init_params(task)]
+    opt = torch.optim.SGD(w, lr=lr, momentum=momentum)
+    for _ in range(total):
+        opt.zero_grad()
+        F.cross_entropy(model.logits(w, task["x_train"]), task["y_train"]).backward()
+        opt.step()
+    wall = time.perf_counter() - start
+    out = {}
+    for stage in ("val", "test"):
+        t = data.task(stage)
+        with torch.no_grad():
+            logits = model.logits(w, t["x_val"])
+            out[stage] = {
+                "loss": float(F.cross_entropy(logits, t["y_val"])),
+                "acc": float((logits.argmax(-1) == t["y_val"]).float().mean()),
+            }
+    return {"example": example, "estimator": f"plain_sgd_lr{lr}", "seed": seed, "fit_seconds": wall, **out}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", nargs="+", default=list(EXAMPLES), choices=EXAMPLES)
+    parser.add_argument("--estimators", nargs="+", default=list(ESTIMATORS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default=None, help="write all records here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    print(f"machine: {device_name(torch.device('cpu'))}, torch {torch.__version__}, {args.threads} thread(s)")
+    records = []
+    for example in args.examples:
+        for seed in args.seeds:
+            for name in args.estimators:
+                record = run(example, name, seed)
+                records.append(record)
+                print(json.dumps(record), flush=True)
+            if example == "lr_schedule":
+                for lr in GRID:
+                    fixed = ["--model.init_lr", str(lr)]
+                    record = run(example, "fo", seed, fixed) | {"estimator": f"fixed_lr{lr}"}
+                    records.append(record)
+                    print(json.dumps(record), flush=True)
+                    record = plain_grid_run(example, lr, seed)
+                    records.append(record)
+                    print(json.dumps(record), flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(records, indent=1))
+
+
+if __name__ == "__main__":
+    main()

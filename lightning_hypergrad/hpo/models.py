@@ -1,0 +1,275 @@
+"""Hyperparameter optimization of one network's training: weight decay, learning rates, sample weights.
+
+Each module trains a small multilayer perceptron (the inner parameters ``w``) on a training set and measures the
+outer loss on a validation set; its own parameters are the hyperparameters. With ``online=True`` (the default of
+:class:`LearningRateTuner` and :class:`HyperCleaner`) the network keeps training from one outer step to the next,
+so a whole run is one training of the network during which the hyperparameters are tuned.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_hypergrad.module import BilevelModule, Task
+from lightning_hypergrad.optim import SGD, DifferentiableOptimizer
+
+
+def _check_positive_int(owner: str, name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner} {name} must be an integer >= 1, got {value!r}")
+
+
+class MLPProblem(BilevelModule):
+    """A multilayer perceptron trained on ``x_train``/``y_train`` and judged on ``x_val``/``y_val``.
+
+    The network's initial weights are drawn once from ``init_seed`` (as ``nn.Linear`` initializes them) and kept as
+    buffers, so every run, estimator and process starts the inner loop from the same network. A subclass adds
+    hyperparameters and uses them in :meth:`inner_loss` or in the inner optimizer's settings.
+
+    Args:
+        in_features: inputs of the network.
+        classes: outputs of the network.
+        hidden: widths of the hidden layers (``[]``: a linear classifier).
+        init_seed: the seed of the network's initial weights.
+        **kwargs: the arguments of :class:`BilevelModule`.
+    """
+
+    def __init__(
+        self,
+        in_features: int = 64,
+        classes: int = 10,
+        hidden: Sequence[int] = (64,),
+        init_seed: int = 0,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        name = type(self).__name__
+        _check_positive_int(name, "in_features", in_features)
+        _check_positive_int(name, "classes", classes)
+        for width in hidden:
+            _check_positive_int(name, "hidden width", width)
+        self.sizes = [in_features, *hidden, classes]
+        generator = torch.Generator().manual_seed(init_seed)
+        for i, (fan_in, fan_out) in enumerate(zip(self.sizes[:-1], self.sizes[1:])):
+            bound = 1.0 / math.sqrt(fan_in)
+            weight = (torch.rand(fan_out, fan_in, generator=generator) * 2 - 1) * bound
+            bias = (torch.rand(fan_out, generator=generator) * 2 - 1) * bound
+            self.register_buffer(f"init_weight{i}", weight)
+            self.register_buffer(f"init_bias{i}", bias)
+
+    @property
+    def layers(self) -> int:
+        return len(self.sizes) - 1
+
+    def init_params(self, task: Task) -> list[Tensor]:
+        """``[weight0, bias0, weight1, bias1, ...]`` of the initial network."""
+        return [getattr(self, f"init_{kind}{i}").clone() for i in range(self.layers) for kind in ("weight", "bias")]
+
+    def logits(self, params: Sequence[Tensor], x: Tensor) -> Tensor:
+        for i in range(self.layers):
+            x = F.linear(x, params[2 * i], params[2 * i + 1])
+            if i < self.layers - 1:
+                x = torch.relu(x)
+        return x
+
+    def inner_loss(self, params, h, task):
+        return F.cross_entropy(self.logits(params, task["x_train"]), task["y_train"])
+
+    def outer_loss(self, params, h, task):
+        return F.cross_entropy(self.logits(params, task["x_val"]), task["y_val"])
+
+    def task_metrics(self, params, h, task):
+        return {"acc": (self.logits(params, task["x_val"]).argmax(-1) == task["y_val"]).float().mean()}
+
+
+class WeightDecayTuner(MLPProblem):
+    """Learns an L2 penalty per layer (or per weight) of a network trained on a small training set.
+
+    ``L_train(w) = CE(train) + sum_l exp(a_l) / 2 * ||W_l||^2`` over the weight matrices ``W_l`` (biases are not
+    penalized); ``a`` (the log weight decay) is the hyperparameter and ``L_val`` is the cross-entropy on the
+    validation set. The penalty is part of the inner loss, so every estimator applies, the implicit ones included.
+
+    Args:
+        per: ``"layer"`` (one weight decay per weight matrix) or ``"weight"`` (one per entry of each matrix).
+        init_weight_decay: the starting weight decay, the same everywhere.
+        **kwargs: the arguments of :class:`MLPProblem` and :class:`BilevelModule`.
+    """
+
+    def __init__(self, per: str = "layer", init_weight_decay: float = 1e-3, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if per not in ("layer", "weight"):
+            raise ValueError(f"WeightDecayTuner per must be 'layer' or 'weight', got {per!r}")
+        if not isinstance(init_weight_decay, (int, float)) or not init_weight_decay > 0:
+            raise ValueError(f"WeightDecayTuner init_weight_decay must be a number > 0, got {init_weight_decay!r}")
+        self.save_hyperparameters(ignore=["estimator", "inner_optimizer"])
+        self.per = per
+        start = math.log(init_weight_decay)
+        shapes = [() if per == "layer" else (o, i) for i, o in zip(self.sizes[:-1], self.sizes[1:])]
+        self.log_weight_decay = nn.ParameterList([nn.Parameter(torch.full(s, start)) for s in shapes])
+
+    def weight_decays(self) -> list[Tensor]:
+        """The current weight decay of each layer (a scalar, or one per weight)."""
+        return [a.detach().exp() for a in self.log_weight_decay]
+
+    def inner_loss(self, params, h, task):
+        penalty = sum(0.5 * (a.exp() * params[2 * i] ** 2).sum() for i, a in enumerate(h))
+        return super().inner_loss(params, h, task) + penalty
+
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        for i, decay in enumerate(self.weight_decays()):
+            self.log(f"hparams/weight_decay{i}", decay.mean())
+        return out
+
+
+class LearningRateTuner(MLPProblem):
+    """Learns the inner SGD's learning rate of each layer, and optionally its momentum, during one training run.
+
+    The learning rate of layer ``l`` (its weight and its bias) is ``exp(a_l)`` and the momentum is
+    ``sigmoid(b)``: the hyperparameters ``a`` and ``b`` are log and logit parametrized, so they stay in range whatever
+    the outer optimizer does. In online mode (the default) the network trains on from one outer step to the next,
+    and the learning rates used over the run form a schedule, learned from the validation loss. The implicit
+    estimators (Neumann, CG) refuse these hyperparameters: they see only the inner optimum, which does not depend on
+    the learning rate.
+
+    Args:
+        init_lr: the starting learning rate of every layer.
+        momentum: the momentum, fixed; with ``learn_momentum`` the starting momentum.
+        learn_momentum: learn the momentum as well.
+        **kwargs: the arguments of :class:`MLPProblem` and :class:`BilevelModule` (``inner_optimizer`` is built
+            here and may not be given).
+    """
+
+    def __init__(
+        self, init_lr: float = 0.01, momentum: float = 0.0, learn_momentum: bool = False, online: bool = True, **kwargs
+    ) -> None:
+        if kwargs.get("inner_optimizer") is not None:
+            raise ValueError(
+                "LearningRateTuner builds its inner SGD from its hyperparameters; remove inner_optimizer (set "
+                "init_lr and momentum instead)"
+            )
+        if not isinstance(init_lr, (int, float)) or not init_lr > 0:
+            raise ValueError(f"LearningRateTuner init_lr must be a number > 0, got {init_lr!r}")
+        if not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+            raise ValueError(f"LearningRateTuner momentum must be in [0, 1), got {momentum!r}")
+        if learn_momentum and momentum == 0:
+            raise ValueError("LearningRateTuner learn_momentum=True needs a starting momentum in (0, 1), got 0")
+        super().__init__(online=online, **kwargs)
+        self.save_hyperparameters(ignore=["estimator", "inner_optimizer"])
+        self.log_lr = nn.Parameter(torch.full((self.layers,), math.log(init_lr)))
+        self.learn_momentum = bool(learn_momentum)
+        if self.learn_momentum:
+            self.logit_momentum = nn.Parameter(torch.tensor(math.log(momentum / (1 - momentum))))
+        self.inner_optimizer = self._make_optimizer(momentum)
+
+    def _make_optimizer(self, momentum: float) -> DifferentiableOptimizer:
+        # h is [log_lr] or [log_lr, logit_momentum], in the order the parameters were registered
+        def lr(h: Sequence[Tensor]) -> list[Tensor]:
+            return [h[0][i // 2].exp() for i in range(2 * self.layers)]
+
+        def learned_momentum(h: Sequence[Tensor]) -> Tensor:
+            return torch.sigmoid(h[1])
+
+        return SGD(lr=lr, momentum=learned_momentum if self.learn_momentum else momentum)
+
+    def learning_rates(self) -> Tensor:
+        """The current learning rate of each layer."""
+        return self.log_lr.detach().exp()
+
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        for i, lr in enumerate(self.learning_rates()):
+            self.log(f"hparams/lr{i}", lr)
+        if self.learn_momentum:
+            self.log("hparams/momentum", torch.sigmoid(self.logit_momentum.detach()))
+        return out
+
+
+class HyperCleaner(MLPProblem):
+    """Data hypercleaning: learns a weight in (0, 1) for every training example, from a clean validation set.
+
+    ``L_train(w) = sum_i sigmoid(c_i) * CE_i(w) / n`` over the ``n`` training examples; the logits ``c`` are the
+    hyperparameters and ``L_val`` is the cross-entropy on the validation set. Examples whose labels are wrong should
+    end with low weights: when the data holds ``corrupted`` (see :class:`DigitsHPODataModule`), the area under the
+    ROC curve of the weights for telling clean from corrupted examples is logged as ``auc`` (1: every clean example
+    weighs more than every corrupted one; 0.5: chance).
+
+    Args:
+        train_size: the number of training examples; ``None`` takes the data module's ``train_size``.
+        init_weight: the starting weight of every example, in (0, 1).
+        **kwargs: the arguments of :class:`MLPProblem` and :class:`BilevelModule` (``hidden`` defaults to ``[]``:
+            a linear classifier, as in Franceschi et al. 2017).
+    """
+
+    def __init__(
+        self,
+        train_size: int | None = None,
+        init_weight: float = 0.5,
+        hidden: Sequence[int] = (),
+        online: bool = True,
+        **kwargs,
+    ) -> None:
+        super().__init__(hidden=hidden, online=online, **kwargs)
+        if train_size is not None:
+            _check_positive_int("HyperCleaner", "train_size", train_size)
+        if not isinstance(init_weight, (int, float)) or not 0 < init_weight < 1:
+            raise ValueError(f"HyperCleaner init_weight must be in (0, 1), got {init_weight!r}")
+        self.save_hyperparameters(ignore=["estimator", "inner_optimizer"])
+        self.init_weight = float(init_weight)
+        self.register_parameter("sample_logits", None)
+        if train_size is not None:
+            self._build(train_size)
+
+    def _build(self, train_size: int) -> None:
+        start = math.log(self.init_weight / (1 - self.init_weight))
+        self.sample_logits = nn.Parameter(torch.full((train_size,), start))
+        self.train_size = train_size
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        theirs = getattr(getattr(self.trainer, "datamodule", None), "train_size", None)
+        if self.sample_logits is None:
+            if theirs is None:
+                raise ValueError("HyperCleaner train_size is not set and the data module has no train_size; set it")
+            self._build(theirs)
+            self.hparams["train_size"] = theirs
+            self._hparams_initial = dict(self._hparams_initial, train_size=theirs)
+        elif theirs is not None and theirs != self.train_size:
+            raise ValueError(
+                f"HyperCleaner train_size={self.train_size} disagrees with the data module's train_size={theirs}; "
+                "remove model train_size from the config (it is taken from the data) or make them equal"
+            )
+
+    def sample_weights(self) -> Tensor:
+        """The current weight of each training example."""
+        return torch.sigmoid(self.sample_logits.detach())
+
+    def inner_loss(self, params, h, task):
+        losses = F.cross_entropy(self.logits(params, task["x_train"]), task["y_train"], reduction="none")
+        if losses.shape != h[0].shape:
+            raise ValueError(
+                f"HyperCleaner has {h[0].numel()} sample weights but the task has {losses.numel()} training examples"
+            )
+        return (torch.sigmoid(h[0]) * losses).mean()
+
+    def task_metrics(self, params, h, task):
+        metrics = super().task_metrics(params, h, task)
+        if "corrupted" in task and bool(task["corrupted"].any()) and not bool(task["corrupted"].all()):
+            metrics["auc"] = auc(torch.sigmoid(h[0]), ~task["corrupted"])
+        return metrics
+
+
+def auc(scores: Tensor, positive: Tensor) -> Tensor:
+    """The area under the ROC curve of ``scores`` for ``positive`` examples: the probability that a random positive
+    scores above a random negative (ties count one half), by the Mann-Whitney statistic."""
+    scores = scores.detach().double().reshape(-1)
+    positive = positive.reshape(-1).bool()
+    pos, neg = scores[positive], scores[~positive]
+    greater = (pos[:, None] > neg[None, :]).double().sum()
+    ties = (pos[:, None] == neg[None, :]).double().sum()
+    return (greater + 0.5 * ties) / (pos.numel() * neg.numel())
