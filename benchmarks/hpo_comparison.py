@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -47,7 +48,9 @@ def estimator_args(name: str) -> list[str]:
 
 
 def build(example: str, seed: int, extra: list[str]):
+    root = tempfile.mkdtemp(prefix="hpo-comparison-")  # where Lightning would write (the saved config only)
     args = [
+        "--trainer.default_root_dir", root,
         "--config", str(ROOT / "configs" / "hpo" / f"{example}.yaml"),
         "--seed_everything", str(seed),
         "--data.seed", str(seed),
@@ -84,7 +87,9 @@ def run(example: str, estimator: str, seed: int, extra: list[str] | None = None)
     start = time.perf_counter()
     try:
         trainer.fit(model, data)
-    except ValueError as error:  # e.g. IFT refusing the learning rate: recorded as such
+    except ValueError as error:  # IFT refusing the learning rate is recorded as such; anything else is a failure
+        if "inner optimizer's own settings" not in str(error):
+            raise
         return {"example": example, "estimator": estimator, "seed": seed, "refused": str(error).split("\n")[0]}
     wall = time.perf_counter() - start
     record = {
@@ -135,14 +140,88 @@ def plain_grid_run(example: str, lr: float, seed: int) -> dict:
     return {"example": example, "estimator": f"plain_sgd_lr{lr}", "seed": seed, "fit_seconds": wall, **out}
 
 
+def _mean_sd(values: list[float], digits: int) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def report(records: list[dict]) -> str:
+    """Markdown tables: per example and estimator, mean ± sd over the seeds; for lr_schedule, the grid per seed."""
+    lines = []
+    for example in EXAMPLES:
+        rows = [r for r in records if r["example"] == example and not r["estimator"].startswith(("fixed", "plain"))]
+        if not rows:
+            continue
+        seeds = sorted({r["seed"] for r in rows})
+        auc = example == "hypercleaning"
+        lines += [f"### {example} ({len(seeds)} seeds: {', '.join(map(str, seeds))})", ""]
+        head = "| estimator | val loss | val acc | test loss | test acc |" + (" AUC |" if auc else "")
+        head += " s / step | peak MiB |"
+        lines += [head, "|" + "---|" * (head.count("|") - 1)]
+        for name in dict.fromkeys(r["estimator"] for r in rows):
+            mine = [r for r in rows if r["estimator"] == name]
+            if any("refused" in r for r in mine):
+                lines.append(f"| {name} | refused: {mine[0]['refused'][:90]}... |")
+                continue
+            cells = [
+                _mean_sd([r["val"]["loss"] for r in mine], 4),
+                _mean_sd([r["val"]["acc"] for r in mine], 3),
+                _mean_sd([r["test"]["loss"] for r in mine], 4),
+                _mean_sd([r["test"]["acc"] for r in mine], 3),
+            ]
+            if auc:
+                cells.append(_mean_sd([r["val"]["auc"] for r in mine], 3))
+            cells.append(f"{statistics.median(r['seconds_per_step'] for r in mine):.4f}")
+            cells.append(f"{max(r['peak_hypergrad_bytes'] for r in mine) / 2**20:.2f}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+        if example == "lr_schedule":
+            lines += [
+                "Grid of fixed learning rates against the learned one (validation loss after the same inner steps; "
+                "times: the whole fit of the learned run against the sum over the grid, in the Lightning harness "
+                "and as plain torch.optim loops):",
+                "",
+                "| seed | Greedy 0.9 (config: start 0.03, outer lr 0.15) | val loss | best of grid | its val loss | "
+                "learned <= best | learned s | "
+                "grid s (harness) | grid s (plain) |",
+                "|---|---|---|---|---|---|---|---|---|",
+            ]
+            for seed in seeds:
+                grid = [r for r in records if r["example"] == example and r["seed"] == seed]
+                harness = [r for r in grid if r["estimator"].startswith("fixed_lr")]
+                plain = [r for r in grid if r["estimator"].startswith("plain")]
+                best = min(plain, key=lambda r: r["val"]["loss"])
+                for r in grid:
+                    if not (r["estimator"] == "greedy0.9" or r["estimator"].startswith("greedy0.9_")):
+                        continue
+                    start = r["estimator"].removeprefix("greedy0.9").removeprefix("_") or "config"
+                    lines.append(
+                        f"| {seed} | {start} | {r['val']['loss']:.4f} | "
+                        f"{best['estimator'].removeprefix('plain_sgd_lr')} | {best['val']['loss']:.4f} | "
+                        f"{'yes' if r['val']['loss'] <= best['val']['loss'] else 'no'} | {r['fit_seconds']:.2f} | "
+                        f"{sum(x['fit_seconds'] for x in harness):.2f} | {sum(x['fit_seconds'] for x in plain):.2f} |"
+                    )
+            lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", nargs="+", default=list(EXAMPLES), choices=EXAMPLES)
     parser.add_argument("--estimators", nargs="+", default=list(ESTIMATORS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--lr-starts", nargs="*", type=float, default=[0.01, 0.1], help="lr_schedule: other starts")
+    parser.add_argument(
+        "--lr-outer-lrs", nargs="*", type=float, default=[0.05, 0.1, 0.2, 0.3], help="lr_schedule: other outer lrs"
+    )
     parser.add_argument("--json", default=None, help="write all records here")
+    parser.add_argument("--report", default=None, help="print the markdown tables of this JSON file and stop")
     args = parser.parse_args()
+    if args.report:
+        print(report(json.loads(Path(args.report).read_text())))
+        return
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     print(f"machine: {device_name(torch.device('cpu'))}, torch {torch.__version__}, {args.threads} thread(s)")
@@ -154,6 +233,14 @@ def main() -> None:
                 records.append(record)
                 print(json.dumps(record), flush=True)
             if example == "lr_schedule":
+                for start in args.lr_starts:  # the config starts at 0.03; other starting rates
+                    record = run(example, "greedy0.9", seed, ["--model.init_lr", str(start)])
+                    records.append(record | {"estimator": f"greedy0.9_start{start}"})
+                    print(json.dumps(records[-1]), flush=True)
+                for outer_lr in args.lr_outer_lrs:  # the config's outer learning rate is 0.15; others
+                    record = run(example, "greedy0.9", seed, ["--model.outer_lr", str(outer_lr)])
+                    records.append(record | {"estimator": f"greedy0.9_outerlr{outer_lr}"})
+                    print(json.dumps(records[-1]), flush=True)
                 for lr in GRID:
                     fixed = ["--model.init_lr", str(lr)]
                     record = run(example, "fo", seed, fixed) | {"estimator": f"fixed_lr{lr}"}
@@ -165,6 +252,7 @@ def main() -> None:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(records, indent=1))
+    print(report(records))
 
 
 if __name__ == "__main__":

@@ -36,9 +36,12 @@ class SaveConfigToRun(SaveConfigCallback):
             directory = trainer.log_dir or os.getcwd()
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, filename)
-        if os.path.exists(path):
-            stem, ext = os.path.splitext(filename)
-            path = os.path.join(directory, f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}{ext}")
+        stem, ext = os.path.splitext(filename)
+        stamp, n = time.strftime("%Y%m%d-%H%M%S"), 1
+        while os.path.exists(path):  # runs started within the same second get -2, -3, ...
+            suffix = stamp if n == 1 else f"{stamp}-{n}"
+            path = os.path.join(directory, f"{stem}-{suffix}{ext}")
+            n += 1
         self.parser.save(self.config, path, skip_none=False, multifile=self.multifile)
 
 

@@ -1,0 +1,222 @@
+"""Hyperparameter optimization of one network's training: weight decay, learning rates, sample weights."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+
+import lightning_hypergrad as lh
+from lightning_hypergrad.cli import cli
+from lightning_hypergrad.hpo import DigitsHPODataModule, HyperCleaner, LearningRateTuner, WeightDecayTuner, auc
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = [
+    "--trainer.logger=false",
+    "--trainer.callbacks=[]",
+    "--trainer.enable_checkpointing=false",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
+
+def from_config(example: str, *overrides: str, root: Path):
+    """The model, data module and trainer of ``configs/hpo/<example>.yaml``, quiet, with ``overrides``; the run's
+    config file is saved under ``root``."""
+    config = ["--config", str(ROOT / "configs" / "hpo" / f"{example}.yaml")]
+    built = cli([*config, *QUIET, f"--trainer.default_root_dir={root}", *overrides], run=False)
+    return built.model, built.datamodule, built.trainer
+
+
+def fixed_rate_val_loss(model, data, lr: float, momentum: float, steps: int, weight_decay=(0.0, 0.0)) -> float:
+    """Validation loss after ``steps`` of ``torch.optim.SGD`` from the model's initial network (an independent run)."""
+    data.setup()
+    task = data.task("train")
+    w = [p.clone().requires_grad_() for p in model.init_params(task)]
+    opt = torch.optim.SGD(w, lr=lr, momentum=momentum)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = F.cross_entropy(model.logits(w, task["x_train"]), task["y_train"])
+        loss = loss + sum(0.5 * d * (w[2 * i] ** 2).sum() for i, d in enumerate(weight_decay))
+        loss.backward()
+        opt.step()
+    val = data.task("val")
+    with torch.no_grad():
+        return float(F.cross_entropy(model.logits(w, val["x_val"]), val["y_val"]))
+
+
+def test_auc_is_the_area_under_the_roc_curve():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 20, (300,), generator=g).float()  # many ties
+    positive = torch.rand(300, generator=g) < 0.6
+    assert float(auc(scores, positive)) == pytest.approx(roc_auc_score(positive.numpy(), scores.numpy()), abs=1e-12)
+
+
+def test_the_data_module_corrupts_exactly_the_stated_fraction_with_wrong_labels():
+    data = DigitsHPODataModule(train_size=500, val_size=300, test_size=400, corrupt_fraction=0.3, seed=3)
+    data.setup()
+    s = data.splits
+    assert s["corrupted"].sum() == 150
+    assert torch.equal(s["y_train"] != s["clean_y_train"], s["corrupted"])
+    assert (s["x_train"].shape, s["x_val"].shape, s["x_test"].shape) == ((500, 64), (300, 64), (400, 64))
+    rows = {tuple(x.tolist()) for key in ("x_train", "x_val", "x_test") for x in s[key]}
+    assert len(rows) > 1150  # the splits do not share examples (the digits hold a few duplicate images)
+    test = data.task("test")
+    assert torch.equal(test["x_val"], s["x_test"]) and torch.equal(test["x_train"], s["x_train"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(train_size=1500, val_size=300), "exceeds"),
+        (dict(corrupt_fraction=1.0), "corrupt_fraction"),
+        (dict(train_size=0), "train_size"),
+    ],
+)
+def test_the_data_module_rejects_impossible_splits(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DigitsHPODataModule(**kwargs)
+
+
+def test_hypercleaning_with_greedy_ranks_corrupted_examples_below_clean_ones(tmp_path):
+    """configs/hpo/hypercleaning.yaml: 30% of 500 digits mislabelled; the target is an AUC of at least 0.9."""
+    model, data, trainer = from_config("hypercleaning", root=tmp_path)
+    trainer.fit(model, data)
+    weights = model.sample_weights()
+    corrupted = data.splits["corrupted"]
+    score = roc_auc_score((~corrupted).numpy(), weights.numpy())
+    assert score >= 0.9
+    assert float(trainer.callback_metrics["val/auc"]) == pytest.approx(score, abs=1e-6)
+    assert weights[corrupted].mean() < 0.5 < weights[~corrupted].mean()  # the weights started at 0.5
+
+
+def test_a_too_strong_weight_decay_is_learned_down(tmp_path):
+    """Ground truth from torch.optim: with only 100 training digits, a weight decay of 0.3 underfits and 1e-3 does
+    better; starting at 0.3, the learned weight decay of every layer must fall."""
+    model, data, trainer = from_config(
+        "weight_decay", "--model.init_weight_decay=0.3", "--model.outer_lr=0.1", "--trainer.max_steps=30", root=tmp_path
+    )
+    steps = 30 * model.inner_steps
+    strong = fixed_rate_val_loss(model, data, 0.3, 0.9, steps, weight_decay=(0.3, 0.3))
+    weak = fixed_rate_val_loss(model, data, 0.3, 0.9, steps, weight_decay=(1e-3, 1e-3))
+    assert weak < strong
+    trainer.fit(model, data)
+    decays = [float(d) for d in model.weight_decays()]
+    assert all(d < 0.3 * 0.5 for d in decays), decays
+    with torch.no_grad():
+        learned = float(model.outer_loss(model.carried_params, [], data.task("val")))
+    assert learned < strong
+
+
+@pytest.mark.parametrize("better, worse", [(0.3, 0.003), (1.0, 10.0)])
+def test_the_learned_learning_rate_moves_towards_the_better_of_two_known_rates(tmp_path, better, worse):
+    """Ground truth from two torch.optim runs of the same length; the learned rate starts at their geometric mean."""
+    steps = 8
+    model, data, trainer = from_config(
+        "lr_schedule", f"--trainer.max_steps={steps}", "--model.init_lr=0.03", root=tmp_path
+    )
+    total = steps * model.inner_steps
+    losses = {lr: fixed_rate_val_loss(model, data, lr, 0.9, total) for lr in (better, worse)}
+    assert losses[better] < losses[worse]  # what the test takes as known
+    start = math.sqrt(better * worse)
+    model, data, trainer = from_config(
+        "lr_schedule", f"--trainer.max_steps={steps}", f"--model.init_lr={start}", root=tmp_path
+    )
+    trainer.fit(model, data)
+    moved = model.learning_rates().log() - math.log(start)
+    assert bool((moved * math.copysign(1, math.log(better / start)) > 0.05).all()), model.learning_rates()
+
+
+def test_learning_rate_hypergradient_matches_finite_differences():
+    """RMD of the outer loss with respect to each layer's log learning rate and the logit momentum, against
+    central differences of torch.optim.SGD runs with those rates (float64, offline: every step from w_0)."""
+    torch.manual_seed(0)
+    model = LearningRateTuner(
+        hidden=[6], init_lr=0.2, momentum=0.5, learn_momentum=True, online=False, inner_steps=6, estimator=lh.RMD()
+    ).double()
+    data = DigitsHPODataModule(train_size=40, val_size=30, test_size=10)
+    data.setup()
+    task = {k: v.double() if v.is_floating_point() else v for k, v in data.task("train").items()}
+    result = lh.RMD()(model.make_problem(task))
+    grads = torch.cat([g.reshape(-1) for g in result.hypergrads])
+
+    def outer(log_lr: torch.Tensor, logit_momentum: float) -> float:
+        w = [p.clone().requires_grad_() for p in model.init_params(task)]
+        groups = [{"params": w[2 * i : 2 * i + 2], "lr": float(log_lr[i].exp())} for i in range(len(log_lr))]
+        opt = torch.optim.SGD(groups, momentum=1 / (1 + math.exp(-logit_momentum)))
+        for _ in range(model.inner_steps):
+            opt.zero_grad()
+            F.cross_entropy(model.logits(w, task["x_train"]), task["y_train"]).backward()
+            opt.step()
+        with torch.no_grad():
+            return float(F.cross_entropy(model.logits(w, task["x_val"]), task["y_val"]))
+
+    base = torch.cat([model.log_lr.detach().reshape(-1), model.logit_momentum.detach().reshape(1)])
+    eps = 1e-5
+    numeric = []
+    for i in range(len(base)):
+        plus, minus = base.clone(), base.clone()
+        plus[i] += eps
+        minus[i] -= eps
+        numeric.append((outer(plus[:-1], float(plus[-1])) - outer(minus[:-1], float(minus[-1]))) / (2 * eps))
+    torch.testing.assert_close(grads, torch.tensor(numeric, dtype=torch.float64), rtol=1e-5, atol=1e-9)
+
+
+def test_implicit_estimators_refuse_learning_rates_before_training(tmp_path):
+    model, data, trainer = from_config("lr_schedule", "--model.estimator=lightning_hypergrad.Neumann", root=tmp_path)
+    with pytest.raises(ValueError, match="cannot differentiate through the inner optimizer's own settings"):
+        trainer.fit(model, data)
+    assert trainer.global_step == 0
+
+
+def test_online_validation_measures_the_network_being_trained(tmp_path):
+    model, data, trainer = from_config(
+        "hypercleaning", "--trainer.max_steps=5", "--data.steps_per_epoch=5", root=tmp_path
+    )
+    trainer.fit(model, data)
+    val = data.task("val")
+    with torch.no_grad():
+        expected = F.cross_entropy(model.logits(model.carried_params, val["x_val"]), val["y_val"])
+    assert float(trainer.callback_metrics["val/outer_loss"]) == pytest.approx(float(expected), rel=1e-6)
+    assert model.carried_state.step == 5 * model.inner_steps
+
+
+def test_hypercleaner_takes_the_training_size_from_the_data_and_refuses_a_mismatch():
+    data = DigitsHPODataModule(train_size=50, val_size=20, steps_per_epoch=1)
+    model = HyperCleaner(inner_steps=2)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(model, data)
+    assert model.sample_logits.shape == (50,) and model.hparams["train_size"] == 50
+    with pytest.raises(ValueError, match="train_size=40 disagrees"):
+        L.Trainer(max_steps=1, logger=False, enable_progress_bar=False).fit(HyperCleaner(train_size=40), data)
+
+
+def test_tuners_reject_bad_settings():
+    with pytest.raises(ValueError, match="per must be"):
+        WeightDecayTuner(per="neuron")
+    with pytest.raises(ValueError, match="remove inner_optimizer"):
+        LearningRateTuner(inner_optimizer=lh.SGD())
+    with pytest.raises(ValueError, match="init_weight"):
+        HyperCleaner(init_weight=1.0)
+
+
+@pytest.mark.parametrize("example", ["weight_decay", "lr_schedule", "hypercleaning"])
+def test_each_example_config_runs_from_the_command_line(tmp_path, example):
+    command = [str(Path(sys.executable).parent / "lightning-hypergrad"), "fit"]
+    command += ["--config", str(ROOT / "configs" / "hpo" / f"{example}.yaml"), "--trainer.max_steps=3"]
+    command += ["--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1", "--data.steps_per_epoch=3"]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    record = next(runs[0].glob("run-*.wandb")).read_bytes()
+    assert b"val/outer_loss" in record and b"train/outer_loss" in record
