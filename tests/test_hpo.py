@@ -220,3 +220,17 @@ def test_each_example_config_runs_from_the_command_line(tmp_path, example):
     assert len(runs) == 1
     record = next(runs[0].glob("run-*.wandb")).read_bytes()
     assert b"val/outer_loss" in record and b"train/outer_loss" in record
+
+
+def test_forward_mode_gives_the_learning_rate_hypergradient_of_reverse_mode():
+    """FMD (Jacobian-vector products forward through the steps) against RMD (backward through them)."""
+    model = LearningRateTuner(
+        hidden=[5], init_lr=0.3, momentum=0.6, learn_momentum=True, online=False, inner_steps=5
+    ).double()
+    data = DigitsHPODataModule(train_size=30, val_size=20, test_size=10, seed=1)
+    data.setup()
+    task = {k: v.double() if v.is_floating_point() else v for k, v in data.task("train").items()}
+    forward = lh.FMD()(model.make_problem(task)).hypergrads
+    reverse = lh.RMD()(model.make_problem(task)).hypergrads
+    for f, r in zip(forward, reverse):
+        torch.testing.assert_close(f, r, rtol=1e-8, atol=1e-12)
