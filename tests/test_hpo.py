@@ -234,3 +234,20 @@ def test_forward_mode_gives_the_learning_rate_hypergradient_of_reverse_mode():
     reverse = lh.RMD()(model.make_problem(task)).hypergrads
     for f, r in zip(forward, reverse):
         torch.testing.assert_close(f, r, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("estimator", ["T1T2", "Greedy", "RMD", "FMD"])
+def test_learning_rates_and_momentum_train_with_each_estimator_that_supports_them(tmp_path, estimator):
+    model, data, trainer = from_config(
+        "lr_schedule",
+        "--trainer.max_steps=3",
+        "--model.learn_momentum=true",
+        f"--model.estimator=lightning_hypergrad.{estimator}",
+        root=tmp_path,
+    )
+    start = [p.detach().clone() for p in model.hyperparameters()]
+    trainer.fit(model, data)
+    assert len(start) == 2  # the log learning rates and the logit momentum
+    for before, after in zip(start, model.hyperparameters()):
+        assert bool((after.detach() != before).all())
+    assert 0 < float(trainer.callback_metrics["hparams/momentum"]) < 1
