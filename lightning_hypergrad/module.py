@@ -305,37 +305,48 @@ class BilevelModule(L.LightningModule):
         """The mean over the processes of a multi-process run (each saw its share of the meta-batch).
 
         The hypergradients come from ``torch.autograd.grad``, which DDP's gradient hooks never see, so they are
-        reduced here explicitly. The floating-point buffers (batch norm's running statistics, which each process
-        updated on its own tasks) are averaged in the same flat all-reduce, so that the processes leave every step
-        with equal modules without a second synchronization (DDP's ``broadcast_buffers`` can then be off).
+        reduced here explicitly. Batch norm's running statistics, which each process updated on its own tasks, are
+        averaged in the same all-reduce (one per dtype), so that the processes leave every step with equal modules
+        without a second synchronization. Other buffers are left alone.
         """
         if self._trainer is None or self.trainer.world_size == 1:
             return hypergrads
-        buffers = [b for b in self.buffers() if b.is_floating_point()]
-        flat = torch.cat([t.reshape(-1) for t in [*hypergrads, *buffers]])
-        strategy = self.trainer.strategy
-        group = getattr(strategy, "process_group", None)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # the all-reduce synchronizes the processes by itself: no barrier before it (Lightning's reduce has one)
-            work = torch.distributed.all_reduce(flat, group=group, async_op=True)
-            if flat.device.type == "cpu":
-                # poll instead of blocking: a blocked process lets its core sleep, and waking the communication
-                # threads of both processes (gloo) took 1-3 ms per step on CPU, against 0.5 ms when polled
-                while not work.is_completed():
-                    pass
-            work.wait()
-            flat /= self.trainer.world_size
-        else:  # strategies that do not use torch.distributed
-            flat = strategy.reduce(flat, reduce_op="mean")
-        out, offset = [], 0
-        for t in [*hypergrads, *buffers]:
-            piece = flat[offset : offset + t.numel()].view_as(t)
-            offset += t.numel()
-            out.append(piece)
+        statistics = [
+            b
+            for m in self.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+            for b in (m.running_mean, m.running_var)
+            if b is not None
+        ]
+        tensors = [*hypergrads, *statistics]
+        reduced: list[Tensor | None] = [None] * len(tensors)
+        for dtype in dict.fromkeys(t.dtype for t in tensors):
+            index = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+            flat = self._all_reduce_mean(torch.cat([tensors[i].reshape(-1) for i in index]))
+            offset = 0
+            for i in index:
+                reduced[i] = flat[offset : offset + tensors[i].numel()].view_as(tensors[i])
+                offset += tensors[i].numel()
         with torch.no_grad():
-            for b, mean in zip(buffers, out[len(hypergrads) :]):
+            for b, mean in zip(statistics, reduced[len(hypergrads) :]):
                 b.copy_(mean)
-        return out[: len(hypergrads)]
+        return reduced[: len(hypergrads)]
+
+    def _all_reduce_mean(self, flat: Tensor) -> Tensor:
+        strategy = self.trainer.strategy
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return strategy.reduce(flat, reduce_op="mean")  # strategies that do not use torch.distributed
+        group = getattr(strategy, "process_group", None)
+        # the all-reduce synchronizes the processes by itself: no barrier before it (Lightning's reduce has one)
+        work = torch.distributed.all_reduce(flat, group=group, async_op=True)
+        if flat.device.type == "cpu":
+            # poll instead of blocking: a blocked process lets its core sleep, and waking the communication threads
+            # of both processes (gloo) took 1-3 ms per step in a profile on 2 CPU cores, against about 0.5 ms polled
+            # (benchmarks/allreduce_wait.py)
+            while not work.is_completed():
+                pass
+        work.wait()
+        return flat / torch.distributed.get_world_size(group)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = self.carried_state

@@ -195,7 +195,7 @@ def test_hypercleaner_takes_the_training_size_from_the_data_and_refuses_a_mismat
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer.fit(model, data)
     assert model.sample_logits.shape == (50,) and model.hparams["train_size"] == 50
-    with pytest.raises(ValueError, match="train_size=40 disagrees"):
+    with pytest.raises(ValueError, match="train_size=40 disagrees.*set model train_size to 50"):
         L.Trainer(max_steps=1, logger=False, enable_progress_bar=False).fit(HyperCleaner(train_size=40), data)
 
 
@@ -206,6 +206,10 @@ def test_tuners_reject_bad_settings():
         LearningRateTuner(inner_optimizer=lh.SGD())
     with pytest.raises(ValueError, match="init_weight"):
         HyperCleaner(init_weight=1.0)
+    with pytest.raises(ValueError, match="hidden must be a list"):
+        WeightDecayTuner(hidden=64)
+    with pytest.raises(ValueError, match="test_size"):
+        DigitsHPODataModule(test_size=True)
 
 
 @pytest.mark.parametrize("example", ["weight_decay", "lr_schedule", "hypercleaning"])
@@ -251,3 +255,90 @@ def test_learning_rates_and_momentum_train_with_each_estimator_that_supports_the
     for before, after in zip(start, model.hyperparameters()):
         assert bool((after.detach() != before).all())
     assert 0 < float(trainer.callback_metrics["hparams/momentum"]) < 1
+
+
+def _double_task(data: DigitsHPODataModule) -> dict:
+    data.setup()
+    return {k: v.double() if v.is_floating_point() else v for k, v in data.task("train").items()}
+
+
+def _sgd_outer_loss(model, task, training_loss, lr: float, momentum: float) -> float:
+    """The validation loss after ``model.inner_steps`` of torch.optim.SGD on ``training_loss(w)``."""
+    w = [p.clone().requires_grad_() for p in model.init_params(task)]
+    opt = torch.optim.SGD(w, lr=lr, momentum=momentum)
+    for _ in range(model.inner_steps):
+        opt.zero_grad()
+        training_loss(w).backward()
+        opt.step()
+    with torch.no_grad():
+        return float(F.cross_entropy(model.logits(w, task["x_val"]), task["y_val"]))
+
+
+def _central_differences(f, values: torch.Tensor, entries, eps: float = 1e-5) -> torch.Tensor:
+    out = []
+    for i in entries:
+        plus, minus = values.clone(), values.clone()
+        plus.view(-1)[i] += eps
+        minus.view(-1)[i] -= eps
+        out.append((f(plus) - f(minus)) / (2 * eps))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("per", ["layer", "weight"])
+def test_weight_decay_hypergradient_matches_finite_differences(per):
+    """RMD against central differences of torch.optim.SGD runs whose penalty is written out here: exp(a_l) / 2 times
+    the squared norm of each weight matrix, biases not penalized."""
+    model = WeightDecayTuner(
+        hidden=[4], per=per, init_weight_decay=0.05, inner_steps=5, inner_optimizer=lh.SGD(0.3, 0.5)
+    )
+    model = model.double()
+    task = _double_task(DigitsHPODataModule(train_size=30, val_size=20, test_size=10, seed=2))
+    hypergrads = lh.RMD()(model.make_problem(task)).hypergrads
+    for layer in range(2):
+        decays = [a.detach().clone() for a in model.log_weight_decay]
+
+        def outer(value, layer=layer, decays=decays):
+            logs = [value if i == layer else d for i, d in enumerate(decays)]
+
+            def training_loss(w):
+                penalty = sum(0.5 * (logs[i].exp() * w[2 * i] ** 2).sum() for i in range(2))
+                return F.cross_entropy(model.logits(w, task["x_train"]), task["y_train"]) + penalty
+
+            return _sgd_outer_loss(model, task, training_loss, 0.3, 0.5)
+
+        entries = range(min(decays[layer].numel(), 6))
+        numeric = _central_differences(outer, decays[layer], entries)
+        torch.testing.assert_close(hypergrads[layer].reshape(-1)[: len(numeric)], numeric, rtol=1e-5, atol=1e-10)
+
+
+def test_sample_weight_hypergradient_matches_finite_differences():
+    """RMD against central differences of torch.optim.SGD runs on the mean of sigmoid(c_i) times each example's
+    cross-entropy, written out here."""
+    model = HyperCleaner(train_size=25, inner_steps=6, inner_optimizer=lh.SGD(0.5, 0.9)).double()
+    task = _double_task(DigitsHPODataModule(train_size=25, val_size=20, test_size=10, corrupt_fraction=0.3))
+    logits = model.sample_logits.detach().clone() + torch.linspace(-1, 1, 25, dtype=torch.float64)
+    with torch.no_grad():
+        model.sample_logits.copy_(logits)
+    hypergrads = lh.RMD()(model.make_problem(task)).hypergrads[0]
+
+    def outer(c):
+        def training_loss(w):
+            losses = F.cross_entropy(model.logits(w, task["x_train"]), task["y_train"], reduction="none")
+            return (torch.sigmoid(c) * losses).sum() / len(losses)
+
+        return _sgd_outer_loss(model, task, training_loss, 0.5, 0.9)
+
+    numeric = _central_differences(outer, logits, range(0, 25, 4))
+    torch.testing.assert_close(hypergrads[::4], numeric, rtol=1e-5, atol=1e-10)
+
+
+def test_a_hypercleaner_checkpoint_restores_the_sample_weights(tmp_path):
+    model, data, trainer = from_config(
+        "hypercleaning", "--trainer.max_steps=3", "--trainer.enable_checkpointing=true", root=tmp_path
+    )
+    trainer.fit(model, data)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    restored = HyperCleaner.load_from_checkpoint(tmp_path / "last.ckpt")
+    assert torch.equal(restored.sample_logits, model.sample_logits.detach())
+    assert not bool((restored.sample_weights() == 0.5).all())
+    assert all(torch.equal(a, b) for a, b in zip(restored.carried_params, model.carried_params))

@@ -53,6 +53,29 @@ def flat(tensors) -> torch.Tensor:
     return torch.cat([t.reshape(-1).double() for t in tensors])
 
 
+def test_the_average_across_processes_is_the_mean_of_hypergradients_and_batch_norm_statistics(tmp_path):
+    """Two gloo processes with known, different inputs: the hypergradients (float32 and float64) and batch norm's
+    running statistics come back as the means; other buffers are left as each process had them."""
+    port = str(29700 + os.getpid() % 200)
+    out = tmp_path / "average"
+    worker = ROOT / "tests" / "ddp_average_worker.py"
+    processes = [
+        subprocess.Popen([sys.executable, str(worker), str(rank), port, str(out)], env=ENV, stderr=subprocess.PIPE)
+        for rank in (0, 1)
+    ]
+    for process in processes:
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err.decode()[-3000:]
+    for rank in (0, 1):
+        got = torch.load(f"{out}.{rank}")
+        assert torch.equal(got["hypergrads"][0], torch.full((2,), 4.5))
+        assert got["hypergrads"][1].dtype == torch.float64
+        assert torch.equal(got["hypergrads"][1], torch.full((1,), -1.5, dtype=torch.float64))
+        assert torch.equal(got["running_mean"], torch.full((3,), 1.5))
+        assert torch.equal(got["running_var"], torch.full((3,), 4.0))
+        assert torch.equal(got["constant"], torch.arange(4, dtype=torch.float64) + 10 * rank)
+
+
 def _initial_backbone() -> list[torch.Tensor]:
     L.seed_everything(0)
     return [p.detach() for p in lh.FewShotClassifier(ways=5, image_shape=(1, 8, 8), width=16).parameters()]

@@ -66,7 +66,7 @@ class DigitsHPODataModule(L.LightningDataModule):
         for name, value in (("train_size", train_size), ("val_size", val_size), ("steps_per_epoch", steps_per_epoch)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"DigitsHPODataModule {name} must be an integer >= 1, got {value!r}")
-        if test_size is not None and (not isinstance(test_size, int) or test_size < 1):
+        if test_size is not None and (isinstance(test_size, bool) or not isinstance(test_size, int) or test_size < 1):
             raise ValueError(f"DigitsHPODataModule test_size must be an integer >= 1 or null, got {test_size!r}")
         used = train_size + val_size + (test_size or 1)
         if used > DIGITS_SIZE:

@@ -8,6 +8,7 @@ so a whole run is one training of the network during which the hyperparameters a
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 
@@ -51,6 +52,10 @@ class MLPProblem(BilevelModule):
         name = type(self).__name__
         _check_positive_int(name, "in_features", in_features)
         _check_positive_int(name, "classes", classes)
+        if not isinstance(hidden, (list, tuple)):
+            raise ValueError(
+                f"{name} hidden must be a list of layer widths (e.g. [64], or [] for none), got {hidden!r}"
+            )
         for width in hidden:
             _check_positive_int(name, "hidden width", width)
         self.sizes = [in_features, *hidden, classes]
@@ -235,14 +240,18 @@ class HyperCleaner(MLPProblem):
         theirs = getattr(getattr(self.trainer, "datamodule", None), "train_size", None)
         if self.sample_logits is None:
             if theirs is None:
-                raise ValueError("HyperCleaner train_size is not set and the data module has no train_size; set it")
+                raise ValueError(
+                    "HyperCleaner train_size is not set and the data module has no train_size; set model train_size "
+                    "(init_args.train_size in a config) to the number of training examples"
+                )
             self._build(theirs)
             self.hparams["train_size"] = theirs
-            self._hparams_initial = dict(self._hparams_initial, train_size=theirs)
+            # what loggers and checkpoints record: ``load_from_checkpoint`` then rebuilds the sample weights
+            self._hparams_initial = copy.deepcopy(self._hparams)
         elif theirs is not None and theirs != self.train_size:
             raise ValueError(
                 f"HyperCleaner train_size={self.train_size} disagrees with the data module's train_size={theirs}; "
-                "remove model train_size from the config (it is taken from the data) or make them equal"
+                f"set model train_size to {theirs}, or remove it from the config (it is then taken from the data)"
             )
 
     def sample_weights(self) -> Tensor:
