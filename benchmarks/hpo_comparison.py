@@ -19,6 +19,7 @@ the grid). The total time of each grid is compared with the time of the learned 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import tempfile
@@ -49,10 +50,15 @@ def estimator_args(name: str) -> list[str]:
     return ["--model.estimator", f"lightning_hypergrad.{cls}"]
 
 
+@functools.cache
+def scratch() -> str:
+    """Where Lightning would write (the saved run configs only), one folder for the whole comparison."""
+    return tempfile.mkdtemp(prefix="hpo-comparison-")
+
+
 def build(example: str, seed: int, extra: list[str]):
-    root = tempfile.mkdtemp(prefix="hpo-comparison-")  # where Lightning would write (the saved config only)
     args = [
-        "--trainer.default_root_dir", root,
+        "--trainer.default_root_dir", scratch(),
         "--config", str(ROOT / "configs" / "hpo" / f"{example}.yaml"),
         "--seed_everything", str(seed),
         "--data.seed", str(seed),
@@ -73,12 +79,8 @@ def peak_hypergrad_bytes(model, data) -> int:
 
 
 def evaluate(model, data, stage: str) -> dict[str, float]:
-    task = data.task(stage)
-    with torch.enable_grad():
-        params, h = model.adapt(task)
-    with torch.no_grad():
-        metrics = {"loss": model.outer_loss(params, h, task), **model.task_metrics(params, h, task)}
-    return {k: float(v) for k, v in metrics.items()}
+    metrics = model.evaluate_task(data.task(stage))
+    return {"loss" if k == "outer_loss" else k: float(v) for k, v in metrics.items()}
 
 
 def run(example: str, estimator: str, seed: int, extra: list[str] | None = None) -> dict:

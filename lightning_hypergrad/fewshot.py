@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
@@ -102,27 +101,7 @@ class FewShotClassifier(BilevelModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        datamodule = getattr(self.trainer, "datamodule", None)
-        for name in ("ways", "image_shape"):
-            theirs = getattr(datamodule, name, None)
-            theirs = tuple(theirs) if isinstance(theirs, (list, tuple)) else theirs
-            ours = getattr(self, name)
-            if theirs is None:
-                if ours is None:
-                    raise ValueError(
-                        f"FewShotClassifier {name} is not set and the data module has no `{name}`: set model {name}"
-                    )
-                continue
-            if ours is not None and ours != theirs:
-                raise ValueError(
-                    f"FewShotClassifier {name}={ours} disagrees with the data module's {name}={theirs}; "
-                    f"remove model {name} from the config (it is taken from the data) or make them equal"
-                )
-            setattr(self, name, theirs)
-            self.hparams[name] = theirs
-        # what the loggers and checkpoints record: the values taken from the data, so that
-        # ``load_from_checkpoint`` rebuilds the same backbone and Lightning's hparams merge finds no conflict
-        self._hparams_initial = copy.deepcopy(self._hparams)
+        self.settings_from_data("ways", "image_shape")
         if self.backbone is None:
             self._build()
 

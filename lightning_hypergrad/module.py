@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
@@ -251,6 +252,35 @@ class BilevelModule(L.LightningModule):
         if self.meta_batch_size is not None and hasattr(datamodule, "meta_batch_size"):
             datamodule.meta_batch_size = self.meta_batch_size
 
+    def settings_from_data(self, *names: str) -> None:
+        """Take each setting in ``names`` that is ``None`` on the module from the data module's attribute of that name.
+
+        Call it in ``setup``. A setting given on both sides must agree. The values taken are recorded in ``hparams``
+        (and in what loggers and checkpoints see), so that ``load_from_checkpoint`` rebuilds the same module.
+
+        Raises:
+            ValueError: a setting set on neither side, or set differently on both (the message names it).
+        """
+        datamodule = getattr(self.trainer, "datamodule", None)
+        owner = type(self).__name__
+        for name in names:
+            theirs = getattr(datamodule, name, None)
+            theirs = tuple(theirs) if isinstance(theirs, (list, tuple)) else theirs
+            ours = getattr(self, name)
+            if theirs is None:
+                if ours is None:
+                    raise ValueError(f"{owner} {name} is not set and the data module has no `{name}`: set model {name}")
+                continue
+            if ours is not None and ours != theirs:
+                raise ValueError(
+                    f"{owner} {name}={ours} disagrees with the data module's {name}={theirs}; set model {name} to "
+                    f"{theirs}, or remove it from the config (it is then taken from the data)"
+                )
+            setattr(self, name, theirs)
+            self.hparams[name] = theirs
+        # Lightning's hparams merge with the data module's then finds no conflict
+        self._hparams_initial = copy.deepcopy(self._hparams)
+
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.outer_lr)
 
@@ -375,15 +405,18 @@ class BilevelModule(L.LightningModule):
             ):
                 config.scheduler.step()
 
-    def _evaluate(self, batch: Any, stage: str) -> None:
+    def evaluate_task(self, task: Task) -> dict[str, Tensor]:
+        """``outer_loss`` and the task metrics of ``task`` after :meth:`adapt` (the trained network, online)."""
         with torch.inference_mode(False), torch.enable_grad():
-            batch = _clone_tensors(batch)
-            for task in self.split_tasks(batch):
-                params, h = self.adapt(task)
-                with torch.no_grad():
-                    metrics = {"outer_loss": self.outer_loss(params, h, task), **self.task_metrics(params, h, task)}
-                for key, value in metrics.items():
-                    self._metric(stage, key).update(torch.as_tensor(value, dtype=torch.float32, device=self.device))
+            task = _clone_tensors(task)
+            params, h = self.adapt(task)
+            with torch.no_grad():
+                return {"outer_loss": self.outer_loss(params, h, task), **self.task_metrics(params, h, task)}
+
+    def _evaluate(self, batch: Any, stage: str) -> None:
+        for task in self.split_tasks(batch):
+            for key, value in self.evaluate_task(task).items():
+                self._metric(stage, key).update(torch.as_tensor(value, dtype=torch.float32, device=self.device))
 
     def _metric(self, stage: str, key: str) -> CatMetric:
         name = f"{stage}__{key}"

@@ -12,6 +12,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from bilevel_cases import central_difference
 from sklearn.metrics import roc_auc_score
 
 import lightning_hypergrad as lh
@@ -36,21 +37,29 @@ def from_config(example: str, *overrides: str, root: Path):
     return built.model, built.datamodule, built.trainer
 
 
-def fixed_rate_val_loss(model, data, lr: float, momentum: float, steps: int, weight_decay=(0.0, 0.0)) -> float:
-    """Validation loss after ``steps`` of ``torch.optim.SGD`` from the model's initial network (an independent run)."""
-    data.setup()
-    task = data.task("train")
+def sgd_val_loss(model, task, training_loss, steps: int, optimizer) -> float:
+    """Validation loss (``task``'s ``x_val``/``y_val``) after ``steps`` of the torch optimizer ``optimizer(w)`` on
+    ``training_loss(w)``, from the model's initial network: the independent run every reference here is made of."""
     w = [p.clone().requires_grad_() for p in model.init_params(task)]
-    opt = torch.optim.SGD(w, lr=lr, momentum=momentum)
+    opt = optimizer(w)
     for _ in range(steps):
         opt.zero_grad()
-        loss = F.cross_entropy(model.logits(w, task["x_train"]), task["y_train"])
-        loss = loss + sum(0.5 * d * (w[2 * i] ** 2).sum() for i, d in enumerate(weight_decay))
-        loss.backward()
+        training_loss(w).backward()
         opt.step()
-    val = data.task("val")
     with torch.no_grad():
-        return float(F.cross_entropy(model.logits(w, val["x_val"]), val["y_val"]))
+        return float(F.cross_entropy(model.logits(w, task["x_val"]), task["y_val"]))
+
+
+def fixed_rate_val_loss(model, data, lr: float, momentum: float, steps: int, weight_decay=(0.0, 0.0)) -> float:
+    """Validation loss after ``steps`` of ``torch.optim.SGD`` with an L2 penalty on the weight matrices."""
+    data.setup()
+    task = data.task("train")
+
+    def training_loss(w):
+        loss = F.cross_entropy(model.logits(w, task["x_train"]), task["y_train"])
+        return loss + sum(0.5 * d * (w[2 * i] ** 2).sum() for i, d in enumerate(weight_decay))
+
+    return sgd_val_loss(model, task, training_loss, steps, lambda w: torch.optim.SGD(w, lr=lr, momentum=momentum))
 
 
 def test_auc_is_the_area_under_the_roc_curve():
@@ -148,26 +157,21 @@ def test_learning_rate_hypergradient_matches_finite_differences():
     result = lh.RMD()(model.make_problem(task))
     grads = torch.cat([g.reshape(-1) for g in result.hypergrads])
 
-    def outer(log_lr: torch.Tensor, logit_momentum: float) -> float:
-        w = [p.clone().requires_grad_() for p in model.init_params(task)]
-        groups = [{"params": w[2 * i : 2 * i + 2], "lr": float(log_lr[i].exp())} for i in range(len(log_lr))]
-        opt = torch.optim.SGD(groups, momentum=1 / (1 + math.exp(-logit_momentum)))
-        for _ in range(model.inner_steps):
-            opt.zero_grad()
-            F.cross_entropy(model.logits(w, task["x_train"]), task["y_train"]).backward()
-            opt.step()
-        with torch.no_grad():
-            return float(F.cross_entropy(model.logits(w, task["x_val"]), task["y_val"]))
+    def outer(values: torch.Tensor) -> float:  # [log lr of each layer..., logit momentum]
+        log_lr, logit_momentum = values[:-1], float(values[-1])
+
+        def optimizer(w):
+            groups = [{"params": w[2 * i : 2 * i + 2], "lr": float(log_lr[i].exp())} for i in range(len(log_lr))]
+            return torch.optim.SGD(groups, momentum=1 / (1 + math.exp(-logit_momentum)))
+
+        def training_loss(w):
+            return F.cross_entropy(model.logits(w, task["x_train"]), task["y_train"])
+
+        return sgd_val_loss(model, task, training_loss, model.inner_steps, optimizer)
 
     base = torch.cat([model.log_lr.detach().reshape(-1), model.logit_momentum.detach().reshape(1)])
-    eps = 1e-5
-    numeric = []
-    for i in range(len(base)):
-        plus, minus = base.clone(), base.clone()
-        plus[i] += eps
-        minus[i] -= eps
-        numeric.append((outer(plus[:-1], float(plus[-1])) - outer(minus[:-1], float(minus[-1]))) / (2 * eps))
-    torch.testing.assert_close(grads, torch.tensor(numeric, dtype=torch.float64), rtol=1e-5, atol=1e-9)
+    numeric = central_difference(outer, base, eps=1e-5)
+    torch.testing.assert_close(grads, numeric, rtol=1e-5, atol=1e-9)
 
 
 def test_implicit_estimators_refuse_learning_rates_before_training(tmp_path):
@@ -262,28 +266,6 @@ def _double_task(data: DigitsHPODataModule) -> dict:
     return {k: v.double() if v.is_floating_point() else v for k, v in data.task("train").items()}
 
 
-def _sgd_outer_loss(model, task, training_loss, lr: float, momentum: float) -> float:
-    """The validation loss after ``model.inner_steps`` of torch.optim.SGD on ``training_loss(w)``."""
-    w = [p.clone().requires_grad_() for p in model.init_params(task)]
-    opt = torch.optim.SGD(w, lr=lr, momentum=momentum)
-    for _ in range(model.inner_steps):
-        opt.zero_grad()
-        training_loss(w).backward()
-        opt.step()
-    with torch.no_grad():
-        return float(F.cross_entropy(model.logits(w, task["x_val"]), task["y_val"]))
-
-
-def _central_differences(f, values: torch.Tensor, entries, eps: float = 1e-5) -> torch.Tensor:
-    out = []
-    for i in entries:
-        plus, minus = values.clone(), values.clone()
-        plus.view(-1)[i] += eps
-        minus.view(-1)[i] -= eps
-        out.append((f(plus) - f(minus)) / (2 * eps))
-    return torch.tensor(out, dtype=torch.float64)
-
-
 @pytest.mark.parametrize("per", ["layer", "weight"])
 def test_weight_decay_hypergradient_matches_finite_differences(per):
     """RMD against central differences of torch.optim.SGD runs whose penalty is written out here: exp(a_l) / 2 times
@@ -294,6 +276,7 @@ def test_weight_decay_hypergradient_matches_finite_differences(per):
     model = model.double()
     task = _double_task(DigitsHPODataModule(train_size=30, val_size=20, test_size=10, seed=2))
     hypergrads = lh.RMD()(model.make_problem(task)).hypergrads
+    sgd = lambda w: torch.optim.SGD(w, lr=0.3, momentum=0.5)  # noqa: E731
     for layer in range(2):
         decays = [a.detach().clone() for a in model.log_weight_decay]
 
@@ -304,11 +287,10 @@ def test_weight_decay_hypergradient_matches_finite_differences(per):
                 penalty = sum(0.5 * (logs[i].exp() * w[2 * i] ** 2).sum() for i in range(2))
                 return F.cross_entropy(model.logits(w, task["x_train"]), task["y_train"]) + penalty
 
-            return _sgd_outer_loss(model, task, training_loss, 0.3, 0.5)
+            return sgd_val_loss(model, task, training_loss, model.inner_steps, sgd)
 
-        entries = range(min(decays[layer].numel(), 6))
-        numeric = _central_differences(outer, decays[layer], entries)
-        torch.testing.assert_close(hypergrads[layer].reshape(-1)[: len(numeric)], numeric, rtol=1e-5, atol=1e-10)
+        numeric = central_difference(outer, decays[layer], eps=1e-5)
+        torch.testing.assert_close(hypergrads[layer], numeric, rtol=1e-5, atol=1e-10)
 
 
 def test_sample_weight_hypergradient_matches_finite_differences():
@@ -326,10 +308,11 @@ def test_sample_weight_hypergradient_matches_finite_differences():
             losses = F.cross_entropy(model.logits(w, task["x_train"]), task["y_train"], reduction="none")
             return (torch.sigmoid(c) * losses).sum() / len(losses)
 
-        return _sgd_outer_loss(model, task, training_loss, 0.5, 0.9)
+        return sgd_val_loss(model, task, training_loss, model.inner_steps, sgd)
 
-    numeric = _central_differences(outer, logits, range(0, 25, 4))
-    torch.testing.assert_close(hypergrads[::4], numeric, rtol=1e-5, atol=1e-10)
+    sgd = lambda w: torch.optim.SGD(w, lr=0.5, momentum=0.9)  # noqa: E731
+    numeric = central_difference(outer, logits, eps=1e-5)
+    torch.testing.assert_close(hypergrads, numeric, rtol=1e-5, atol=1e-10)
 
 
 def test_a_hypercleaner_checkpoint_restores_the_sample_weights(tmp_path):

@@ -8,7 +8,6 @@ so a whole run is one training of the network during which the hyperparameters a
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 
@@ -174,8 +173,9 @@ class LearningRateTuner(MLPProblem):
 
     def _make_optimizer(self, momentum: float) -> DifferentiableOptimizer:
         # h is [log_lr] or [log_lr, logit_momentum], in the order the parameters were registered
-        def lr(h: Sequence[Tensor]) -> list[Tensor]:
-            return [h[0][i // 2].exp() for i in range(2 * self.layers)]
+        def lr(h: Sequence[Tensor]) -> list[Tensor]:  # [weight0, bias0, weight1, ...] share their layer's rate
+            rates = h[0].exp()
+            return [rates[i // 2] for i in range(2 * self.layers)]
 
         def learned_momentum(h: Sequence[Tensor]) -> Tensor:
             return torch.sigmoid(h[1])
@@ -227,32 +227,19 @@ class HyperCleaner(MLPProblem):
         self.save_hyperparameters(ignore=["estimator", "inner_optimizer"])
         self.init_weight = float(init_weight)
         self.register_parameter("sample_logits", None)
-        if train_size is not None:
-            self._build(train_size)
-
-    def _build(self, train_size: int) -> None:
-        start = math.log(self.init_weight / (1 - self.init_weight))
-        self.sample_logits = nn.Parameter(torch.full((train_size,), start))
         self.train_size = train_size
+        if train_size is not None:
+            self._build()
+
+    def _build(self) -> None:
+        start = math.log(self.init_weight / (1 - self.init_weight))
+        self.sample_logits = nn.Parameter(torch.full((self.train_size,), start))
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        theirs = getattr(getattr(self.trainer, "datamodule", None), "train_size", None)
+        self.settings_from_data("train_size")
         if self.sample_logits is None:
-            if theirs is None:
-                raise ValueError(
-                    "HyperCleaner train_size is not set and the data module has no train_size; set model train_size "
-                    "(init_args.train_size in a config) to the number of training examples"
-                )
-            self._build(theirs)
-            self.hparams["train_size"] = theirs
-            # what loggers and checkpoints record: ``load_from_checkpoint`` then rebuilds the sample weights
-            self._hparams_initial = copy.deepcopy(self._hparams)
-        elif theirs is not None and theirs != self.train_size:
-            raise ValueError(
-                f"HyperCleaner train_size={self.train_size} disagrees with the data module's train_size={theirs}; "
-                f"set model train_size to {theirs}, or remove it from the config (it is then taken from the data)"
-            )
+            self._build()
 
     def sample_weights(self) -> Tensor:
         """The current weight of each training example."""
