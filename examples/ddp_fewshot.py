@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--accelerator", default="cpu")
-    parser.add_argument("--estimator", default="greedy", help="greedy (0.99) or any name of lh.ESTIMATORS")
+    parser.add_argument("--estimator", default="greedy(0.99)", help="an estimator spec: greedy(0.99), t1t2, fo, ...")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--meta-batch", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     L.seed_everything(0)
-    estimator = lh.Greedy(0.99) if args.estimator == "greedy" else lh.get_estimator(args.estimator)
+    estimator = lh.get_estimator(args.estimator)
     model = lh.FewShotClassifier(estimator=estimator, inner_steps=args.inner_steps, width=args.width)
     data = lh.FewShotDataModule(
         "digits", ways=5, shots=5, queries=5, meta_batch_size=args.meta_batch, train_batches=args.steps, val_tasks=1

@@ -20,11 +20,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--ways", type=int, default=5)
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--steps", type=int, default=100, help="outer steps")
-    parser.add_argument("--estimator", default="greedy", help=f"one of {', '.join(sorted(lh.ESTIMATORS))}")
-    parser.add_argument("--gamma", type=float, default=0.99, help="Greedy's discount")
+    parser.add_argument(
+        "--estimator", default="greedy(0.99)", help="an estimator spec: fo, t1t2, greedy(0.99), rmd, neumann(10), ..."
+    )
     args = parser.parse_args(argv)
 
-    estimator = lh.Greedy(args.gamma) if args.estimator == "greedy" else lh.get_estimator(args.estimator)
+    estimator = lh.get_estimator(args.estimator)
     data = lh.FewShotDataModule(
         dataset=args.dataset, root=args.root, ways=args.ways, shots=args.shots, queries=10,
         meta_batch_size=10, train_batches=args.steps, val_tasks=100,
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )  # fmt: skip
     trainer.fit(model, data)
     metrics = trainer.validate(model, data)[0]
-    print(f"{args.estimator}: meta-validation accuracy {metrics['val/acc']:.3f} +- {metrics['val/acc_ci95']:.3f}")
+    print(f"{estimator}: meta-validation accuracy {metrics['val/acc']:.3f} +- {metrics['val/acc_ci95']:.3f}")
     return metrics
 
 

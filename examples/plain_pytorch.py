@@ -26,7 +26,9 @@ estimator = lh.Greedy(gamma=0.99)  # or lh.FO(), lh.T1T2(), lh.RMD(), lh.Neumann
 inner_sgd, w0 = lh.SGD(lr=0.5, momentum=0.9), [torch.zeros(64, 10), torch.zeros(10)]  # inner optimizer, w_0
 history = []
 for step in range(40):
-    problem = lh.BilevelProblem(inner_loss, outer_loss, hparams=[log_wd], init_params=w0, optimizer=inner_sgd, steps=30)
+    problem = lh.BilevelProblem(
+        inner_loss, outer_loss, hyperparameters=[log_wd], init_params=w0, optimizer=inner_sgd, steps=30
+    )
     outer_optimizer.zero_grad()
     result = estimator(problem, accumulate=True)  # adds the hypergradient to log_wd.grad
     outer_optimizer.step()

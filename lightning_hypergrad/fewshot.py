@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_hypergrad._checks import check_int
 from lightning_hypergrad.estimators import HypergradEstimator
 from lightning_hypergrad.module import BilevelModule, Task
 from lightning_hypergrad.optim import DifferentiableOptimizer
@@ -64,7 +65,7 @@ class FewShotClassifier(BilevelModule):
         image_shape: tuple[int, int, int] | None = None,
         depth: int = 3,
         width: int = 32,
-        estimator: HypergradEstimator | None = None,
+        estimator: HypergradEstimator | str | None = None,
         inner_optimizer: DifferentiableOptimizer | None = None,
         inner_steps: int = 10,
         meta_batch_size: int | None = None,
@@ -83,11 +84,10 @@ class FewShotClassifier(BilevelModule):
             gradient_clip_algorithm=gradient_clip_algorithm,
             nonfinite=nonfinite,
         )
-        for name, value in (("depth", depth), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"FewShotClassifier {name} must be an integer >= 1, got {value!r}")
-        if ways is not None and (not isinstance(ways, int) or ways < 2):
-            raise ValueError(f"FewShotClassifier ways must be an integer >= 2, got {ways!r}")
+        check_int("depth", depth, owner="FewShotClassifier")
+        check_int("width", width, owner="FewShotClassifier")
+        if ways is not None:
+            check_int("ways (or null to take the data module's)", ways, 2, owner="FewShotClassifier")
         self.save_hyperparameters(ignore=["estimator", "inner_optimizer"])
         self.depth, self.width = depth, width
         self.ways = ways

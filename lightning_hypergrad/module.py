@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import copy
 import math
-import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -14,12 +13,32 @@ import torch
 from torch import Tensor
 from torchmetrics.aggregation import CatMetric
 
-from lightning_hypergrad.estimators import Greedy, HypergradEstimator
+from lightning_hypergrad._checks import check_choice, check_int, check_positive_number
+from lightning_hypergrad.callbacks.step_timer import StepTimer
+from lightning_hypergrad.distributed import average_across_processes
+from lightning_hypergrad.estimators import Greedy, HypergradEstimator, get_estimator
 from lightning_hypergrad.inner_loop import StepMode, unroll
 from lightning_hypergrad.optim import SGD, DifferentiableOptimizer, OptimizerState
 from lightning_hypergrad.problem import BilevelProblem
 
 Task = Any
+
+
+@dataclass
+class MetaGradient:
+    """What :meth:`BilevelModule.meta_gradient` returns for a meta-batch.
+
+    Attributes:
+        hypergrads: the mean hypergradient over the tasks, one tensor per hyperparameter tensor.
+        metrics: the mean of each task metric over the tasks, with ``outer_loss``.
+        params: the final inner parameters of the last task (what online mode carries on).
+        state: the inner optimizer's final state of the last task.
+    """
+
+    hypergrads: list[Tensor]
+    metrics: dict[str, float]
+    params: list[Tensor]
+    state: OptimizerState | None
 
 
 def split_meta_batch(batch: Any) -> list[Task]:
@@ -53,15 +72,18 @@ class BilevelModule(L.LightningModule):
       e.g. a backbone's features of the task's images); the losses then receive it as ``h``;
     - optionally :meth:`task_metrics` (per-task numbers to log, e.g. query accuracy).
 
-    Logged: ``train/outer_loss``, ``train/hypergrad_norm``, ``train/seconds_per_step``, the task metrics under
+    Logged: ``train/outer_loss``, ``train/hypergrad_norm``, ``train/seconds_per_step`` (by a
+    :class:`~lightning_hypergrad.callbacks.StepTimer` the module adds), the task metrics under
     ``train/``, and, in validation and test, each task metric's mean and 95% confidence interval over the tasks
     (``val/acc``, ``val/acc_ci95``).
 
     Args:
-        estimator: the hypergradient estimator (default ``Greedy(gamma=0.99)``).
+        estimator: the hypergradient estimator, or its spec string (``"greedy(0.99)"``, ``"t1t2"``, see
+            :func:`~lightning_hypergrad.get_estimator`); default ``Greedy(gamma=0.99)``.
         inner_optimizer: the differentiable inner optimizer (default ``SGD(lr=0.1, momentum=0.9)``).
         inner_steps: ``T``, the number of inner steps per task.
-        meta_batch_size: tasks per outer step; when set, it overrides the data module's ``meta_batch_size``.
+        meta_batch_size: tasks per outer step; ``None`` takes the data module's ``meta_batch_size`` (the data module
+            batches the tasks; a value set here must agree with it, see :meth:`settings_from_data`).
         outer_lr: learning rate of the default outer optimizer (Adam).
         gradient_clip_val: clip the hypergradient (Lightning's ``clip_gradients``) at this value; ``None``: no clip.
         gradient_clip_algorithm: ``"norm"`` or ``"value"``.
@@ -80,7 +102,7 @@ class BilevelModule(L.LightningModule):
 
     def __init__(
         self,
-        estimator: HypergradEstimator | None = None,
+        estimator: HypergradEstimator | str | None = None,
         inner_optimizer: DifferentiableOptimizer | None = None,
         inner_steps: int = 10,
         meta_batch_size: int | None = None,
@@ -91,26 +113,23 @@ class BilevelModule(L.LightningModule):
         online: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
-            raise ValueError(f"inner_steps (T) must be an integer >= 1, got {inner_steps!r}")
-        if meta_batch_size is not None and (not isinstance(meta_batch_size, int) or meta_batch_size < 1):
-            raise ValueError(
-                f"meta_batch_size must be an integer >= 1 (or null to use the data's), got {meta_batch_size!r}"
-            )
-        if not isinstance(outer_lr, (int, float)) or not outer_lr > 0 or not math.isfinite(outer_lr):
-            raise ValueError(f"outer_lr must be a finite number > 0, got {outer_lr!r}")
-        if gradient_clip_val is not None and not gradient_clip_val > 0:
-            raise ValueError(f"gradient_clip_val must be > 0 or null, got {gradient_clip_val!r}")
-        if nonfinite not in ("skip", "raise"):
-            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
-        if gradient_clip_algorithm not in ("norm", "value"):
-            raise ValueError(f"gradient_clip_algorithm must be 'norm' or 'value', got {gradient_clip_algorithm!r}")
+        check_int("inner_steps (T)", inner_steps)
+        if meta_batch_size is not None:
+            check_int("meta_batch_size (or null to take the data module's)", meta_batch_size)
+        check_positive_number("outer_lr", outer_lr)
+        if gradient_clip_val is not None:
+            check_positive_number("gradient_clip_val (or null: no clipping)", gradient_clip_val)
+        check_choice("nonfinite", nonfinite, ("skip", "raise"))
+        check_choice("gradient_clip_algorithm", gradient_clip_algorithm, ("norm", "value"))
         self.automatic_optimization = False
+        if isinstance(estimator, str):
+            estimator = get_estimator(estimator)
         self.estimator = estimator if estimator is not None else Greedy(0.99)
         self.inner_optimizer = inner_optimizer if inner_optimizer is not None else SGD(lr=0.1, momentum=0.9)
         if not isinstance(self.estimator, HypergradEstimator):
             raise TypeError(
-                f"estimator must be a HypergradEstimator (e.g. lightning_hypergrad.Greedy), got {estimator!r}"
+                "estimator must be a HypergradEstimator (e.g. lightning_hypergrad.Greedy) or a spec string such as "
+                f"'greedy(0.99)', got {estimator!r}"
             )
         if not isinstance(self.inner_optimizer, DifferentiableOptimizer):
             raise TypeError(
@@ -126,11 +145,8 @@ class BilevelModule(L.LightningModule):
         self.online = bool(online)
         self.carried_params: list[Tensor] | None = None
         self.carried_state: OptimizerState | None = None
-        self._last_result = None
         self.skipped_steps = 0
         self._checked = False
-        self.capture_hypergrad = False
-        self.last_hypergrad: list[Tensor] | None = None
         self.eval_metrics = torch.nn.ModuleDict()
 
     # ----------------------------------------------------------------- what a subclass writes
@@ -187,7 +203,7 @@ class BilevelModule(L.LightningModule):
         return BilevelProblem(
             inner_loss=lambda w, h: self.inner_loss(w, h, task),
             outer_loss=lambda w, h: self.outer_loss(w, h, task),
-            hparams=self.hyperparameters(),
+            hyperparameters=self.hyperparameters(),
             init_params=self.carried_params if carried else self.init_params(task),
             optimizer=self.inner_optimizer,
             steps=self.inner_steps,
@@ -195,34 +211,41 @@ class BilevelModule(L.LightningModule):
             init_state=self.carried_state if carried else None,
         )
 
-    def meta_gradient(
-        self, tasks: Sequence[Task], estimator: HypergradEstimator | None = None
-    ) -> tuple[list[Tensor], dict[str, float]]:
-        """The mean hypergradient over ``tasks`` and the mean of the task metrics (with ``outer_loss``)."""
+    def meta_gradient(self, tasks: Sequence[Task], estimator: HypergradEstimator | None = None) -> MetaGradient:
+        """The mean hypergradient over ``tasks`` and the mean of the task metrics (with ``outer_loss``).
+
+        Nothing of the module changes except batch norm's running statistics (as in any forward pass), so that a
+        callback can compute a reference hypergradient for the same meta-batch with another ``estimator``.
+        """
         estimator = estimator or self.estimator
         if self.online and len(tasks) != 1:
             raise ValueError(
                 f"online=True carries one inner model from step to step, but the meta-batch holds {len(tasks)} "
                 "tasks; use meta_batch_size 1 (or online=False)"
             )
-        hparams = self.hyperparameters()
-        total = [torch.zeros_like(a) for a in hparams]
+        alpha = self.hyperparameters()
+        total = [torch.zeros_like(a) for a in alpha]
         sums: dict[str, float] = {}
+        result = None
         for task in tasks:
             cache: dict = {}
             problem = self.make_problem(task, cache)
             result = estimator(problem, check=not self._checked)
             self._checked = True
-            self._last_result = result
             for t, g in zip(total, result.hypergrads):
                 t.add_(g)
-            h = [x.detach() for x in cache["h"]] if "h" in cache else [a.detach() for a in hparams]
+            h = [x.detach() for x in cache["h"]] if "h" in cache else [a.detach() for a in alpha]
             with torch.no_grad():
                 metrics = {"outer_loss": result.outer_loss, **self.task_metrics(result.params, h, task)}
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
         n = max(len(tasks), 1)
-        return [t / n for t in total], {k: v / n for k, v in sums.items()}
+        return MetaGradient(
+            hypergrads=[t / n for t in total],
+            metrics={k: v / n for k, v in sums.items()},
+            params=[] if result is None else result.params,
+            state=None if result is None else result.state,
+        )
 
     def adapt(self, task: Task) -> tuple[list[Tensor], list[Tensor]]:
         """Run the inner loop of ``task`` without any hypergradient; the final parameters and ``h``.
@@ -249,20 +272,24 @@ class BilevelModule(L.LightningModule):
                 "the A100 on) or 32-true"
             )
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if self.meta_batch_size is not None and hasattr(datamodule, "meta_batch_size"):
-            datamodule.meta_batch_size = self.meta_batch_size
+        if hasattr(datamodule, "meta_batch_size"):
+            self.settings_from_data("meta_batch_size")
 
     def settings_from_data(self, *names: str) -> None:
-        """Take each setting in ``names`` that is ``None`` on the module from the data module's attribute of that name.
+        """Share the settings ``names`` with the data module: the one mechanism between a module and its data.
 
-        Call it in ``setup``. A setting given on both sides must agree. The values taken are recorded in ``hparams``
-        (and in what loggers and checkpoints see), so that ``load_from_checkpoint`` rebuilds the same module.
+        Each setting that is ``None`` on the module takes the data module's attribute of that name; a setting given
+        on both sides must agree. Call it in ``setup`` (:meth:`BilevelModule.setup` does for ``meta_batch_size``,
+        :class:`~lightning_hypergrad.FewShotClassifier` for ``ways`` and ``image_shape``). The values taken are
+        saved with :meth:`save_hyperparameters`, so loggers and checkpoints see them, Lightning finds no conflict
+        with the data module's hyperparameters, and ``load_from_checkpoint`` rebuilds the same module.
 
         Raises:
             ValueError: a setting set on neither side, or set differently on both (the message names it).
         """
         datamodule = getattr(self.trainer, "datamodule", None)
         owner = type(self).__name__
+        taken = {}
         for name in names:
             theirs = getattr(datamodule, name, None)
             theirs = tuple(theirs) if isinstance(theirs, (list, tuple)) else theirs
@@ -277,28 +304,39 @@ class BilevelModule(L.LightningModule):
                     f"{theirs}, or remove it from the config (it is then taken from the data)"
                 )
             setattr(self, name, theirs)
-            self.hparams[name] = theirs
-        # Lightning's hparams merge with the data module's then finds no conflict
-        self._hparams_initial = copy.deepcopy(self._hparams)
+            taken[name] = theirs
+        if taken:
+            self.save_hyperparameters({**self.hparams, **taken})
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.outer_lr)
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        start = time.perf_counter()
+    def configure_callbacks(self) -> list[L.Callback]:
+        """A :class:`StepTimer` (it logs ``train/seconds_per_step``) unless the trainer already has one."""
+        if self._trainer is not None and any(isinstance(c, StepTimer) for c in self.trainer.callbacks):
+            return []
+        return [StepTimer()]
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        """One outer step: the inner loops, the hypergradient into ``.grad``, the outer optimizer's step.
+
+        Returns:
+            ``{"loss": 0, "hypergrad": [...]}``: ``hypergrad`` is the step's hypergradient (the mean over the tasks
+            and the processes, detached), which callbacks receive as ``outputs["hypergrad"]`` in
+            ``on_train_batch_end`` (as :class:`~lightning_hypergrad.HypergradCallback` does).
+        """
         tasks = self.split_tasks(batch)
         optimizer = self.optimizers()
         optimizer.zero_grad()
         with warnings.catch_warnings():  # the module applies its own policy below, once per step
             warnings.filterwarnings("ignore", message=".*NaN or infinite", category=RuntimeWarning)
-            hypergrads, metrics = self.meta_gradient(tasks)
+            step = self.meta_gradient(tasks)
         if self.online:  # the inner model trains on: the next step starts where this one ended
-            self.carried_params = [p.detach().clone() for p in self._last_result.params]
-            self.carried_state = self._last_result.state
-        hypergrads = self._average_across_processes(hypergrads)
+            self.carried_params = [p.detach().clone() for p in step.params]
+            self.carried_state = step.state
+        hypergrads = average_across_processes(step.hypergrads, self, self._trainer)
+        metrics = step.metrics
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in hypergrads]))
-        if self.capture_hypergrad:
-            self.last_hypergrad = [g.detach().clone() for g in hypergrads]
         if not bool(torch.isfinite(norm)):
             if self.nonfinite == "raise":
                 raise FloatingPointError(
@@ -328,55 +366,7 @@ class BilevelModule(L.LightningModule):
             self.log(f"train/{key}", value, prog_bar=key == "acc", batch_size=batch_size)
         self.log("train/hypergrad_norm", norm, batch_size=batch_size)
         self.log("train/skipped_steps", float(self.skipped_steps), batch_size=batch_size)
-        self.log("train/seconds_per_step", time.perf_counter() - start, batch_size=batch_size)
-        return torch.tensor(0.0)
-
-    def _average_across_processes(self, hypergrads: list[Tensor]) -> list[Tensor]:
-        """The mean over the processes of a multi-process run (each saw its share of the meta-batch).
-
-        The hypergradients come from ``torch.autograd.grad``, which DDP's gradient hooks never see, so they are
-        reduced here explicitly. Batch norm's running statistics, which each process updated on its own tasks, are
-        averaged in the same all-reduce (one per dtype), so that the processes leave every step with equal modules
-        without a second synchronization. Other buffers are left alone.
-        """
-        if self._trainer is None or self.trainer.world_size == 1:
-            return hypergrads
-        statistics = [
-            b
-            for m in self.modules()
-            if isinstance(m, torch.nn.modules.batchnorm._NormBase)
-            for b in (m.running_mean, m.running_var)
-            if b is not None
-        ]
-        tensors = [*hypergrads, *statistics]
-        reduced: list[Tensor | None] = [None] * len(tensors)
-        for dtype in dict.fromkeys(t.dtype for t in tensors):
-            index = [i for i, t in enumerate(tensors) if t.dtype == dtype]
-            flat = self._all_reduce_mean(torch.cat([tensors[i].reshape(-1) for i in index]))
-            offset = 0
-            for i in index:
-                reduced[i] = flat[offset : offset + tensors[i].numel()].view_as(tensors[i])
-                offset += tensors[i].numel()
-        with torch.no_grad():
-            for b, mean in zip(statistics, reduced[len(hypergrads) :]):
-                b.copy_(mean)
-        return reduced[: len(hypergrads)]
-
-    def _all_reduce_mean(self, flat: Tensor) -> Tensor:
-        strategy = self.trainer.strategy
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return strategy.reduce(flat, reduce_op="mean")  # strategies that do not use torch.distributed
-        group = getattr(strategy, "process_group", None)
-        # the all-reduce synchronizes the processes by itself: no barrier before it (Lightning's reduce has one)
-        work = torch.distributed.all_reduce(flat, group=group, async_op=True)
-        if flat.device.type == "cpu":
-            # poll instead of blocking: a blocked process lets its core sleep, and waking the communication threads
-            # of both processes (gloo) took 1-3 ms per step in a profile on 2 CPU cores, against about 0.5 ms polled
-            # (benchmarks/allreduce_wait.py)
-            while not work.is_completed():
-                pass
-        work.wait()
-        return flat / torch.distributed.get_world_size(group)
+        return {"loss": torch.zeros(()), "hypergrad": [g.detach() for g in hypergrads]}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = self.carried_state

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from lightning_hypergrad._checks import check_int
 from lightning_hypergrad.optim.base import DifferentiableOptimizer, OptimizerState
 
 LossFn = Callable[[Sequence[Tensor], Sequence[Tensor]], Tensor]
-"""``loss(params, hparams) -> scalar``: a loss of the inner parameters and the hyperparameters."""
+"""``loss(params, h) -> scalar``: a loss of the inner parameters and of ``h`` (the hyperparameters, or the features)."""
 
 
 @dataclass
@@ -18,20 +19,20 @@ class BilevelProblem:
     """One bilevel problem: ``min_alpha L_val(w_T(alpha), alpha)`` where ``w_T`` is ``T`` steps on ``L_train``.
 
     The loss functions must use the hyperparameters through their second argument, never by capturing the
-    tensors of ``hparams``: the estimators call them with copies (and, for forward mode, with tangents).
+    tensors of ``hyperparameters``: the estimators call them with copies (and, for forward mode, with tangents).
 
     Attributes:
         inner_loss: ``L_train(w, h)``, the loss the inner optimizer minimizes.
         outer_loss: ``L_val(w, h)``, the loss whose hypergradient is computed.
-        hparams: the hyperparameter tensors ``alpha`` (leaves that require grad, e.g. a module's parameters).
+        hyperparameters: the hyperparameter tensors ``alpha`` (leaves that require grad, e.g. a module's parameters).
         init_params: the initial inner parameters ``w_0`` (not modified).
         optimizer: the differentiable inner optimizer ``Phi``.
         steps: the number of inner steps ``T``.
         features: optional; the part of the problem that depends on the hyperparameters alone (in meta-learning:
             the backbone's features of the task's images). Called once with no argument, it returns tensors
-            computed from ``hparams``; the loss functions and the optimizer's settings then receive these tensors
-            as ``h`` instead of ``hparams``. The estimators differentiate through it once per problem, whatever
-            ``T`` is.
+            computed from ``hyperparameters``; the loss functions and the optimizer's settings then receive these
+            tensors as ``h`` instead of ``hyperparameters``. The estimators differentiate through it once per
+            problem, whatever ``T`` is.
         init_state: optional; the inner optimizer's state at the start (e.g. the momentum buffers carried over
             from the previous outer step in online mode). ``None``: a fresh state. Treated as a constant, like
             ``init_params``.
@@ -39,7 +40,7 @@ class BilevelProblem:
 
     inner_loss: LossFn
     outer_loss: LossFn
-    hparams: Sequence[Tensor]
+    hyperparameters: Sequence[Tensor]
     init_params: Sequence[Tensor]
     optimizer: DifferentiableOptimizer
     steps: int
@@ -47,18 +48,17 @@ class BilevelProblem:
     init_state: OptimizerState | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps (T, the number of inner steps) must be an integer >= 1, got {self.steps!r}")
-        self.hparams = list(self.hparams)
+        check_int("steps (T, the number of inner steps)", self.steps)
+        self.hyperparameters = list(self.hyperparameters)
         self.init_params = list(self.init_params)
-        if not self.hparams:
-            raise ValueError("hparams is empty: give at least one hyperparameter tensor")
+        if not self.hyperparameters:
+            raise ValueError("hyperparameters is empty: give at least one hyperparameter tensor")
         if not self.init_params:
             raise ValueError("init_params is empty: give at least one inner parameter tensor")
-        for i, a in enumerate(self.hparams):
+        for i, a in enumerate(self.hyperparameters):
             if not isinstance(a, Tensor) or not a.requires_grad:
                 raise ValueError(
-                    f"hparams[{i}] must be a tensor that requires grad (e.g. nn.Parameter or "
+                    f"hyperparameters[{i}] must be a tensor that requires grad (e.g. nn.Parameter or "
                     f"torch.tensor(..., requires_grad=True)), got {type(a).__name__}"
                     + (" without requires_grad" if isinstance(a, Tensor) else "")
                 )

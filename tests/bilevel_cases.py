@@ -104,11 +104,11 @@ class MLPTask:
         scale = h[1].exp() if len(h) > 1 else 1.0
         return torch.nn.functional.cross_entropy(scale * self.logits(w, self.xv), self.yv)
 
-    def problem(self, steps: int, optimizer=None, hparams=None, outer_loss=None) -> lh.BilevelProblem:
+    def problem(self, steps: int, optimizer=None, hyperparameters=None, outer_loss=None) -> lh.BilevelProblem:
         return lh.BilevelProblem(
             self.inner_loss,
             outer_loss or self.outer_loss,
-            hparams if hparams is not None else [self.log_wd, self.temp],
+            hyperparameters if hyperparameters is not None else [self.log_wd, self.temp],
             self.w0,
             optimizer or lh.SGD(lr=0.3, momentum=0.9),
             steps,

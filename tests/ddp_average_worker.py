@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 import lightning_hypergrad as lh
+from lightning_hypergrad.distributed import average_across_processes
 
 
 class Probe(lh.BilevelModule):
@@ -26,13 +27,13 @@ def main(rank: int, port: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     module = Probe()
-    module._trainer = SimpleNamespace(world_size=2, strategy=None)
+    trainer = SimpleNamespace(world_size=2, strategy=None)
     with torch.no_grad():
         module.norm.running_mean.fill_(1.0 + rank)  # 1 and 2: the mean is 1.5
         module.norm.running_var.fill_(2.0 + 4 * rank)  # 2 and 6: the mean is 4
         module.constant.add_(10 * rank)  # must stay different
     hypergrads = [torch.full((2,), 3.0 * (rank + 1)), torch.full((1,), -1.0 - rank, dtype=torch.float64)]
-    averaged = module._average_across_processes(hypergrads)
+    averaged = average_across_processes(hypergrads, module, trainer)
     torch.save(
         {
             "hypergrads": averaged,

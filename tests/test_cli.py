@@ -56,6 +56,13 @@ def test_quickstart_fits_end_to_end_and_logs_offline_to_wandb(tmp_path, command)
     assert list(tmp_path.glob("lightning-hypergrad/*/checkpoints/*.ckpt"))
 
 
+def test_the_estimator_can_be_given_as_a_spec_string_on_the_command_line(tmp_path):
+    result = run([str(BIN / "lightning-hypergrad"), "fit", *QUICK, "--model.init_args.estimator=greedy(0.9)"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = (wandb_run_dir(tmp_path) / "files" / "lightning_config.yaml").read_text()
+    assert "estimator: greedy(0.9)" in saved
+
+
 def test_python_m_prints_the_quickstart_config(tmp_path):
     result = run([sys.executable, "-m", "lightning_hypergrad", "fit", *QUICK, "--print_config"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -70,6 +77,8 @@ def test_python_m_prints_the_quickstart_config(tmp_path):
         ("--data.init_args.queries=200", "queries"),
         ("--model.init_args.estimator.class_path=lightning_hypergrad.NoSuchEstimator", "estimator"),
         ("--model.init_args.estimator.init_args.gamma=1.5", "gamma"),
+        ("--model.init_args.estimator=greedy(1.5)", "gamma"),
+        ("--model.init_args.estimator=greedy0.99", "unknown estimator 'greedy0.99'"),
         ("--model.init_args.inner_steps=0", "inner_steps"),
     ],
 )

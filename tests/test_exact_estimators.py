@@ -53,7 +53,7 @@ def test_rmd_equals_finite_differences_for_the_inner_learning_rate():
     task, steps = MLPTask(), 12
     log_lr = task.log_lr
     optimizer = lh.SGD(lr=lambda h: h[2].exp(), momentum=0.9)
-    problem = task.problem(steps, optimizer, hparams=[task.log_wd, task.temp, log_lr])
+    problem = task.problem(steps, optimizer, hyperparameters=[task.log_wd, task.temp, log_lr])
     got = lh.RMD()(problem).hypergrads[2]
     lw, tp = task.log_wd.detach(), task.temp.detach()
     fd = central_difference(lambda x: simulate_outer_loss(task, steps, lw, tp, math.exp(float(x))), log_lr.detach())
@@ -68,7 +68,8 @@ def test_rmd_through_adam_equals_finite_differences():
     def simulate(log_lr: torch.Tensor) -> float:
         return simulate_outer_loss(task, steps, lw, tp, optimizer=lambda w: torch.optim.Adam(w, lr=math.exp(log_lr)))
 
-    problem = task.problem(steps, lh.Adam(lr=lambda h: h[2].exp()), hparams=[task.log_wd, task.temp, task.log_lr])
+    alpha = [task.log_wd, task.temp, task.log_lr]
+    problem = task.problem(steps, lh.Adam(lr=lambda h: h[2].exp()), hyperparameters=alpha)
     got = lh.RMD()(problem).hypergrads[2]
     fd = central_difference(simulate, task.log_lr.detach())
     torch.testing.assert_close(got, fd, rtol=1e-5, atol=1e-10)
@@ -134,9 +135,9 @@ def test_fmd_equals_rmd_for_up_to_ten_entries(optimizer):
         opt = lh.SGD(lr=lambda h: h[2].exp(), momentum=0.9, nesterov=True)
     else:
         opt = lh.Adam(lr=lambda h: h[2].exp() * 0.1)
-    hparams = [task.log_wd, task.temp, task.log_lr]  # 8 + 1 + 1 = 10 entries
-    forward = lh.FMD()(task.problem(steps, opt, hparams)).hypergrads
-    reverse = lh.RMD()(task.problem(steps, opt, hparams)).hypergrads
+    hyperparameters = [task.log_wd, task.temp, task.log_lr]  # 8 + 1 + 1 = 10 entries
+    forward = lh.FMD()(task.problem(steps, opt, hyperparameters)).hypergrads
+    reverse = lh.RMD()(task.problem(steps, opt, hyperparameters)).hypergrads
     for f, r in zip(forward, reverse):
         torch.testing.assert_close(f, r, rtol=1e-8, atol=1e-14)
     assert all(float(r.abs().max()) > 0 for r in reverse)
@@ -174,9 +175,9 @@ def test_rmd_and_fmd_equal_finite_differences_for_a_logit_momentum():
         )
 
     optimizer = lh.SGD(lr=0.3, momentum=lambda h: torch.sigmoid(h[2]))
-    hparams = [task.log_wd, task.temp, logit]
+    hyperparameters = [task.log_wd, task.temp, logit]
     fd = central_difference(simulate, logit.detach())
     for estimator in (lh.RMD(), lh.FMD()):
-        got = estimator(task.problem(steps, optimizer, hparams=hparams)).hypergrads[2]
+        got = estimator(task.problem(steps, optimizer, hyperparameters=hyperparameters)).hypergrads[2]
         torch.testing.assert_close(got, fd, rtol=1e-5, atol=1e-10)
     assert abs(float(fd)) > 1e-6

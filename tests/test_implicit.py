@@ -59,7 +59,7 @@ def test_implicit_estimators_use_the_optimizers_weight_decay():
 @pytest.mark.parametrize("estimator", [lh.Neumann(scale=0.1), lh.ConjugateGradient()])
 def test_implicit_estimators_refuse_optimizer_hyperparameters(estimator):
     task = MLPTask()
-    problem = task.problem(3, lh.SGD(lr=lambda h: h[2].exp()), hparams=[task.log_wd, task.temp, task.log_lr])
+    problem = task.problem(3, lh.SGD(lr=lambda h: h[2].exp()), hyperparameters=[task.log_wd, task.temp, task.log_lr])
     with pytest.raises(ValueError, match="inner optimizer's own settings.*lr"):
         estimator(problem)
 

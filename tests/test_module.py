@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +10,7 @@ from lightning_cases import loader, quiet_trainer, random_meta_batch
 
 import lightning_hypergrad as lh
 from lightning_hypergrad import FewShotClassifier, HypergradCallback
+from lightning_hypergrad.callbacks import StepTimer
 
 
 class PlainSGDOuter(FewShotClassifier):
@@ -29,7 +31,7 @@ def engine_hypergradient(model: FewShotClassifier, task: dict, estimator) -> lis
     problem = lh.BilevelProblem(
         inner_loss=lambda w, h: F.cross_entropy(h[0] @ w[0].T + w[1], task["support_y"]),
         outer_loss=lambda w, h: F.cross_entropy(h[1] @ w[0].T + w[1], task["query_y"]),
-        hparams=list(model.parameters()),
+        hyperparameters=list(model.parameters()),
         init_params=[torch.zeros(3, model.backbone.out_features), torch.zeros(3)],
         optimizer=lh.SGD(lr=0.1, momentum=0.9),
         steps=5,
@@ -129,3 +131,44 @@ def test_a_step_interval_scheduler_is_stepped_once_per_training_step():
     trainer.fit(model, loader(*[random_meta_batch(seed=s) for s in range(5)]))
     # StepLR(step_size=2, gamma=0.1) after 5 steps: 1e-2 * 0.1 ** (5 // 2)
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-4)
+
+
+class _Outputs(L.Callback):
+    def __init__(self) -> None:
+        self.hypergrads: list[list[torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.hypergrads.append(outputs["hypergrad"])
+
+
+def test_callbacks_receive_the_hypergradient_that_reaches_grad_as_the_steps_output():
+    torch.manual_seed(0)
+    model = PlainSGDOuter(ways=3, image_shape=(1, 8, 8), estimator=lh.Greedy(0.9), inner_steps=3)
+    seen = _Outputs()
+    before = [p.detach().clone() for p in model.parameters()]
+    quiet_trainer(max_steps=1, callbacks=[seen]).fit(model, loader(random_meta_batch(tasks=2)))
+    (hypergrad,) = seen.hypergrads
+    for b, a, g in zip(before, model.parameters(), hypergrad):
+        torch.testing.assert_close(b - a.detach(), g, rtol=1e-4, atol=1e-6)  # outer SGD, lr 1: the step is -g
+
+
+def test_one_step_timer_logs_the_seconds_per_step():
+    model = FewShotClassifier(ways=3, image_shape=(1, 8, 8), inner_steps=2)
+    trainer = quiet_trainer(max_steps=2)
+    trainer.fit(model, loader(random_meta_batch(), random_meta_batch(seed=1)))
+    timers = [c for c in trainer.callbacks if isinstance(c, StepTimer)]
+    assert len(timers) == 1 and len(timers[0].durations) == 2
+    assert float(trainer.callback_metrics["train/seconds_per_step"]) == pytest.approx(timers[0].durations[-1])
+    own = StepTimer()  # a timer of the user's is the one used, not replaced
+    trainer = quiet_trainer(max_steps=1, callbacks=[own])
+    trainer.fit(model, loader(random_meta_batch()))
+    assert [c for c in trainer.callbacks if isinstance(c, StepTimer)] == [own] and len(own.durations) == 1
+
+
+def test_the_meta_batch_size_is_shared_with_the_data_module():
+    data = lh.FewShotDataModule("digits", ways=3, shots=1, queries=2, meta_batch_size=4, train_batches=1, val_tasks=2)
+    model = FewShotClassifier(inner_steps=1, width=4)
+    quiet_trainer(max_steps=1, limit_val_batches=0).fit(model, data)
+    assert model.meta_batch_size == 4 and model.hparams["meta_batch_size"] == 4 and model.hparams["ways"] == 3
+    with pytest.raises(ValueError, match="meta_batch_size=2 disagrees with the data module's meta_batch_size=4"):
+        quiet_trainer(max_steps=1).fit(FewShotClassifier(inner_steps=1, width=4, meta_batch_size=2), data)

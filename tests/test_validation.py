@@ -48,7 +48,7 @@ def test_a_hyperparameter_that_no_loss_depends_on_is_refused():
     ridge = Ridge()
     unused = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     problem = lh.BilevelProblem(ridge.inner_loss, ridge.outer_loss, [ridge.a, unused], [ridge.w0], lh.SGD(), 3)
-    with pytest.raises(ValueError, match=r"hparams\[1\] affect neither the inner loss"):
+    with pytest.raises(ValueError, match=r"hyperparameters\[1\] affect neither the inner loss"):
         lh.Greedy()(problem)
 
 
@@ -57,7 +57,7 @@ def test_a_loss_that_captures_a_hyperparameter_is_refused():
     problem = lh.BilevelProblem(
         lambda w, h: ridge.inner_loss(w, [ridge.a]), ridge.outer_loss, [ridge.a], [ridge.w0], lh.SGD(), 3
     )
-    with pytest.raises(ValueError, match=r"use hparams\[0\] directly"):
+    with pytest.raises(ValueError, match=r"use hyperparameters\[0\] directly"):
         lh.RMD()(problem)
 
 
@@ -79,7 +79,7 @@ def test_torch_optimizers_are_refused_as_inner_optimizers():
 
 def test_hyperparameters_must_require_grad():
     ridge = Ridge()
-    with pytest.raises(ValueError, match=r"hparams\[0\] must be a tensor that requires grad"):
+    with pytest.raises(ValueError, match=r"hyperparameters\[0\] must be a tensor that requires grad"):
         lh.BilevelProblem(ridge.inner_loss, ridge.outer_loss, [ridge.a.detach()], [ridge.w0], lh.SGD(), 3)
 
 

@@ -9,7 +9,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lightning_hypergrad.estimators import RMD, HypergradEstimator
+from lightning_hypergrad._checks import check_int
+from lightning_hypergrad.estimators import RMD, HypergradEstimator, get_estimator
 
 
 def _flat(tensors: Sequence[Tensor]) -> Tensor:
@@ -30,15 +31,17 @@ class HypergradCallback(L.Callback):
 
     Every ``every_n_steps`` training steps, before the module's own step, it computes the reference
     hypergradient for the same meta-batch of tasks and the same hyperparameters, and after the step logs
-    ``hypergrad/cosine`` and ``hypergrad/norm_ratio``. With ``compare``, it also logs
-    ``hypergrad/<name>/cosine`` and ``hypergrad/<name>/norm_ratio`` for each of those estimators side by side.
+    ``hypergrad/cosine`` and ``hypergrad/norm_ratio`` of the hypergradient that the module's ``training_step``
+    returns (``outputs["hypergrad"]``). With ``compare``, it also logs ``hypergrad/<spec>/cosine`` and
+    ``hypergrad/<spec>/norm_ratio`` for each of those estimators side by side, ``<spec>`` being the estimator's
+    spec string (``greedy(0.9)``).
     The cost (one reference computation, plus one per compared estimator) is paid only on the steps it runs;
     batch-norm running statistics are restored afterwards, so the extra computations leave no trace.
 
     Args:
         every_n_steps: run on the steps whose ``global_step`` is a multiple of this.
-        reference: the estimator taken as exact (default ``RMD()``).
-        compare: further estimators to measure against the reference.
+        reference: the estimator taken as exact (default ``RMD()``), or its spec string.
+        compare: further estimators (or spec strings such as ``"t1t2"``) to measure against the reference.
 
     Raises:
         ValueError: ``every_n_steps`` < 1.
@@ -51,14 +54,13 @@ class HypergradCallback(L.Callback):
     def __init__(
         self,
         every_n_steps: int = 50,
-        reference: HypergradEstimator | None = None,
-        compare: list[HypergradEstimator] | None = None,
+        reference: HypergradEstimator | str | None = None,
+        compare: list[HypergradEstimator | str] | None = None,
     ) -> None:
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"HypergradCallback every_n_steps must be an integer >= 1, got {every_n_steps!r}")
+        check_int("every_n_steps", every_n_steps, owner="HypergradCallback")
         self.every_n_steps = every_n_steps
-        self.reference = reference if reference is not None else RMD()
-        self.compare = list(compare or [])
+        self.reference = get_estimator(reference) if reference is not None else RMD()
+        self.compare = [get_estimator(e) for e in compare or []]
         self._reference: list[Tensor] | None = None
         self._compared: dict[str, tuple[float, float]] = {}
 
@@ -69,23 +71,25 @@ class HypergradCallback(L.Callback):
         buffers = {k: v.clone() for k, v in pl_module.named_buffers()}
         try:
             tasks = pl_module.split_tasks(batch)
-            self._reference, _ = pl_module.meta_gradient(tasks, self.reference)
+            self._reference = pl_module.meta_gradient(tasks, self.reference).hypergrads
             self._compared = {}
             for estimator in self.compare:
-                hypergrad, _ = pl_module.meta_gradient(tasks, estimator)
-                self._compared[_label(estimator)] = cosine_and_norm_ratio(hypergrad, self._reference)
+                hypergrad = pl_module.meta_gradient(tasks, estimator).hypergrads
+                self._compared[str(estimator)] = cosine_and_norm_ratio(hypergrad, self._reference)
         finally:
             with torch.no_grad():
                 for name, buffer in pl_module.named_buffers():
                     buffer.copy_(buffers[name])
-        pl_module.capture_hypergrad = True
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._reference is None:
             return
-        pl_module.capture_hypergrad = False
-        estimate = pl_module.last_hypergrad
-        pl_module.last_hypergrad = None
+        estimate = outputs["hypergrad"] if isinstance(outputs, dict) and "hypergrad" in outputs else None
+        if estimate is None:
+            raise RuntimeError(
+                f"HypergradCallback needs the step's hypergradient: {type(pl_module).__name__}.training_step must "
+                "return BilevelModule.training_step's dict (with its 'hypergrad' entry)"
+            )
         cosine, ratio = cosine_and_norm_ratio(estimate, self._reference)
         pl_module.log("hypergrad/cosine", cosine)
         pl_module.log("hypergrad/norm_ratio", ratio)
@@ -93,8 +97,3 @@ class HypergradCallback(L.Callback):
             pl_module.log(f"hypergrad/{label}/cosine", c)
             pl_module.log(f"hypergrad/{label}/norm_ratio", r)
         self._reference = None
-
-
-def _label(estimator: HypergradEstimator) -> str:
-    gamma = getattr(estimator, "gamma", None)
-    return f"{estimator.name}_{gamma}" if gamma is not None else estimator.name

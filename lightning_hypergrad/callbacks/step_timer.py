@@ -1,4 +1,4 @@
-"""``StepTimer``: the wall time of each training step, for benchmarks."""
+"""``StepTimer``: the wall time of each training step, logged and kept for benchmarks."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ class StepTimer(L.Callback):
     """Records the seconds of each training step, from ``on_train_batch_start`` to ``on_train_batch_end``.
 
     A step of a :class:`~lightning_hypergrad.BilevelModule` holds the inner loops, the hypergradient and the outer
-    step; loading the batch (before ``on_train_batch_start``) is not counted. The times are in ``durations``.
+    step; loading the batch (before ``on_train_batch_start``) is not counted. The times are in ``durations`` and
+    logged as ``train/seconds_per_step``. A :class:`~lightning_hypergrad.BilevelModule` adds one to its trainer
+    unless the trainer has one already, so this is the one step timer of a run.
 
     Example::
 
@@ -37,3 +39,4 @@ class StepTimer(L.Callback):
         if self._start is not None:
             self.durations.append(time.perf_counter() - self._start)
             self._start = None
+            pl_module.log("train/seconds_per_step", self.durations[-1], batch_size=1)

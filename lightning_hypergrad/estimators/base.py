@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
+from lightning_hypergrad._checks import check_int
 from lightning_hypergrad.inner_loop import Trajectory, leaves
 from lightning_hypergrad.optim.base import OptimizerState
 from lightning_hypergrad.problem import BilevelProblem
@@ -107,20 +109,21 @@ def check_dependence(problem: BilevelProblem, h: Sequence[Tensor], h_leaf: Seque
         for name in problem.optimizer.hyper_settings():
             roots += _flatten_settings(getattr(problem.optimizer, name)(h_leaf))
     reached = _reachable_leaves(roots)
-    captured = [i for i, a in enumerate(problem.hparams) if id(a) in reached]
+    captured = [i for i, a in enumerate(problem.hyperparameters) if id(a) in reached]
     if captured:
         raise ValueError(
-            f"the losses or the optimizer settings use hparams{captured} directly instead of the `hparams` "
+            f"the losses or the optimizer settings use hyperparameters{captured} directly instead of the `h` "
             "argument they receive; write them as functions of that argument (with `features`, of the tensors "
             "`features()` returns), so that the estimators can differentiate them"
         )
     used_h = [x for x, leaf in zip(h, h_leaf) if id(leaf) in reached]
     used = {id(x) for x in used_h} if problem.features is None else _reachable_leaves(used_h)
-    unused = [i for i, a in enumerate(problem.hparams) if id(a) not in used]
+    unused = [i for i, a in enumerate(problem.hyperparameters) if id(a) not in used]
     if unused:
         raise ValueError(
-            f"hparams{unused} affect neither the inner loss, the outer loss nor the inner optimizer's settings, so "
-            "their hypergradient is undefined; remove them from `hparams` or make the losses depend on them"
+            f"hyperparameters{unused} affect neither the inner loss, the outer loss nor the inner optimizer's "
+            "settings, so their hypergradient is undefined; remove them from `hyperparameters` or make the losses "
+            "depend on them"
         )
 
 
@@ -137,10 +140,14 @@ class HypergradEstimator:
             and nothing is accumulated) or ``"raise"``.
     """
 
-    #: the short name of the estimator in configs and logs
+    #: the short name of the estimator: the head of its spec string (``greedy`` in ``greedy(0.99)``)
     name: ClassVar[str] = ""
+    #: the constructor arguments that the spec string always holds, in order (``0.99`` in ``greedy(0.99)``)
+    spec_args: ClassVar[tuple[str, ...]] = ()
+    #: further constructor arguments, printed as ``key=value`` where they differ from their defaults
+    spec_options: ClassVar[tuple[str, ...]] = ("nonfinite",)
     #: whether the estimator can differentiate through the inner optimizer's own settings
-    supports_optimizer_hparams: ClassVar[bool] = True
+    supports_optimizer_settings: ClassVar[bool] = True
 
     def __init__(self, nonfinite: Literal["warn", "raise"] = "warn") -> None:
         if nonfinite not in ("warn", "raise"):
@@ -148,13 +155,28 @@ class HypergradEstimator:
         self.nonfinite = nonfinite
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "nonfinite")
+        args = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.spec_args + self.spec_options if k != "nonfinite")
         return f"{type(self).__name__}({args})"
+
+    def __str__(self) -> str:
+        """The estimator's spec string, e.g. ``greedy(0.99)``: :func:`~lightning_hypergrad.get_estimator` parses it.
+
+        Every script, record, log key and plot label names an estimator by this string.
+        """
+        defaults = inspect.signature(type(self).__init__).parameters
+        parts = [_spec_value(getattr(self, key)) for key in self.spec_args]
+        for key in self.spec_options:
+            value = getattr(self, key)
+            if value != defaults[key].default:
+                parts.append(f"{key}={_spec_value(value)}")
+        if not parts:
+            return self.name
+        return f"{self.name}({', '.join(parts)})"
 
     def validate(self, problem: BilevelProblem) -> None:
         """Raise ``ValueError`` if this estimator cannot handle ``problem``."""
         settings = problem.optimizer.hyper_settings()
-        if settings and not self.supports_optimizer_hparams:
+        if settings and not self.supports_optimizer_settings:
             raise ValueError(
                 f"{type(self).__name__} cannot differentiate through the inner optimizer's own settings "
                 f"({', '.join(settings)}): the implicit function theorem sees only the inner optimum, which does "
@@ -176,14 +198,14 @@ class HypergradEstimator:
         """
         self.validate(problem)
         with torch.enable_grad():
-            h = list(problem.features()) if problem.features is not None else problem.hparams
+            h = list(problem.features()) if problem.features is not None else problem.hyperparameters
             h_leaf = leaves(h)
             if check:
                 check_dependence(problem, h, h_leaf)
             hypergrads, estimate = self._hypergrads(problem, h, h_leaf)
         finite = self._check_finite(hypergrads)
         if accumulate and finite:
-            for a, g in zip(problem.hparams, hypergrads):
+            for a, g in zip(problem.hyperparameters, hypergrads):
                 a.grad = g.detach().clone() if a.grad is None else a.grad + g.detach()
         return HypergradResult(
             hypergrads=[g.detach() for g in hypergrads],
@@ -199,14 +221,14 @@ class HypergradEstimator:
         estimate = self._estimate(problem, h_leaf)
         grads = estimate.grads
         if problem.features is None:
-            return [torch.zeros_like(a) if g is None else g for a, g in zip(problem.hparams, grads)], estimate
+            return [torch.zeros_like(a) if g is None else g for a, g in zip(problem.hyperparameters, grads)], estimate
         pairs = [(x, g) for x, g in zip(h, grads) if g is not None and x.requires_grad]
-        mapped: Sequence[Tensor | None] = [None] * len(problem.hparams)
+        mapped: Sequence[Tensor | None] = [None] * len(problem.hyperparameters)
         if pairs:
             mapped = torch.autograd.grad(
-                [x for x, _ in pairs], problem.hparams, [g for _, g in pairs], allow_unused=True
+                [x for x, _ in pairs], problem.hyperparameters, [g for _, g in pairs], allow_unused=True
             )
-        return [torch.zeros_like(a) if g is None else g for a, g in zip(problem.hparams, mapped)], estimate
+        return [torch.zeros_like(a) if g is None else g for a, g in zip(problem.hyperparameters, mapped)], estimate
 
     def _estimate(self, problem: BilevelProblem, h: list[Tensor]) -> Estimate:
         """Gradients with respect to ``h`` (leaves), from one run of the inner loop.
@@ -221,8 +243,8 @@ class HypergradEstimator:
             return True
         bad = [i for i, g in enumerate(hypergrads) if not bool(torch.isfinite(g).all())]
         message = (
-            f"{type(self).__name__}: the hypergradient of hparams{bad} has NaN or infinite entries, so it was not "
-            "accumulated; the inner loop has probably diverged: lower the inner optimizer's learning rate or the "
+            f"{type(self).__name__}: the hypergradient of hyperparameters{bad} has NaN or infinite entries, so it was "
+            "not accumulated; the inner loop has probably diverged: lower the inner optimizer's learning rate or the "
             "number of inner steps (steps/T)"
         )
         if self.nonfinite == "raise":
@@ -231,7 +253,9 @@ class HypergradEstimator:
         return False
 
 
+def _spec_value(value: object) -> str:
+    return repr(float(value)) if isinstance(value, float) else repr(value)
+
+
 def check_positive_int(owner: str, name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{owner} {name} must be an integer >= 1, got {value!r}")
-    return value
+    return check_int(name, value, owner=owner)

@@ -24,6 +24,8 @@ class ConjugateGradient(ImplicitEstimator):
     """
 
     name = "cg"
+    spec_args = ("iterations",)
+    spec_options = ("tol", "nonfinite")
 
     def __init__(self, iterations: int = 10, tol: float = 1e-12, nonfinite: str = "warn") -> None:
         super().__init__(iterations, nonfinite)

@@ -54,6 +54,7 @@ class FMD(HypergradEstimator):
     """
 
     name = "fmd"
+    spec_options = ("max_entries", "nonfinite")
 
     def __init__(self, max_entries: int = 64, nonfinite: str = "warn") -> None:
         super().__init__(nonfinite)
@@ -61,7 +62,7 @@ class FMD(HypergradEstimator):
 
     def validate(self, problem: BilevelProblem) -> None:
         super().validate(problem)
-        entries = sum(a.numel() for a in problem.hparams)
+        entries = sum(a.numel() for a in problem.hyperparameters)
         if entries > self.max_entries:
             raise ValueError(
                 f"FMD carries one tangent per hyperparameter entry, and this problem has {entries} entries > "
@@ -71,14 +72,14 @@ class FMD(HypergradEstimator):
     def _feature_tangents(self, problem: BilevelProblem, h: Sequence[Tensor], h_leaf: Sequence[Tensor]):
         """``dh / d alpha_j`` for every entry ``j`` of the hyperparameters, as lists shaped like ``h``."""
         units = []
-        for a_index, a in enumerate(problem.hparams):
+        for a_index, a in enumerate(problem.hyperparameters):
             for j in range(a.numel()):
-                unit = [torch.zeros_like(b) for b in problem.hparams]
+                unit = [torch.zeros_like(b) for b in problem.hyperparameters]
                 unit[a_index].view(-1)[j] = 1
                 units.append(unit)
         if problem.features is None:
             return units
-        return jvp(list(h), problem.hparams, units)
+        return jvp(list(h), problem.hyperparameters, units)
 
     def _hypergrads(self, problem: BilevelProblem, h, h_leaf):
         h_tangents = self._feature_tangents(problem, h, h_leaf)
@@ -104,7 +105,7 @@ class FMD(HypergradEstimator):
         g_h = [torch.zeros_like(x) if g is None else g for x, g in zip(h_leaf, g_h)]
         flat = torch.stack([dot(g_w, z_w[j]) + dot(g_h, h_tangents[j]) for j in range(n)])
         hypergrads, offset = [], 0
-        for a in problem.hparams:
+        for a in problem.hyperparameters:
             hypergrads.append(flat[offset : offset + a.numel()].view_as(a).to(a.dtype))
             offset += a.numel()
         return hypergrads, Estimate([], trajectory, loss)

@@ -68,6 +68,7 @@ class Greedy(_WeightedGreedy):
     """
 
     name = "greedy"
+    spec_args = ("gamma",)
 
     def __init__(self, gamma: float = 0.99, nonfinite: str = "warn") -> None:
         super().__init__(nonfinite)

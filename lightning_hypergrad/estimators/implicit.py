@@ -30,7 +30,7 @@ class ImplicitEstimator(HypergradEstimator):
     The optimizer's own settings cannot be hyperparameters here: the stationary point does not depend on them.
     """
 
-    supports_optimizer_hparams = False
+    supports_optimizer_settings = False
 
     def __init__(self, iterations: int = 10, nonfinite: str = "warn") -> None:
         super().__init__(nonfinite)

@@ -21,6 +21,8 @@ class Neumann(ImplicitEstimator):
     """
 
     name = "neumann"
+    spec_args = ("iterations",)
+    spec_options = ("scale", "nonfinite")
 
     def __init__(self, iterations: int = 10, scale: float | None = None, nonfinite: str = "warn") -> None:
         super().__init__(iterations, nonfinite)

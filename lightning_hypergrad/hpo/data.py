@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_hypergrad._checks import check_int
+
 DIGITS_SIZE = 1797
 
 
@@ -64,10 +66,9 @@ class DigitsHPODataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         for name, value in (("train_size", train_size), ("val_size", val_size), ("steps_per_epoch", steps_per_epoch)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"DigitsHPODataModule {name} must be an integer >= 1, got {value!r}")
-        if test_size is not None and (isinstance(test_size, bool) or not isinstance(test_size, int) or test_size < 1):
-            raise ValueError(f"DigitsHPODataModule test_size must be an integer >= 1 or null, got {test_size!r}")
+            check_int(name, value, owner="DigitsHPODataModule")
+        if test_size is not None:
+            check_int("test_size (or null)", test_size, owner="DigitsHPODataModule")
         used = train_size + val_size + (test_size or 1)
         if used > DIGITS_SIZE:
             raise ValueError(

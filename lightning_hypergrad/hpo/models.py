@@ -15,13 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_hypergrad._checks import check_int
 from lightning_hypergrad.module import BilevelModule, Task
 from lightning_hypergrad.optim import SGD, DifferentiableOptimizer
-
-
-def _check_positive_int(owner: str, name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{owner} {name} must be an integer >= 1, got {value!r}")
 
 
 class MLPProblem(BilevelModule):
@@ -49,14 +45,14 @@ class MLPProblem(BilevelModule):
     ) -> None:
         super().__init__(**kwargs)
         name = type(self).__name__
-        _check_positive_int(name, "in_features", in_features)
-        _check_positive_int(name, "classes", classes)
+        check_int("in_features", in_features, owner=name)
+        check_int("classes", classes, owner=name)
         if not isinstance(hidden, (list, tuple)):
             raise ValueError(
                 f"{name} hidden must be a list of layer widths (e.g. [64], or [] for none), got {hidden!r}"
             )
         for width in hidden:
-            _check_positive_int(name, "hidden width", width)
+            check_int("hidden width", width, owner=name)
         self.sizes = [in_features, *hidden, classes]
         generator = torch.Generator().manual_seed(init_seed)
         for i, (fan_in, fan_out) in enumerate(zip(self.sizes[:-1], self.sizes[1:])):
@@ -221,7 +217,7 @@ class HyperCleaner(MLPProblem):
     ) -> None:
         super().__init__(hidden=hidden, online=online, **kwargs)
         if train_size is not None:
-            _check_positive_int("HyperCleaner", "train_size", train_size)
+            check_int("train_size", train_size, owner="HyperCleaner")
         if not isinstance(init_weight, (int, float)) or not 0 < init_weight < 1:
             raise ValueError(f"HyperCleaner init_weight must be in (0, 1), got {init_weight!r}")
         self.save_hyperparameters(ignore=["estimator", "inner_optimizer"])

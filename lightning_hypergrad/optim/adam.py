@@ -73,11 +73,11 @@ class Adam(DifferentiableOptimizer):
         params: Sequence[Tensor],
         grads: Sequence[Tensor],
         state: OptimizerState,
-        hparams: Sequence[Tensor],
+        h: Sequence[Tensor],
     ) -> tuple[list[Tensor], OptimizerState]:
         n = len(params)
-        lrs = self._value("lr", hparams, n)
-        wds = self._value("weight_decay", hparams, n)
+        lrs = self._value("lr", h, n)
+        wds = self._value("weight_decay", h, n)
         beta1, beta2 = self.betas
         step = state.step + 1
         bias_correction1 = 1 - beta1**step

@@ -83,7 +83,7 @@ class DifferentiableOptimizer(ABC):
         params: Sequence[Tensor],
         grads: Sequence[Tensor],
         state: OptimizerState,
-        hparams: Sequence[Tensor],
+        h: Sequence[Tensor],
     ) -> tuple[list[Tensor], OptimizerState]:
         """One step: new parameters and new state. Nothing is modified in place."""
 
@@ -95,11 +95,11 @@ class DifferentiableOptimizer(ABC):
         """
         return 0.0
 
-    def _value(self, name: str, hparams: Sequence[Tensor], n_params: int) -> list[float | Tensor]:
+    def _value(self, name: str, h: Sequence[Tensor], n_params: int) -> list[float | Tensor]:
         """The setting ``name`` for each of ``n_params`` parameters."""
         value = getattr(self, name)
         if callable(value):
-            value = value(hparams)
+            value = value(h)
         if isinstance(value, (list, tuple)):
             if len(value) != n_params:
                 raise ValueError(

@@ -75,12 +75,12 @@ class SGD(DifferentiableOptimizer):
         params: Sequence[Tensor],
         grads: Sequence[Tensor],
         state: OptimizerState,
-        hparams: Sequence[Tensor],
+        h: Sequence[Tensor],
     ) -> tuple[list[Tensor], OptimizerState]:
         n = len(params)
-        lrs = self._value("lr", hparams, n)
-        wds = self._value("weight_decay", hparams, n)
-        mus = self._value("momentum", hparams, n) if self._uses_momentum() else [0.0] * n
+        lrs = self._value("lr", h, n)
+        wds = self._value("weight_decay", h, n)
+        mus = self._value("momentum", h, n) if self._uses_momentum() else [0.0] * n
         new_params, new_bufs = [], []
         for i, (p, g) in enumerate(zip(params, grads)):
             d = g
