@@ -1,5 +1,11 @@
-"""Data for meta-learning: :class:`FewShotDataModule` builds N-way K-shot tasks with learn2learn."""
+"""Data for meta-learning: :class:`FewShotDataModule` builds N-way K-shot tasks with learn2learn.
 
-from lightning_hypergrad.data.fewshot import DATASETS, FewShotDataModule
+The datasets it knows are registered by name (:mod:`lightning_hypergrad.data.registry`); importing this package
+registers the built-in ones (:mod:`lightning_hypergrad.data.datasets`).
+"""
 
-__all__ = ["DATASETS", "FewShotDataModule"]
+from lightning_hypergrad.data import datasets as _builtin_datasets  # noqa: F401  (registers the built-in datasets)
+from lightning_hypergrad.data.fewshot import FewShotDataModule
+from lightning_hypergrad.data.registry import DATASETS, DatasetOptions, DatasetSpec, get_dataset, register, unregister
+
+__all__ = ["DATASETS", "DatasetOptions", "DatasetSpec", "FewShotDataModule", "get_dataset", "register", "unregister"]

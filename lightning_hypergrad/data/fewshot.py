@@ -6,44 +6,19 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_hypergrad.data import sources
-from lightning_hypergrad.data.sources import SPLITS, ClassSplit
+from lightning_hypergrad._checks import check_int
+from lightning_hypergrad.data.registry import DATASETS, DatasetOptions, DatasetSpec, get_dataset
+from lightning_hypergrad.data.sources import SPLIT_NAMES, SPLITS, ClassSplit
 from lightning_hypergrad.data.tasks import EpochSampler, TaskBatches, TaskSampler
 
-DATASETS = ("digits", "omniglot", "cifar100", "cifarfs", "mini-imagenet", "folder")
-"""The values ``FewShotDataModule(dataset=...)`` accepts."""
-
-_CLASSES = {
-    "digits": (5, 5, 5),
-    "omniglot": (964, 330, 329),
-    "cifar100": (50, 50, 50),
-    "cifarfs": (64, 16, 20),
-    "mini-imagenet": (64, 16, 20),
-}
-"""Classes in the train/val/test splits of the built-in datasets (as published; local copies are checked again)."""
-
-_EXAMPLES_PER_CLASS = {
-    "digits": (174, "the smallest digit class of scikit-learn's digits has 174 images"),
-    "omniglot": (20, "every Omniglot character has 20 drawings"),
-    "cifar100": (600, "every CIFAR-100 class has 600 images (train and test files merged)"),
-    "cifarfs": (600, "every CIFAR-100 class has 600 images (train and test files merged)"),
-    "mini-imagenet": (600, "every mini-ImageNet class has 600 images"),
-}
-
-_CHANNELS_AND_SIZE = {
-    "digits": (1, 8),
-    "omniglot": (1, 28),
-    "cifar100": (3, 32),
-    "cifarfs": (3, 32),
-    "mini-imagenet": (3, 84),
-    "folder": (3, 32),
-}
-
-_SPLIT_NAMES = {"train": "meta-train", "val": "meta-validation", "test": "meta-test"}
+__all__ = ["DATASETS", "FewShotDataModule"]
 
 _DEFAULT_ROOT = "data"
+"""``root`` when it is not set and the dataset does not need it."""
+
+_OWNER = "FewShotDataModule"
 
 
 class FewShotDataModule(LightningDataModule):
@@ -77,6 +52,9 @@ class FewShotDataModule(LightningDataModule):
     - ``"folder"``: your own images, ``root/<class>/<images>`` (classes split 60/20/20% into train/val/test by
       ``split_seed``) or ``root/{train,val,test}/<class>/<images>``; read with PIL as RGB, resized to ``image_size``
       (default 32).
+    - any name registered with :func:`lightning_hypergrad.data.register` (a
+      :class:`~lightning_hypergrad.data.DatasetSpec`; see :mod:`lightning_hypergrad.data.registry`). Everything
+      dataset-specific (files, loading, default image shape, published counts) comes from the spec.
 
     Sampling is reproducible and resumable: training batch ``i`` of epoch ``e`` depends only on ``(seed, e, i)``
     (Lightning calls :meth:`set_epoch` at every training epoch through the sampler; :meth:`state_dict` stores the
@@ -84,7 +62,8 @@ class FewShotDataModule(LightningDataModule):
     same tasks.
 
     Args:
-        dataset: one of ``digits``, ``omniglot``, ``cifar100``, ``cifarfs``, ``mini-imagenet``, ``folder``.
+        dataset: one of ``digits``, ``omniglot``, ``cifar100``, ``cifarfs``, ``mini-imagenet``, ``folder``, or a
+            registered dataset (the names of :data:`~lightning_hypergrad.data.DATASETS`).
         root: the data folder (default ``data``; required for ``folder``).
         ways: classes per task (N).
         shots: support examples per class (K).
@@ -103,10 +82,13 @@ class FewShotDataModule(LightningDataModule):
 
     Attributes:
         image_shape: ``(C, H, W)`` of the images after preprocessing.
+        spec: the :class:`~lightning_hypergrad.data.DatasetSpec` of ``dataset``.
 
     Raises:
         ValueError: an unknown dataset; a setting below its minimum; ``ways`` above the classes of a split or
-            ``shots + queries`` above the examples per class of a built-in dataset.
+            ``shots + queries`` above the examples per class of a dataset whose spec gives them. From :meth:`setup`:
+            a split too small for the tasks, or a registered dataset whose ``load`` breaks its spec (splits or image
+            shape).
         FileNotFoundError: the dataset's files are not in ``root`` and ``download`` is off (or, for ``cifarfs``, the
             split files are absent); the message names the paths looked at and how to get the data.
     """
@@ -129,8 +111,7 @@ class FewShotDataModule(LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {dataset!r}: set dataset to one of {', '.join(DATASETS)}")
+        spec = get_dataset(dataset)
         for name, value, minimum in (
             ("ways", ways, 1),
             ("shots", shots, 1),
@@ -144,13 +125,12 @@ class FewShotDataModule(LightningDataModule):
             ("split_seed", split_seed, None),
             ("seed", seed, None),
         ):
-            _check_int(name, value, minimum)
+            check_int(name, value, minimum, owner=_OWNER)
         if not isinstance(download, bool):
             raise ValueError(f"download must be true or false, got {download!r}")
-        if dataset in _CLASSES:
-            _check_ways(dataset, ways, _CLASSES[dataset])
-            _check_examples(dataset, shots, queries, *_EXAMPLES_PER_CLASS[dataset])
+        spec.check_task(ways, shots, queries)
 
+        self.spec: DatasetSpec = spec
         self.dataset = dataset
         self.root = root
         self.ways = ways
@@ -165,64 +145,48 @@ class FewShotDataModule(LightningDataModule):
         self.split_seed = split_seed
         self.seed = seed
         self.num_workers = num_workers
-        channels, size = _CHANNELS_AND_SIZE[dataset]
-        self.image_shape: tuple[int, int, int] = (channels, image_size or size, image_size or size)
+        size = image_size or spec.image_size
+        self.image_shape: tuple[int, int, int] = (spec.channels, size, size)
         self.epoch = 0
         self.save_hyperparameters()
 
         self._root = self._resolve_root()
-        self._check_files()
+        self.spec.check_files(self._options())
         self._splits: dict[str, ClassSplit] | None = None
         self._samplers: dict[str, TaskSampler] = {}
         self._batches: dict[str, TaskBatches] = {}
         self._resume_skip = 0
+        self._epoch_start_step: int | None = None
 
     # -----------------------------------------------------------------------------------------------------------------
     # checks
     # -----------------------------------------------------------------------------------------------------------------
 
     def _resolve_root(self) -> Path:
-        if self.dataset == "folder":
+        if self.spec.needs_root is not None:
             if self.root is None:
-                raise ValueError(
-                    "dataset 'folder' needs root: set root to a folder of class folders (root/<class>/<images>) or of "
-                    "train/val/test folders of class folders"
-                )
-            root = Path(self.root).expanduser()
-            if not root.is_dir():
-                raise FileNotFoundError(
-                    f"dataset 'folder': root {root} is not a folder; set root to a folder holding "
-                    "root/<class>/<images> or root/{train,val,test}/<class>/<images>"
-                )
-            return root
+                raise ValueError(f"dataset {self.dataset!r} needs root: set root to {self.spec.needs_root}")
+            return Path(self.root).expanduser()
         return Path(self.root if self.root is not None else _DEFAULT_ROOT).expanduser()
 
-    def _check_files(self) -> None:
-        """Raises ``FileNotFoundError`` at once when the data is absent and cannot be downloaded."""
-        root = self._root
-        if self.dataset == "omniglot" and not self.download and not sources.omniglot_available(root):
-            raise FileNotFoundError(sources.omniglot_missing_message(root))
-        if self.dataset == "cifarfs":
-            missing = [p for p in sources.cifarfs_split_files(root) if not p.is_file()]
-            if missing:
-                raise FileNotFoundError(sources.cifarfs_missing_message(missing))
-        if self.dataset in ("cifar100", "cifarfs") and not self.download:
-            names = ("train", "test", "meta") if self.dataset == "cifarfs" else ("train", "test")
-            missing = [p for p in sources.cifar_files(root, names) if not p.is_file()]
-            if missing:
-                raise FileNotFoundError(sources.cifar_missing_message(missing))
-        if self.dataset == "mini-imagenet" and not self.download:
-            missing = [sources.mini_imagenet_file(root, s) for s in SPLITS]
-            missing = [p for p in missing if not p.is_file()]
-            if missing:
-                raise FileNotFoundError(sources.mini_imagenet_missing_message(missing))
+    def _options(self) -> DatasetOptions:
+        """The settings the dataset's functions receive."""
+        return DatasetOptions(
+            root=self._root, image_size=self.image_size, download=self.download, split_seed=self.split_seed
+        )
 
     def _check_splits(self, splits: dict[str, ClassSplit]) -> None:
         """Every split must have ``ways`` classes with ``shots + queries`` examples each."""
+        if not isinstance(splits, dict) or not all(isinstance(splits.get(split), ClassSplit) for split in SPLITS):
+            got = sorted(splits) if isinstance(splits, dict) else type(splits).__name__
+            raise ValueError(
+                f"the load function of dataset {self.dataset!r} returned {got}: it must return a dict with a "
+                f"ClassSplit under each of {', '.join(repr(split) for split in SPLITS)}"
+            )
         needed = self.shots + self.queries
         for split in SPLITS:
             counts = splits[split].examples_per_class()
-            where = f"the {_SPLIT_NAMES[split]} split of dataset {self.dataset!r} in {self._root}"
+            where = f"the {SPLIT_NAMES[split]} split of dataset {self.dataset!r} in {self._root}"
             if len(counts) < self.ways:
                 raise ValueError(
                     f"ways={self.ways} but {where} has {len(counts)} classes: set ways between 1 and "
@@ -243,32 +207,21 @@ class FewShotDataModule(LightningDataModule):
 
     def prepare_data(self) -> None:
         """Downloads the dataset into ``root`` when ``download`` is set and it is not there yet (one process)."""
-        root = self._root
-        if self.dataset == "omniglot":
-            sources.prepare_omniglot(root, self.download)
-        elif self.dataset in ("cifar100", "cifarfs"):
-            names = ("train", "test", "meta") if self.dataset == "cifarfs" else ("train", "test")
-            sources.prepare_cifar(root, self.download, names)
-        elif self.dataset == "mini-imagenet" and self.download:
-            from lightning_hypergrad.data.tasks import import_learn2learn
-
-            for split, mode in sources.MINI_IMAGENET_MODES.items():
-                if not sources.mini_imagenet_file(root, split).is_file():
-                    import_learn2learn().vision.datasets.MiniImagenet(str(root), mode=mode, download=True)
+        self.spec.prepare(self._options())
 
     def _load(self) -> dict[str, ClassSplit]:
-        root, size = self._root, self.image_size
-        if self.dataset == "digits":
-            return sources.load_digits_splits(size)
-        if self.dataset == "omniglot":
-            return sources.load_omniglot_splits(root, size, self.download)
-        if self.dataset == "cifar100":
-            return sources.load_cifar100_splits(root, size, self.download, self.split_seed)
-        if self.dataset == "cifarfs":
-            return sources.load_cifarfs_splits(root, size, self.download)
-        if self.dataset == "mini-imagenet":
-            return sources.load_mini_imagenet_splits(root, size, self.download)
-        return sources.load_folder_splits(root, size, self.split_seed)
+        """The dataset's three class splits, from its spec's ``load``."""
+        return self.spec.load(self._options())
+
+    def _check_image_shape(self, splits: dict[str, ClassSplit]) -> None:
+        """The first training image must have :attr:`image_shape` (a registered loader's promise)."""
+        image = splits["train"].dataset[0][0]
+        if tuple(image.shape) != self.image_shape:
+            raise ValueError(
+                f"dataset {self.dataset!r} yields images of shape {tuple(image.shape)}, but its DatasetSpec and "
+                f"image_size give (C, H, W) = {self.image_shape}: make its load function return images of "
+                "spec.channels x side x side, with side = options.image_size when set, else spec.image_size"
+            )
 
     def setup(self, stage: str | None = None) -> None:
         """Loads the three class splits (once) and checks that each can make ``ways``-way tasks."""
@@ -276,6 +229,7 @@ class FewShotDataModule(LightningDataModule):
             return
         splits = self._load()
         self._check_splits(splits)
+        self._check_image_shape(splits)
         self._splits = splits
         self._samplers = {split: TaskSampler(splits[split], self.ways, self.shots, self.queries) for split in SPLITS}
 
@@ -291,14 +245,9 @@ class FewShotDataModule(LightningDataModule):
             self.setup()
         epoch = self.epoch if split == "train" else 0
         shard = (0, 1)
-        if split == "train" and self._trainer_or_none() is not None and self.trainer.world_size > 1:
-            if self.trainer._accelerator_connector.use_distributed_sampler:
-                raise ValueError(
-                    "FewShotDataModule splits each meta-batch across the processes itself: set "
-                    "trainer.use_distributed_sampler: false (Trainer(use_distributed_sampler=False)) for multi-process "
-                    "runs"
-                )
-            shard = (self.trainer.global_rank, self.trainer.world_size)
+        trainer = self._trainer_or_none()
+        if split == "train" and trainer is not None and trainer.world_size > 1:
+            shard = (trainer.global_rank, trainer.world_size)
         batches = TaskBatches(
             self._samplers[split], num_tasks, self.meta_batch_size, self.seed, split, epoch, shard=shard
         )
@@ -309,7 +258,28 @@ class FewShotDataModule(LightningDataModule):
         """``train_batches`` batches of ``meta_batch_size`` fresh tasks, which change with the epoch."""
         batches = self._task_batches("train", self.train_batches * self.meta_batch_size)
         skip, self._resume_skip = self._resume_skip, 0
-        return self._loader(batches, sampler=EpochSampler(len(batches), self.set_epoch, skip=skip))
+        sampler = EpochSampler(len(batches), self.set_epoch, skip=skip, on_iter=self._train_iteration_starts)
+        return self._loader(batches, sampler=sampler)
+
+    def _train_iteration_starts(self, first: int) -> None:
+        """Called by the training sampler when an epoch's iteration starts at batch ``first`` (``> 0`` on resume).
+
+        Notes the trainer's step count at the epoch's start, from which :meth:`_batches_done` counts, and refuses
+        the sampler that Lightning puts in place of the data module's when ``use_distributed_sampler`` is on.
+        """
+        trainer = self._trainer_or_none()
+        if trainer is None:
+            self._epoch_start_step = None
+            return
+        # Lightning wraps the data module's sampler in a DistributedSampler when use_distributed_sampler is on
+        used = getattr(trainer.train_dataloader, "sampler", None)
+        if trainer.world_size > 1 and isinstance(used, DistributedSampler):
+            raise ValueError(
+                "FewShotDataModule splits each meta-batch across the processes itself: set "
+                "trainer.use_distributed_sampler: false (Trainer(use_distributed_sampler=False)) for multi-process "
+                "runs"
+            )
+        self._epoch_start_step = trainer.global_step - first
 
     def val_dataloader(self) -> DataLoader:
         """The ``val_tasks`` fixed meta-validation tasks, ``meta_batch_size`` at a time."""
@@ -330,7 +300,7 @@ class FewShotDataModule(LightningDataModule):
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the training tasks of ``epoch`` (Lightning calls this through the training sampler)."""
-        _check_int("epoch", epoch, 0)
+        check_int("epoch", epoch, 0, owner=_OWNER)
         self.epoch = epoch
         if "train" in self._batches:
             self._batches["train"].set_epoch(epoch)
@@ -339,52 +309,34 @@ class FewShotDataModule(LightningDataModule):
         return getattr(self, "trainer", None)
 
     def _batches_done(self) -> int:
-        """Training batches completed in the current epoch (0 at an epoch's end), from the trainer's fit loop."""
+        """Training batches done in the current epoch (0 at an epoch's end), from the trainer's step count.
+
+        Each training batch of a :class:`~lightning_hypergrad.BilevelModule` is exactly one optimizer step (a
+        skipped non-finite step included), so the batches done are the steps since the epoch's iteration started.
+        A checkpoint written in ``on_train_batch_end`` counts the batch just trained on, as it should.
+        """
         trainer = self._trainer_or_none()
-        if trainer is None:
+        if trainer is None or self._epoch_start_step is None:
             return 0
-        # "processed", not "completed": a checkpoint written in on_train_batch_end counts the batch as not completed
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        done = trainer.global_step - self._epoch_start_step
         return done if 0 < done < self.train_batches else 0
 
     def state_dict(self) -> dict[str, Any]:
         """The sampling state saved in checkpoints: ``seed``, ``epoch`` and the batches done in the epoch.
 
         A run resumed from a checkpoint taken in the middle of an epoch continues with the next batch of that
-        epoch, so it sees exactly the tasks an uninterrupted run would.
+        epoch, so it sees exactly the tasks an uninterrupted run would. The batches done are counted in optimizer
+        steps: exact for a :class:`~lightning_hypergrad.BilevelModule` and any module that takes one optimizer step
+        per training batch (not with ``accumulate_grad_batches`` > 1).
         """
         return {"seed": self.seed, "epoch": self.epoch, "batches_done": self._batches_done()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores the sampling state of :meth:`state_dict`, so that the same batches follow."""
         seed = state_dict.get("seed", self.seed)
-        _check_int("seed", seed, None)
+        check_int("seed", seed, None, owner=_OWNER)
         self.seed = seed
         for batches in self._batches.values():
             batches.seed = seed
         self.set_epoch(state_dict.get("epoch", 0))
         self._resume_skip = int(state_dict.get("batches_done", 0))
-
-
-def _check_int(name: str, value: object, minimum: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}: set {name} to a whole number")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}: set {name} to {minimum} or more")
-
-
-def _check_ways(dataset: str, ways: int, classes: tuple[int, int, int]) -> None:
-    for split, count in zip(SPLITS, classes):
-        if ways > count:
-            raise ValueError(
-                f"ways={ways} is more than the {count} classes of the {_SPLIT_NAMES[split]} split of {dataset!r} "
-                f"(train/val/test classes: {'/'.join(map(str, classes))}): set ways between 1 and {min(classes)}"
-            )
-
-
-def _check_examples(dataset: str, shots: int, queries: int, per_class: int, why: str) -> None:
-    if shots + queries > per_class:
-        raise ValueError(
-            f"shots + queries = {shots} + {queries} = {shots + queries} is more than the {per_class} examples per "
-            f"class of {dataset!r} ({why}): lower shots or queries so that shots + queries <= {per_class}"
-        )

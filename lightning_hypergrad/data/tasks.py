@@ -2,32 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import math
 import random
-import warnings
 from collections.abc import Callable, Iterator
-from types import ModuleType
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
+from lightning_hypergrad.data._learn2learn import import_learn2learn
 from lightning_hypergrad.data.sources import ClassSplit
 
 BATCH_KEYS = ("support_x", "support_y", "query_x", "query_y")
-
-
-def import_learn2learn() -> ModuleType:
-    """Imports learn2learn without the deprecation banner and warnings that its ``gym`` import prints."""
-    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import learn2learn
-
-    return learn2learn
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -179,12 +167,21 @@ class EpochSampler(Sampler[int]):
         skip: the first iteration starts at this index (the batches that a resumed run has already trained on);
             later iterations start at 0. The length stays ``length``, which Lightning's restored batch counter
             expects.
+        on_iter: called with the first index each time an iteration starts (the data module notes where the
+            epoch started and checks which sampler Lightning uses).
     """
 
-    def __init__(self, length: int, on_set_epoch: Callable[[int], None], skip: int = 0) -> None:
+    def __init__(
+        self,
+        length: int,
+        on_set_epoch: Callable[[int], None],
+        skip: int = 0,
+        on_iter: Callable[[int], None] | None = None,
+    ) -> None:
         self.length = length
         self.on_set_epoch = on_set_epoch
         self.skip = skip
+        self.on_iter = on_iter
 
     def set_epoch(self, epoch: int) -> None:
         """Forwards the epoch (Lightning calls this before each training epoch)."""
@@ -192,6 +189,8 @@ class EpochSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         start, self.skip = self.skip, 0
+        if self.on_iter is not None:
+            self.on_iter(start)
         return iter(range(start, self.length))
 
     def __len__(self) -> int:

@@ -1,0 +1,138 @@
+"""``dataset="omniglot"``: Omniglot as two NumPy archives, converted once from torchvision's download if needed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_hypergrad.data.registry import DatasetOptions, DatasetSpec, register
+from lightning_hypergrad.data.sources import ClassSplit, resize, tensor_split
+
+OMNIGLOT_ARCHIVES = ("images_background.npz", "images_evaluation.npz")
+OMNIGLOT_TORCHVISION_FOLDER = "omniglot-py"
+
+
+def omniglot_available(root: Path) -> bool:
+    """Whether ``root`` holds the two NumPy archives or torchvision's extracted ``omniglot-py`` folders."""
+    archives = all((root / name).is_file() for name in OMNIGLOT_ARCHIVES)
+    folders = all((root / OMNIGLOT_TORCHVISION_FOLDER / Path(name).stem).is_dir() for name in OMNIGLOT_ARCHIVES)
+    return archives or folders
+
+
+def _read_omniglot_folder(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """torchvision's extracted ``images_*`` folder (``alphabet/character/*.png``) in the NumPy-archive layout."""
+    from PIL import Image
+
+    characters = sorted(p for alphabet in sorted(folder.iterdir()) if alphabet.is_dir() for p in alphabet.iterdir())
+    characters = [c for c in characters if c.is_dir()]
+    drawings = []
+    for character in characters:
+        files = sorted(character.glob("*.png"))
+        drawings.append(np.stack([np.asarray(Image.open(f).convert("L")) > 127 for f in files]))
+    counts = {len(d) for d in drawings}
+    if len(counts) != 1:
+        raise ValueError(f"{folder}: characters have different numbers of drawings ({sorted(counts)})")
+    images = np.stack(drawings)
+    labels = np.repeat(np.arange(len(characters), dtype=np.int64)[:, None], images.shape[1], axis=1)
+    return images, labels
+
+
+def prepare_omniglot(root: Path, download: bool) -> None:
+    """Makes sure ``root`` holds the two NumPy archives, downloading with torchvision if allowed.
+
+    When only torchvision's extracted folders are there (or were just downloaded), they are converted to the archive
+    layout once, so that later runs read two files instead of 32,460 images.
+    """
+    if all((root / name).is_file() for name in OMNIGLOT_ARCHIVES):
+        return
+    if not omniglot_available(root):
+        if not download:
+            raise FileNotFoundError(omniglot_missing_message(root))
+        from torchvision.datasets import Omniglot
+
+        for background in (True, False):
+            Omniglot(str(root), background=background, download=True)
+    for name in OMNIGLOT_ARCHIVES:
+        target = root / name
+        if target.is_file():
+            continue
+        images, labels = _read_omniglot_folder(root / OMNIGLOT_TORCHVISION_FOLDER / target.stem)
+        partial = root / f".{name}.partial.npz"
+        np.savez_compressed(partial, images=images, labels=labels)
+        os.replace(partial, target)
+
+
+def omniglot_missing_message(root: Path) -> str:
+    """The error for absent Omniglot data: the paths looked at and how to get them."""
+    looked = [str(root / name) for name in OMNIGLOT_ARCHIVES]
+    looked += [str(root / OMNIGLOT_TORCHVISION_FOLDER / Path(name).stem) for name in OMNIGLOT_ARCHIVES]
+    return (
+        "Omniglot data not found; looked for " + ", ".join(looked) + ". Either place the two NumPy archives "
+        "(images_background.npz and images_evaluation.npz, arrays `images` bool (n_chars, 20, 105, 105) and `labels` "
+        "int64 (n_chars, 20)) in that folder (set `root` to it), or set `download: true` on a machine with internet "
+        "access to fetch the original files with torchvision."
+    )
+
+
+def _omniglot_images(archive: Path, size: int, chunk: int = 2048) -> tuple[Tensor, Tensor]:
+    """One archive as float images ``(n_chars * 20, 1, size, size)`` with strokes 1.0, and character labels."""
+    with np.load(archive) as data:
+        drawings, labels = data["images"], data["labels"]
+    if drawings.ndim != 4 or labels.shape != drawings.shape[:2]:
+        raise ValueError(
+            f"{archive}: expected `images` (n_chars, n_drawings, H, W) and `labels` (n_chars, n_drawings), got "
+            f"{drawings.shape} and {labels.shape}"
+        )
+    flat = drawings.reshape(-1, 1, *drawings.shape[2:])
+    out = torch.empty(len(flat), 1, size, size)
+    for start in range(0, len(flat), chunk):
+        ink = torch.from_numpy(~flat[start : start + chunk]).float()  # True is background: invert so strokes are 1
+        out[start : start + chunk] = resize(ink, size)
+    return out, torch.from_numpy(labels.reshape(-1).astype(np.int64))
+
+
+def check_omniglot_files(options: DatasetOptions) -> None:
+    """Raises ``FileNotFoundError`` when neither the archives nor torchvision's folders are there and no download."""
+    if not options.download and not omniglot_available(options.root):
+        raise FileNotFoundError(omniglot_missing_message(options.root))
+
+
+def prepare_omniglot_files(options: DatasetOptions) -> None:
+    """Downloads (if allowed) and converts Omniglot into the two archives."""
+    prepare_omniglot(options.root, options.download)
+
+
+def load_omniglot_splits(options: DatasetOptions) -> dict[str, ClassSplit]:
+    """Omniglot: background characters meta-train; evaluation characters halved (first half meta-validation)."""
+    root = options.root
+    prepare_omniglot(root, options.download)
+    size = options.image_size or 28
+    images, labels = _omniglot_images(root / OMNIGLOT_ARCHIVES[0], size)
+    train = tensor_split(images, labels, torch.unique(labels).tolist(), None)
+    images, labels = _omniglot_images(root / OMNIGLOT_ARCHIVES[1], size)
+    characters = torch.unique(labels).tolist()
+    half = (len(characters) + 1) // 2
+    return {
+        "train": train,
+        "val": tensor_split(images, labels, characters[:half], None),
+        "test": tensor_split(images, labels, characters[half:], None),
+    }
+
+
+SPEC = register(
+    DatasetSpec(
+        name="omniglot",
+        channels=1,
+        image_size=28,
+        load=load_omniglot_splits,
+        check_files=check_omniglot_files,
+        prepare=prepare_omniglot_files,
+        classes=(964, 330, 329),
+        examples_per_class=20,
+        examples_reason="every Omniglot character has 20 drawings",
+    )
+)
