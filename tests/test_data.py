@@ -19,8 +19,7 @@ def _omniglot_root() -> Path:
     """``$OMNIGLOT_ROOT``, else the shared copy beside the repository (never inside it)."""
     if "OMNIGLOT_ROOT" in os.environ:
         return Path(os.environ["OMNIGLOT_ROOT"])
-    beside = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
-    return beside if beside.is_dir() else Path("/work/shared/data/omniglot")
+    return Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 
 
 OMNIGLOT_ROOT = _omniglot_root()

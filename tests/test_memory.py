@@ -2,51 +2,17 @@
 
 from __future__ import annotations
 
-import weakref
-
 import pytest
-import torch
 from bilevel_cases import MLPTask
 
 import lightning_hypergrad as lh
-
-
-class SavedTensorMeter:
-    """Peak bytes of the tensors that autograd holds for backward at any one time."""
-
-    class _Held:
-        def __init__(self, tensor: torch.Tensor) -> None:
-            self.tensor = tensor
-
-    def __init__(self) -> None:
-        self.live = 0
-        self.peak = 0
-
-    def _release(self, nbytes: int) -> None:
-        self.live -= nbytes
-
-    def pack(self, tensor: torch.Tensor):
-        held = self._Held(tensor.detach())  # no reference back to the graph, so no cycle delays its release
-        nbytes = tensor.numel() * tensor.element_size()
-        self.live += nbytes
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(held, self._release, nbytes)
-        return held
-
-    @staticmethod
-    def unpack(held):
-        return held.tensor
-
-    def measure(self, fn) -> int:
-        with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
-            fn()
-        return self.peak
+from studies.common import SavedTensorsPeak
 
 
 def peak_saved_bytes(estimator: lh.HypergradEstimator, steps: int) -> int:
     task = MLPTask(features=6, hidden=16, n=32)
     problem = task.problem(steps, lh.SGD(lr=0.1, momentum=0.9))
-    return SavedTensorMeter().measure(lambda: estimator(problem))
+    return SavedTensorsPeak().measure(lambda: estimator(problem))
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""``lightning-hypergrad-bench table2``: a tiny run on digits, resumption, and the report's gamma selection."""
+"""``python -m studies.table2``: a tiny run on digits, resumption, the report's gamma selection, the paper config."""
 
 from __future__ import annotations
 
@@ -11,19 +11,23 @@ from typing import Any
 
 import pytest
 
-from lightning_hypergrad.experiments.table2 import (
+import lightning_hypergrad as lh
+from studies.table2 import (
     CHOSEN,
-    Method,
+    PaperSettings,
+    baseline_methods,
+    canonical,
     choose_gammas,
+    default_methods,
+    jvps,
     main,
     mean_ci95,
-    parse_method,
     record_name,
     report,
 )
 
+NEUMANN = "neumann(10, scale=0.1)"  # the paper's IFT, from configs/estimators/neumann.yaml
 TINY = [
-    "table2",
     "run",
     "--dataset",
     "digits",
@@ -31,7 +35,7 @@ TINY = [
     "3",
     "--methods",
     "fo",
-    "greedy0.99",
+    "greedy(0.99)",
     "--steps",
     "3",
     "--meta-batch",
@@ -45,7 +49,7 @@ TINY = [
     "--workers",
     "1",
 ]
-TINY_RECORDS = {record_name("digits", 3, m, s) for m in ("fo", "greedy0.99") for s in (0, 1)}
+TINY_RECORDS = {record_name("digits", 3, m, s) for m in ("fo", "greedy(0.99)") for s in (0, 1)}
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -79,16 +83,22 @@ def test_tiny_run_writes_one_record_per_run_and_the_report(tiny_run: tuple[Path,
         for key in ("val_ci95", "test_ci95", "seconds_per_step", "wall_seconds"):
             assert record[key] >= 0.0
         assert record["torch_threads"] == 1 and record["timestamp"]
+        # the paper's settings come from its config
+        assert record["config"] == "configs/paper/omniglot.yaml" and record["inner_steps"] == 10
+        assert (record["inner_lr"], record["inner_momentum"], record["outer_lr"]) == (0.1, 0.9, 0.001)
+        assert record["backbone"] == "3x32" and record["root"] is None
+    assert {json.loads((runs / n).read_text())["method"] for n in TINY_RECORDS} == {"fo", "greedy(0.99)"}
     markdown = (out / "table2.md").read_text(encoding="utf-8")
     ours, paper = markdown.split("## The paper's Table 2")
-    expected = ("| FO | 0 |", "| T1-T2 | 1 | n/a |", "| IFT (Neumann) | 11 | n/a |", "| Greedy (γ=0.99) | 10 |")
-    for row in (*expected, "| Greedy (γ chosen on meta-val) | 10 |"):
+    expected = ("| fo | 0 |", "| t1t2 | 1 | n/a |", f"| {NEUMANN} | 11 | n/a |", "| greedy(0.99) | 10 |")
+    for row in (*expected, "| greedy (γ chosen on meta-val) | 10 |"):
         assert ours.count(row) == 2  # in both protocols' tables
-    assert "| FO | 0 | 43.48 ± 1.64 |" in paper and "| Greedy (γ=0.99) | 10 | 46.10 ± 1.95 |" in paper
+    assert "| fo | 0 | 43.48 ± 1.64 |" in paper and "| greedy(0.99) | 10 | 46.10 ± 1.95 |" in paper
+    assert "Inner SGD lr 0.1 momentum 0.9, T = 10; outer Adam lr 0.001; backbone 3 x 32 with batch norm." in ours
     assert "| method | JVPs | s/step | 3-way | 4-way | 5-way |" in markdown
     assert "(n=2)" in markdown and "n/a" in markdown and "CIFAR-100" in markdown
     rows = read_csv(out / "table2.csv")
-    assert len(rows) == 2 * 5 * 3  # protocols x (FO, T1-T2, IFT, chosen, greedy0.99) x (3, 4, 5 ways)
+    assert len(rows) == 2 * 5 * 3  # protocols x (FO, T1-T2, IFT, chosen, greedy(0.99)) x (3, 4, 5 ways)
     assert (out / "table2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -118,21 +128,21 @@ def test_records_with_other_settings_are_not_reused(tmp_path: Path, capsys: pyte
     (tmp_path / "runs").mkdir()
     record = {"dataset": "digits", "ways": 3, "method": "fo", "seed": 0, "shots": 2, "queries": 2, "steps": 5}
     (tmp_path / "runs" / name).write_text(json.dumps(record | {"meta_batch": 2, "eval_tasks": 4}))
-    args = [*TINY[:7], "fo", *TINY[9:]]
+    args = [*TINY[:6], "fo", *TINY[8:]]
     assert main([*args, "--seeds", "1", "--out", str(tmp_path)]) == 2
     assert "other settings" in capsys.readouterr().err
 
 
 def make_record(ways: int, method: str, seed: int, val: float, test: float) -> dict[str, Any]:
-    parsed = parse_method(method)
+    estimator = lh.get_estimator(method)
     return {
         "dataset": "omniglot",
         "ways": ways,
         "shots": 10,
         "queries": 10,
         "method": method,
-        "gamma": parsed.gamma,
-        "jvps": parsed.jvps,
+        "gamma": getattr(estimator, "gamma", None),
+        "jvps": jvps(estimator, 10),
         "seed": seed,
         "val_acc": val,
         "val_ci95": 0.01,
@@ -150,12 +160,12 @@ def make_record(ways: int, method: str, seed: int, val: float, test: float) -> d
 # (val accuracies, test accuracies) over seeds 0, 1, 2: on 3 ways gamma 0.99 is best on validation but 0.9 on test;
 # on 4 ways gamma 0.999 is best on validation, 0.99 on test. No 5-way record: those cells must read n/a.
 HAND_MADE = {
-    (3, "greedy0.9"): ([0.50, 0.52, 0.48], [0.70, 0.72, 0.71]),
-    (3, "greedy0.99"): ([0.55, 0.60, 0.53], [0.40, 0.47, 0.44]),
-    (3, "greedy0.999"): ([0.52, 0.51, 0.53], [0.50, 0.50, 0.52]),
-    (4, "greedy0.9"): ([0.30, 0.31, 0.29], [0.30, 0.30, 0.30]),
-    (4, "greedy0.99"): ([0.35, 0.33, 0.34], [0.60, 0.61, 0.62]),
-    (4, "greedy0.999"): ([0.40, 0.36, 0.41], [0.33, 0.38, 0.35]),
+    (3, "greedy(0.9)"): ([0.50, 0.52, 0.48], [0.70, 0.72, 0.71]),
+    (3, "greedy(0.99)"): ([0.55, 0.60, 0.53], [0.40, 0.47, 0.44]),
+    (3, "greedy(0.999)"): ([0.52, 0.51, 0.53], [0.50, 0.50, 0.52]),
+    (4, "greedy(0.9)"): ([0.30, 0.31, 0.29], [0.30, 0.30, 0.30]),
+    (4, "greedy(0.99)"): ([0.35, 0.33, 0.34], [0.60, 0.61, 0.62]),
+    (4, "greedy(0.999)"): ([0.40, 0.36, 0.41], [0.33, 0.38, 0.35]),
     (3, "fo"): ([0.45], [0.44]),
 }
 
@@ -185,7 +195,7 @@ def test_report_chooses_gamma_on_validation(hand_made: Path) -> None:
         return row
 
     for ways, gamma in ((3, "0.99"), (4, "0.999")):
-        vals, tests = HAND_MADE[(ways, f"greedy{gamma}")]
+        vals, tests = HAND_MADE[(ways, f"greedy({gamma})")]
         clean, paper = cell("clean", CHOSEN, ways), cell("paper", CHOSEN, ways)
         assert float(clean["gamma"]) == float(paper["gamma"]) == float(gamma)
         assert clean["reported_on"] == "test" and paper["reported_on"] == "val"
@@ -194,30 +204,30 @@ def test_report_chooses_gamma_on_validation(hand_made: Path) -> None:
         assert float(paper["mean"]) == pytest.approx(100 * sum(vals) / 3)
         assert float(paper["ci95"]) == pytest.approx(independent_ci95([100 * v for v in vals]))
         assert clean["n"] == paper["n"] == "3"
-    for method in (CHOSEN, "fo", "t1t2", "neumann", "greedy0.99"):
+    for method in (CHOSEN, "fo", "t1t2", NEUMANN, "greedy(0.99)"):
         assert cell("clean", method, 5)["mean"] == "" and cell("clean", method, 5)["n"] == "0"
     single = cell("clean", "fo", 3)
     assert float(single["mean"]) == pytest.approx(44.0) and single["ci95"] == "" and single["n"] == "1"
     # each gamma's own row reports that gamma, whatever was chosen
-    assert float(cell("clean", "greedy0.9", 3)["mean"]) == pytest.approx(100 * statistics.fmean([0.70, 0.72, 0.71]))
+    assert float(cell("clean", "greedy(0.9)", 3)["mean"]) == pytest.approx(100 * statistics.fmean([0.70, 0.72, 0.71]))
 
     markdown = (hand_made / "table2.md").read_text(encoding="utf-8")
     assert "γ chosen: 3-way 0.99, 4-way 0.999" in markdown
     clean_table = markdown.split("(b) clean protocol")[1].split("###")[0]
-    chosen_row = next(line for line in clean_table.splitlines() if line.startswith("| Greedy (γ chosen"))
+    chosen_row = next(line for line in clean_table.splitlines() if line.startswith("| greedy (γ chosen"))
     mean, ci = (
-        100 * sum(HAND_MADE[(3, "greedy0.99")][1]) / 3,
-        independent_ci95([100 * t for t in HAND_MADE[(3, "greedy0.99")][1]]),
+        100 * sum(HAND_MADE[(3, "greedy(0.99)")][1]) / 3,
+        independent_ci95([100 * t for t in HAND_MADE[(3, "greedy(0.99)")][1]]),
     )
     assert f"{mean:.2f} ± {ci:.2f} (n=3), γ=0.99" in chosen_row
     assert chosen_row.rstrip(" |").endswith("n/a")  # 5-way
-    fo_row = next(line for line in clean_table.splitlines() if line.startswith("| FO |"))
+    fo_row = next(line for line in clean_table.splitlines() if line.startswith("| fo |"))
     assert "| 44.00 (n=1) |" in fo_row  # a single seed shows no interval
     assert "Total compute" in markdown and (hand_made / "table2.png").is_file()
 
 
 def test_gamma_ties_and_statistics() -> None:
-    records = [make_record(5, m, s, 0.5, 0.1 * s) for m in ("greedy0.999", "greedy0.9") for s in (0, 1)]
+    records = [make_record(5, m, s, 0.5, 0.1 * s) for m in ("greedy(0.999)", "greedy(0.9)") for s in (0, 1)]
     assert choose_gammas(records) == {("omniglot", 5): 0.9}  # ties go to the smallest gamma
     assert mean_ci95([]) == (None, None)
     assert mean_ci95([3.0]) == (3.0, None)
@@ -226,19 +236,45 @@ def test_gamma_ties_and_statistics() -> None:
 
 
 def test_method_names() -> None:
-    assert parse_method("greedy0.99") == parse_method("Greedy-0.99") == Method("greedy", 0.99)
-    assert parse_method("greedy0.999").name == "greedy0.999" and parse_method("greedy.9").name == "greedy0.9"
-    assert [parse_method(n).jvps for n in ("fo", "t1t2", "neumann", "greedy0.9")] == [0, 1, 11, 10]
-    assert parse_method("ift") == Method("neumann") and parse_method("T1-T2") == Method("t1t2")
-    for bad in ("greedy", "greedy1.5", "greedy0", "rmd"):
-        with pytest.raises(ValueError, match="greedy<gamma>"):
-            parse_method(bad)
+    assert canonical("greedy(0.99)") == canonical("Greedy(0.990)") == str(lh.Greedy(0.99)) == "greedy(0.99)"
+    assert canonical("greedy(0.999)") == "greedy(0.999)" and canonical("greedy(.9)") == "greedy(0.9)"
+    estimators = [lh.get_estimator(n) for n in ("fo", "t1t2", NEUMANN, "greedy(0.9)")]
+    assert [jvps(e, 10) for e in estimators] == [0, 1, 11, 10]
+    assert canonical("neumann(10,scale=0.1)") == NEUMANN and canonical("T1T2") == "t1t2"
+    assert record_name("omniglot", 3, NEUMANN, 0) == "omniglot-3way-neumann(10,scale=0.1)-seed0.json"
+    for bad in ("greedy0.99", "greedy_0.99", "greedy(1.5)", "greedy(0)", "ift"):  # the old forms are gone
+        with pytest.raises(ValueError, match="greedy|gamma"):
+            canonical(bad)
     with pytest.raises(SystemExit):
-        main(["table2", "run", "--dataset", "digits", "--methods", "greedy2"])
+        main(["run", "--dataset", "digits", "--methods", "greedy2"])
+
+
+def test_paper_settings_come_from_the_configs() -> None:
+    omniglot = PaperSettings.from_config("configs/paper/omniglot.yaml")
+    cifar = PaperSettings.from_config("configs/paper/cifar100.yaml")
+    for paper in (omniglot, cifar):
+        assert (paper.depth, paper.width, paper.inner_steps, paper.outer_lr) == (3, 32, 10, 0.001)
+        assert (paper.meta_batch, paper.steps, paper.shots, paper.queries, paper.eval_tasks) == (10, 200, 10, 10, 500)
+        assert paper.optimizer_setting("lr") == 0.1 and paper.optimizer_setting("momentum") == 0.9
+        assert isinstance(paper.optimizer(), lh.SGD)
+    assert (omniglot.dataset, omniglot.root) == ("omniglot", "../shared/data/omniglot")
+    assert cifar.dataset == "cifar100"
+    assert baseline_methods() == ("fo", "t1t2", NEUMANN)
+    assert default_methods() == ["fo", "t1t2", NEUMANN, "greedy(0.9)", "greedy(0.99)", "greedy(0.999)"]
+    with pytest.raises(ValueError, match="--config"):
+        PaperSettings.from_config("configs/paper/missing.yaml")
+
+
+def test_a_config_without_a_setting_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "paper.yaml"
+    config.write_text("model:\n  init_args:\n    depth: 3\ndata:\n  init_args:\n    dataset: digits\n")
+    with pytest.raises(SystemExit):
+        main(["run", "--dataset", "digits", "--config", str(config), "--out", str(tmp_path / "out")])
+    assert "has no model.init_args.inner_optimizer" in capsys.readouterr().err
 
 
 def test_report_command_without_records(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["report", "--out", str(tmp_path)]) == 1  # "table2" may be left out
+    assert main(["report", "--out", str(tmp_path)]) == 1
     assert "no records" in capsys.readouterr().err
 
 
@@ -248,9 +284,10 @@ def test_cifar100_protocol_runs_end_to_end_on_a_generated_stand_in(tmp_path: Pat
 
     _write_cifar(tmp_path / "cifar")
     out = tmp_path / "out"
-    argv = ["table2", "run", "--dataset", "cifar100", "--root", str(tmp_path / "cifar"), "--ways", "3"]
+    argv = ["run", "--dataset", "cifar100", "--root", str(tmp_path / "cifar"), "--ways", "3"]
     argv += ["--methods", "t1t2", "--steps", "2", "--meta-batch", "2", "--eval-tasks", "4", "--seeds", "1"]
     assert main([*argv, "--shots", "2", "--queries", "3", "--out", str(out)]) == 0
     record = json.loads((out / "runs" / record_name("cifar100", 3, "t1t2", 0)).read_text())
     assert record["dataset"] == "cifar100" and 0.0 <= record["val_acc"] <= 1.0
+    assert record["root"] == str(tmp_path / "cifar") and record["config"] == "configs/paper/cifar100.yaml"
     assert (out / "table2.md").is_file() and (out / "table2.png").is_file()

@@ -1,0 +1,414 @@
+"""What every study shares: one quiet Lightning trainer, one atomic JSON writer, one peak-memory meter, the machine.
+
+- :func:`quiet_trainer` (and :data:`QUIET_TRAINER`, :func:`quiet_trainer_args` for a config run through
+  :func:`lightning_hypergrad.cli.cli`), with :func:`quiet` for Lightning's informational logs;
+- :func:`write_json` and :func:`atomic_path`: a file appears whole or not at all (a temporary file in the same
+  folder, then ``os.replace``), so that an interrupted study never leaves a half-written record;
+- :class:`PeakMemory` and :func:`memory_meter`: the peak memory that a call adds, on CUDA, from the allocator's
+  events, from the resident set size, or from the tensors saved for backward;
+- :func:`device_name` and :func:`machine_description`: what a report says about the machine it ran on.
+
+Lightning is imported on first use, so that importing this module (e.g. from ``tests/test_memory.py``) is cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import gc
+import json
+import logging
+import os
+import platform
+import sys
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    import lightning as L
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+"""The repository root: where ``configs/`` and ``examples/`` are read from (never written into records)."""
+OMNIGLOT_ROOT = "../shared/data/omniglot"
+"""Where the studies look for Omniglot when neither ``--root`` nor ``$OMNIGLOT_ROOT`` is given, relative to the
+repository root (the studies run from there); the paper configs hold the same path."""
+
+
+def log(message: str) -> None:
+    """Progress on stderr (stdout gets the report)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def omniglot_root(given: str | None = None) -> str:
+    """The Omniglot folder as the user gave it: ``given``, else ``$OMNIGLOT_ROOT``, else :data:`OMNIGLOT_ROOT`.
+
+    It is returned as written (relative paths stay relative), so that records never hold this machine's layout.
+    """
+    return given or os.environ.get("OMNIGLOT_ROOT") or OMNIGLOT_ROOT
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the quiet trainer
+# ---------------------------------------------------------------------------------------------------------------------
+
+QUIET_TRAINER: dict[str, Any] = {
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+}
+"""The trainer settings of every study: no logger, checkpoints, progress bar or model summary."""
+
+
+def quiet_trainer(**kwargs: Any) -> L.Trainer:
+    """A Lightning trainer with :data:`QUIET_TRAINER`, one CPU device unless ``kwargs`` say otherwise."""
+    import lightning as L
+
+    return L.Trainer(**({"accelerator": "cpu", "devices": 1} | QUIET_TRAINER | kwargs))
+
+
+def quiet_trainer_args() -> list[str]:
+    """:data:`QUIET_TRAINER` as command-line overrides of a config (``--trainer.logger false`` ...)."""
+    return [arg for key, value in QUIET_TRAINER.items() for arg in (f"--trainer.{key}", json.dumps(value))]
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silences Lightning's informational logs and its hints for large-scale training while a study runs."""
+    names = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+            warnings.filterwarnings("ignore", ".*is smaller than the logging interval.*")
+            warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+            warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+            # a study builds its runs with lightning_hypergrad.cli.cli(args) while sys.argv holds its own options
+            warnings.filterwarnings("ignore", ".*LightningCLI's args parameter is intended to run from within Python.*")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# atomic files
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; it replaces ``path`` (``os.replace``) when the block succeeds.
+
+    The folder is created if needed; on an error (or an interrupt) the temporary file is removed and ``path`` is
+    left as it was. The temporary name keeps the suffix, so that writers that pick a format by it (matplotlib)
+    work.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Writes ``text`` to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_json(path: str | Path, data: Any, indent: int = 2) -> None:
+    """Writes ``data`` as JSON to ``path`` atomically: a temporary file in the same folder, then ``os.replace``."""
+    write_text(path, json.dumps(data, indent=indent) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the machine
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name from /proc/cpuinfo where there is one."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            name = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return name
+
+
+def machine_description(device: torch.device | str = "cpu") -> str:
+    """The device, torch and Python versions and torch's thread count, in one line."""
+    device = torch.device(device)
+    return (
+        f"device: {device.type} ({device_name(device)}); torch {torch.__version__}; "
+        f"threads: {torch.get_num_threads()}; python {platform.python_version()}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# peak memory
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class PeakMemory(ABC):
+    """Measures the peak memory that a call adds to what was in use before it."""
+
+    description: str = ""
+
+    @abstractmethod
+    def measure(self, fn: Callable[[], object]) -> int:
+        """Run ``fn`` once and return its peak memory in bytes above the starting point."""
+
+
+class CudaPeak(PeakMemory):
+    description = "CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus allocated before"
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def measure(self, fn: Callable[[], object]) -> int:
+        gc.collect()
+        torch.cuda.synchronize(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        fn()
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device) - before
+
+
+class AllocatorPeak(PeakMemory):
+    """The peak of live tensor bytes during the call, from the allocation and free events of ``torch.profiler``.
+
+    Counts every tensor the call allocates (autograd's saved tensors, gradients, temporaries) and nothing else, so
+    it does not depend on how the C library's heap happens to be fragmented.
+    """
+
+    description = "CPU: peak of live tensor bytes allocated during the step (torch.profiler memory events)"
+
+    def measure(self, fn: Callable[[], object]) -> int:
+        from torch.profiler import ProfilerActivity, profile
+
+        gc.collect()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        events = sorted(
+            (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+        )
+        live = peak = 0
+        for _, nbytes in events:
+            live += nbytes
+            peak = max(peak, live)
+        return peak
+
+
+# glibc's mallopt parameters and the two settings that the RSS measurement switches between
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MEMORY_MMAP_THRESHOLD = 64 * 1024  # measuring memory: every allocation of 64 KiB or more is its own mmap
+MEMORY_TRIM_THRESHOLD = 128 * 1024  # glibc's default
+TIMING_MMAP_THRESHOLD = 32 * 1024**2  # timing: the ceiling of glibc's own dynamic threshold on 64-bit Linux
+TIMING_TRIM_THRESHOLD = 64 * 1024**2  # keep freed heap memory for reuse instead of returning it at every free
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
+_rss_armed = False
+
+
+def _set_malloc_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
+    """Set glibc's mmap and trim thresholds; False where this is not glibc."""
+    if _LIBC is None or not hasattr(_LIBC, "mallopt"):
+        return False
+    return bool(_LIBC.mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(
+        _LIBC.mallopt(M_TRIM_THRESHOLD, trim_threshold)
+    )
+
+
+def arm_rss_measurement() -> bool:
+    """Tell glibc to serve every allocation of 64 KiB or more with its own ``mmap``, for :class:`RssPeak`.
+
+    Freed tensors then go back to the OS and the resident size follows the live tensors. Call it before any large
+    tensor exists (a threshold only affects the allocations that follow); time with :func:`heap_reuse_for_timing`.
+    Returns whether it took effect (False where this is not glibc).
+    """
+    global _rss_armed
+    _rss_armed = _set_malloc_thresholds(MEMORY_MMAP_THRESHOLD, MEMORY_TRIM_THRESHOLD)
+    return _rss_armed
+
+
+@contextlib.contextmanager
+def heap_reuse_for_timing() -> Iterator[None]:
+    """glibc's usual heap reuse while timing; the memory-measuring thresholds of :func:`arm_rss_measurement` after.
+
+    With an mmap, page faults and munmap for every tensor of 64 KiB or more, CPU steps run up to 2x slower.
+    """
+    if not _rss_armed:
+        yield
+        return
+    _set_malloc_thresholds(TIMING_MMAP_THRESHOLD, TIMING_TRIM_THRESHOLD)
+    try:
+        yield
+    finally:
+        _set_malloc_thresholds(MEMORY_MMAP_THRESHOLD, MEMORY_TRIM_THRESHOLD)
+
+
+def _proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                value, unit = line.split()[1:3]
+                assert unit == "kB", line
+                return int(value) * 1024
+    raise KeyError(key)
+
+
+class RssPeak(PeakMemory):
+    description = (
+        "CPU: peak RSS (VmHWM after the step - VmRSS before, with glibc mmap threshold 64 KiB, malloc_trim(0) and "
+        "/proc/self/clear_refs=5 before the step)"
+    )
+
+    @staticmethod
+    def available() -> bool:
+        """Whether :func:`arm_rss_measurement` took effect and the high-water mark can be reset and read."""
+        if _LIBC is None or not _rss_armed or not hasattr(_LIBC, "malloc_trim"):
+            return False
+        try:
+            RssPeak._reset_high_water_mark()
+            _proc_status_bytes("VmRSS")
+            _proc_status_bytes("VmHWM")
+        except (OSError, KeyError, ValueError, AssertionError):
+            return False
+        return True
+
+    @staticmethod
+    def _reset_high_water_mark() -> None:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+
+    def measure(self, fn: Callable[[], object]) -> int:
+        assert _LIBC is not None
+        gc.collect()
+        _LIBC.malloc_trim(0)
+        self._reset_high_water_mark()
+        before = _proc_status_bytes("VmRSS")
+        fn()
+        return max(0, _proc_status_bytes("VmHWM") - before)
+
+
+class _SavedStorageCounter:
+    """Live bytes of the storages that autograd holds for backward, each storage counted once."""
+
+    def __init__(self) -> None:
+        self.refs: dict[int, tuple[int, int]] = {}  # storage address -> (references, bytes)
+        self.live = 0
+        self.peak = 0
+
+    def add(self, key: int, nbytes: int) -> None:
+        count, _ = self.refs.get(key, (0, nbytes))
+        if count == 0:
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+        self.refs[key] = (count + 1, nbytes)
+
+    def remove(self, key: int) -> None:
+        count, nbytes = self.refs[key]
+        if count == 1:
+            del self.refs[key]
+            self.live -= nbytes
+        else:
+            self.refs[key] = (count - 1, nbytes)
+
+
+class _SavedHandle:
+    """What the pack hook returns in place of a saved tensor; releases its count when autograd drops it."""
+
+    __slots__ = ("counter", "key", "tensor")
+
+    def __init__(self, counter: _SavedStorageCounter, tensor: Tensor) -> None:
+        storage = tensor.untyped_storage()
+        # Detached: holding a saved output itself would tie it to its own graph node in a reference cycle that
+        # never frees; autograd restores the graph links of what the unpack hook returns.
+        self.counter, self.key, self.tensor = counter, storage.data_ptr(), tensor.detach()
+        counter.add(self.key, storage.nbytes())
+
+    def __del__(self) -> None:
+        self.counter.remove(self.key)
+
+
+class SavedTensorsPeak(PeakMemory):
+    """The peak bytes of the tensors that autograd holds for backward at any one time, each storage once.
+
+    Deterministic (it counts tensors, not the allocator or the heap), so tests can compare it across settings;
+    it leaves out everything not saved for backward, so it underestimates the true peak.
+    """
+
+    description = (
+        "saved for backward: peak bytes of tensors saved for backward (torch.autograd.graph.saved_tensors_hooks, "
+        "each storage once); leaves out everything not saved for backward"
+    )
+
+    def measure(self, fn: Callable[[], object]) -> int:
+        counter = _SavedStorageCounter()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: _SavedHandle(counter, t), lambda h: h.tensor):
+            fn()
+        gc.collect()
+        return counter.peak
+
+
+MEMORY_METHODS = ("auto", "cuda", "allocator", "rss", "saved")
+"""The ``--memory`` choices of :func:`memory_meter`."""
+
+
+def memory_meter(device: torch.device, method: str = "auto") -> PeakMemory:
+    """The peak-memory meter of ``method`` on ``device`` (``auto``: CUDA's on a GPU, else the allocator's).
+
+    Raises:
+        ValueError: an unknown method, ``cuda`` without a CUDA device, or ``rss`` where it is unavailable.
+    """
+    if method not in MEMORY_METHODS:
+        raise ValueError(f"unknown memory method {method!r}; choose one of {', '.join(MEMORY_METHODS)}")
+    if device.type == "cuda" and method in ("auto", "cuda"):
+        return CudaPeak(device)
+    if method == "cuda":
+        raise ValueError("--memory cuda needs --device cuda")
+    if method in ("auto", "allocator"):
+        return AllocatorPeak()
+    if method == "rss":
+        if not RssPeak.available():
+            raise ValueError(
+                "--memory rss is unavailable here (needs Linux glibc, /proc/self/clear_refs and arm_rss_measurement() "
+                "before any large tensor); use --memory allocator"
+            )
+        return RssPeak()
+    return SavedTensorsPeak()

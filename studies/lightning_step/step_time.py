@@ -1,0 +1,81 @@
+"""Seconds per training step of ``FewShotClassifier`` through Lightning, for several estimators side by side.
+
+    python -m studies.lightning_step                                  # Omniglot if found, else digits
+    python -m studies.lightning_step --dataset digits --estimators fo "greedy(0.99)" t1t2 rmd
+
+Each estimator (a spec string, see :func:`lightning_hypergrad.get_estimator`) trains a fresh model (same seed) for
+``--steps`` steps, in ``--rounds`` interleaved rounds (FO, Greedy, ..., FO, Greedy, ...), so that a busy phase of a
+shared machine hits them alike. The time of each training step is taken from Lightning's batch hooks (data loading
+excluded) and the median over all rounds is reported, with its ratio to FO's. The paper's setting: 5-way 10-shot,
+meta-batch 10, T = 10, inner SGD 0.1 with momentum 0.9, a 3 x 32 conv backbone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+from collections.abc import Sequence
+
+import torch
+
+import lightning_hypergrad as lh
+from lightning_hypergrad.callbacks import StepTimer
+from studies.common import machine_description, omniglot_root, quiet, quiet_trainer
+
+
+def spec(text: str) -> str:
+    """The canonical spec string of ``text`` (an argparse type)."""
+    try:
+        return str(lh.get_estimator(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    """Times the estimators, prints the table and returns the median seconds per step of each."""
+    parser = argparse.ArgumentParser(
+        prog="python -m studies.lightning_step",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--dataset", choices=("omniglot", "digits"), default=None, help="default: omniglot if found")
+    parser.add_argument("--root", default=None, help="the Omniglot folder (default: $OMNIGLOT_ROOT, else the usual)")
+    parser.add_argument("--estimators", nargs="+", type=spec, default=["fo", "t1t2", "greedy(0.99)"], metavar="SPEC")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per round (after one warm-up step)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    for name in ("steps", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = omniglot_root(args.root)
+    found = os.path.exists(os.path.join(os.path.expanduser(root), "images_background.npz"))
+    dataset = args.dataset or ("omniglot" if found else "digits")
+    shots = 10 if dataset != "digits" else 5
+    estimators = list(dict.fromkeys(args.estimators))
+    times: dict[str, list[float]] = {name: [] for name in estimators}
+    with quiet():
+        data = lh.FewShotDataModule(
+            dataset=dataset, root=root if dataset == "omniglot" else None, ways=5, shots=shots, queries=shots,
+            meta_batch_size=10, train_batches=args.steps + 1, val_tasks=1,
+        )  # fmt: skip
+        data.setup("fit")
+        for _ in range(args.rounds):
+            for name in estimators:
+                torch.manual_seed(0)
+                model = lh.FewShotClassifier(estimator=name, inner_steps=10)
+                timer = StepTimer()
+                trainer = quiet_trainer(max_steps=args.steps + 1, limit_val_batches=0, callbacks=[timer])
+                trainer.fit(model, data)
+                times[name] += timer.durations[1:]  # the first step warms up
+    medians = {name: statistics.median(seconds) for name, seconds in times.items()}
+    fo = medians.get("fo")
+    print(f"\n{dataset}, 5-way {shots}-shot, meta-batch 10, T = 10; {machine_description()}; "
+          f"median of {args.rounds} x {args.steps} steps\n")  # fmt: skip
+    print("| estimator | s/step | ratio to FO |\n|---|---:|---:|")
+    for name, median in medians.items():
+        print(f"| {name} | {median:.4f} | {median / fo:.2f} |" if fo else f"| {name} | {median:.4f} | |")
+    return medians

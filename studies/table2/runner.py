@@ -1,0 +1,1060 @@
+"""Table 2 of the paper: few-shot classification with FO, T1-T2, IFT (Neumann) and generalized greedy hypergradients.
+
+``python -m studies.table2 run`` trains a :class:`~lightning_hypergrad.FewShotClassifier` for every setting (``ways``
+in 3, 4, 5), every method (an estimator spec string, see :func:`lightning_hypergrad.get_estimator`) and every seed,
+then evaluates it on held-out meta-validation and meta-test tasks. The paper's settings (backbone, inner optimizer,
+T, outer learning rate, meta-batch, outer steps, shots, queries, evaluation tasks, data folder) are read from the
+same config as the command line's, ``configs/paper/<dataset>.yaml`` (``--config``), and the baselines' settings from
+``configs/estimators/{fo,t1t2,neumann}.yaml``; the command-line flags override them. Each finished run is written
+at once to its own JSON record, ``<out>/runs/<dataset>-<ways>way-<method>-seed<k>.json`` (the method's spec without
+spaces, e.g. ``greedy(0.99)``); a later ``run`` with the same arguments skips the runs that have a record, so an
+interrupted run resumes where it stopped.
+
+``python -m studies.table2 report`` (also called at the end of ``run``) reads the records and writes
+``<out>/table2.md``, ``<out>/table2.csv`` and ``<out>/table2.png`` with two protocols:
+
+- (a) the paper's: Greedy's gamma is chosen per setting by the best mean meta-validation accuracy over seeds, and
+  every method's accuracy is reported on those same meta-validation tasks;
+- (b) the clean one: gamma chosen the same way on meta-validation, accuracies reported on meta-test tasks.
+
+Cells are ``mean +- 1.96 * std / sqrt(n)`` in percent over the ``n`` seeds (sample standard deviation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import functools
+import importlib
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import yaml
+
+from lightning_hypergrad.callbacks import StepTimer
+from lightning_hypergrad.data.fewshot import FewShotDataModule
+from lightning_hypergrad.data.sources import ClassSplit
+from lightning_hypergrad.estimators import (
+    FO,
+    RMD,
+    T1T2,
+    ConjugateGradient,
+    Greedy,
+    HypergradEstimator,
+    Neumann,
+    TruncatedRMD,
+    get_estimator,
+)
+from lightning_hypergrad.fewshot import FewShotClassifier
+from studies.common import REPOSITORY, atomic_path, omniglot_root, quiet, quiet_trainer, write_json, write_text
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the paper's protocol
+# ---------------------------------------------------------------------------------------------------------------------
+
+PAPER_WAYS = (3, 4, 5)
+"""The settings (N-way) of the paper's Table 2; the report always shows these columns."""
+DATASETS = ("omniglot", "cifar100", "digits")
+PAPER_CONFIGS = {"omniglot": "configs/paper/omniglot.yaml", "cifar100": "configs/paper/cifar100.yaml"}
+"""The config of each dataset (relative to the repository root); ``digits``, a quick stand-in, uses Omniglot's."""
+BASELINE_CONFIGS = ("configs/estimators/fo.yaml", "configs/estimators/t1t2.yaml", "configs/estimators/neumann.yaml")
+"""The configs of the baselines that the report always shows (FO, T1-T2 and the paper's IFT, a Neumann series)."""
+GREEDY_GAMMAS = (0.9, 0.99, 0.999)
+"""The discounts of Greedy run by default; the report chooses one per setting on meta-validation."""
+
+PAPER_RESULTS: dict[str, tuple[int, dict[int, tuple[float, float]]]] = {
+    "fo": (0, {3: (43.48, 1.64), 4: (34.15, 1.28), 5: (28.59, 1.0)}),
+    "t1t2": (1, {3: (42.96, 1.89), 4: (33.95, 1.53), 5: (27.59, 0.99)}),
+    "neumann(10, scale=0.1)": (11, {3: (40.14, 2.26), 4: (33.23, 0.99), 5: (27.20, 1.12)}),
+    "greedy(0.99)": (10, {3: (46.10, 1.95), 4: (36.94, 2.55), 5: (29.79, 1.33)}),
+}
+"""The paper's Table 2 (CIFAR-100, 10-shot, accuracy in percent +- 95% CI): spec -> (JVPs, ``{ways: (mean, ci95)}``)."""
+
+PROTOCOLS = {
+    "paper": ("val_acc", "(a) the paper's protocol: γ chosen on meta-validation, accuracy on the same meta-validation"),
+    "clean": ("test_acc", "(b) clean protocol: γ chosen on meta-validation, accuracy on meta-test"),
+}
+"""Protocol name -> (the record field reported, title). Both choose Greedy's gamma by mean ``val_acc``."""
+
+CHOSEN = "greedy-chosen"
+"""The method name of the report's row "Greedy (gamma chosen on meta-validation)"."""
+CHOSEN_LABEL = "greedy (γ chosen on meta-val)"
+
+COMPARED_SETTINGS = ("shots", "queries", "steps", "meta_batch", "eval_tasks")
+"""Settings that a record must share with the requested run to count as done."""
+
+METHODS_HELP = (
+    "methods are estimator spec strings (lightning_hypergrad.get_estimator): fo (first order, 0 JVPs), t1t2 (T1-T2, "
+    "1 JVP), neumann(10, scale=0.1) (the paper's IFT, a Neumann series of 10 terms: 11 JVPs), greedy(0.99) "
+    "(generalized greedy with discount gamma in (0, 1], T JVPs); also rmd, truncated_rmd(5), cg(10), fmd"
+)
+
+
+def _instantiate(spec: dict[str, Any], where: str) -> Any:
+    """The object that a config's ``{class_path, init_args}`` describes."""
+    try:
+        module_name, _, name = spec["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module_name), name)
+        return cls(**(spec.get("init_args") or {}))
+    except (KeyError, AttributeError, ImportError, TypeError, ValueError) as error:
+        raise ValueError(f"{where}: cannot build {spec!r} ({error}); give a class_path and its init_args") from None
+
+
+def _config_value(config: dict[str, Any], key: str, path: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ValueError(f"{path} has no {key}; the Table 2 runner reads the paper's settings from it")
+        node = node[part]
+    return node
+
+
+def _meta_batch_key(config: dict[str, Any]) -> str:
+    """Where the config sets the meta-batch: the data module's ``meta_batch_size``, else the model's."""
+    model = (config.get("model") or {}).get("init_args") or {}
+    data = (config.get("data") or {}).get("init_args") or {}
+    if data.get("meta_batch_size") is None and model.get("meta_batch_size") is not None:
+        return "model.init_args.meta_batch_size"
+    return "data.init_args.meta_batch_size"
+
+
+@functools.cache
+def _read_yaml(path: str) -> dict[str, Any]:
+    file = Path(path) if Path(path).is_file() else REPOSITORY / path
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ValueError(
+            f"cannot read the config {path}: {error.strerror}; give an existing file to --config"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a config (a YAML mapping)")
+    return data
+
+
+@dataclass(frozen=True)
+class PaperSettings:
+    """The paper's protocol as a config holds it (the fields of a :class:`RunConfig` that do not vary per run)."""
+
+    config: str
+    dataset: str
+    root: str | None
+    depth: int
+    width: int
+    inner_optimizer: tuple[str, tuple[tuple[str, Any], ...]]
+    inner_steps: int
+    outer_lr: float
+    meta_batch: int
+    steps: int
+    shots: int
+    queries: int
+    eval_tasks: int
+
+    @classmethod
+    def from_config(cls, path: str) -> PaperSettings:
+        """Reads the model, data and trainer settings of the config at ``path`` (a ``lightning-hypergrad`` config).
+
+        Raises:
+            ValueError: the file is missing or lacks a setting, or its meta-validation and meta-test task counts
+                differ (the runner evaluates both on ``eval_tasks``).
+        """
+        config = _read_yaml(path)
+        data = _config_value(config, "data.init_args", path)
+        optimizer = _config_value(config, "model.init_args.inner_optimizer", path)
+        _instantiate(optimizer, f"{path}: model.init_args.inner_optimizer")
+        val_tasks, test_tasks = (
+            _config_value(config, f"data.init_args.{k}", path) for k in ("val_tasks", "test_tasks")
+        )
+        if val_tasks != test_tasks:
+            raise ValueError(
+                f"{path}: data.init_args.val_tasks ({val_tasks}) and test_tasks ({test_tasks}) differ; the Table 2 "
+                "runner evaluates on as many meta-test as meta-validation tasks: set both to the same number"
+            )
+        return cls(
+            config=path,
+            dataset=_config_value(config, "data.init_args.dataset", path),
+            root=data.get("root"),
+            depth=_config_value(config, "model.init_args.depth", path),
+            width=_config_value(config, "model.init_args.width", path),
+            inner_optimizer=(optimizer["class_path"], tuple(sorted((optimizer.get("init_args") or {}).items()))),
+            inner_steps=_config_value(config, "model.init_args.inner_steps", path),
+            outer_lr=_config_value(config, "model.init_args.outer_lr", path),
+            meta_batch=_config_value(config, _meta_batch_key(config), path),
+            steps=_config_value(config, "trainer.max_steps", path),
+            shots=_config_value(config, "data.init_args.shots", path),
+            queries=_config_value(config, "data.init_args.queries", path),
+            eval_tasks=val_tasks,
+        )
+
+    def optimizer(self) -> Any:
+        """A fresh inner optimizer."""
+        class_path, args = self.inner_optimizer
+        return _instantiate({"class_path": class_path, "init_args": dict(args)}, self.config)
+
+    def optimizer_setting(self, name: str) -> Any:
+        """One of the inner optimizer's arguments (``lr``, ``momentum``), ``None`` when the config does not set it."""
+        return dict(self.inner_optimizer[1]).get(name)
+
+
+def default_config(dataset: str) -> str:
+    """The config of ``dataset``'s protocol: ``configs/paper/<dataset>.yaml`` (digits: Omniglot's)."""
+    return PAPER_CONFIGS.get(dataset, PAPER_CONFIGS["omniglot"])
+
+
+@functools.cache
+def baseline_methods() -> tuple[str, ...]:
+    """The specs of the baselines in :data:`BASELINE_CONFIGS` (``fo``, ``t1t2``, ``neumann(10, scale=0.1)``)."""
+    specs = []
+    for path in BASELINE_CONFIGS:
+        spec = _config_value(_read_yaml(path), "model.init_args.estimator", path)
+        specs.append(str(_instantiate(spec, f"{path}: model.init_args.estimator")))
+    return tuple(specs)
+
+
+def default_methods() -> list[str]:
+    """The methods run by default: the baselines, then Greedy with every gamma of :data:`GREEDY_GAMMAS`."""
+    return [*baseline_methods(), *(str(Greedy(gamma)) for gamma in GREEDY_GAMMAS)]
+
+
+def canonical(method: str) -> str:
+    """The canonical spec of ``method`` (``greedy(0.990)`` -> ``greedy(0.99)``).
+
+    Raises:
+        ValueError: ``method`` is not an estimator spec (the message lists the known names).
+    """
+    return str(get_estimator(method))
+
+
+def jvps(estimator: HypergradEstimator, inner_steps: int | None) -> int | None:
+    """Jacobian- (or Hessian-) vector products per task, as the paper counts them.
+
+    ``None`` for forward mode (one product per hyperparameter entry) and, when ``inner_steps`` is ``None``, for the
+    estimators whose count is the number of inner steps.
+    """
+    if isinstance(estimator, FO):
+        return 0
+    if isinstance(estimator, T1T2):
+        return 1
+    if isinstance(estimator, (Greedy, RMD)):
+        return inner_steps
+    if isinstance(estimator, TruncatedRMD):
+        return estimator.truncate if inner_steps is None else min(estimator.truncate, inner_steps)
+    if isinstance(estimator, (Neumann, ConjugateGradient)):
+        return estimator.iterations + 1
+    return None
+
+
+def gamma_of(method: str) -> float | None:
+    """Greedy's discount in ``method``, ``None`` for any other estimator."""
+    estimator = get_estimator(method)
+    return estimator.gamma if isinstance(estimator, Greedy) else None
+
+
+def file_stem(method: str) -> str:
+    """The method's spec as it appears in file names: without spaces (``neumann(10,scale=0.1)``)."""
+    return method.replace(" ", "")
+
+
+def record_name(dataset: str, ways: int, method: str, seed: int) -> str:
+    """The file name of one run's record."""
+    return f"{dataset}-{ways}way-{file_stem(method)}-seed{seed}.json"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# one run
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run (setting x method x seed) needs; picklable, so that it can go to a worker process."""
+
+    dataset: str
+    root: str | None
+    ways: int
+    shots: int
+    queries: int
+    method: str
+    seed: int
+    steps: int
+    meta_batch: int
+    eval_tasks: int
+    paper: PaperSettings
+    threads: int = 1
+
+    @property
+    def file_name(self) -> str:
+        """The name of this run's record file."""
+        return record_name(self.dataset, self.ways, self.method, self.seed)
+
+    def describe(self) -> str:
+        """A short description for progress lines."""
+        return f"{self.dataset} {self.ways}-way {self.method} seed {self.seed}"
+
+
+_SPLITS: dict[tuple[Any, ...], dict[str, ClassSplit]] = {}
+"""The class splits loaded in this process, by ``(dataset, root, image_size, split_seed)``: every run of a worker
+(any ways, method or seed) shares one copy of the images."""
+
+
+class CachedFewShotDataModule(FewShotDataModule):
+    """A :class:`FewShotDataModule` that loads each dataset once per process (see :data:`_SPLITS`)."""
+
+    def _load(self) -> dict[str, ClassSplit]:
+        key = (self.dataset, str(self._root), self.image_size, self.split_seed)
+        if key not in _SPLITS:
+            _SPLITS[key] = super()._load()
+        return _SPLITS[key]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run_one(config: RunConfig, runs_dir: str | Path) -> dict[str, Any]:
+    """Trains and evaluates one (setting, method, seed), writes its record to ``runs_dir`` and returns it.
+
+    The seed sets :func:`lightning.seed_everything` (the backbone's initialization) and the data module's ``seed``
+    (the training, meta-validation and meta-test tasks); the class split stays fixed (``split_seed=0``).
+    """
+    torch.set_num_threads(config.threads)
+    paper = config.paper
+    estimator = get_estimator(config.method)
+    start = time.perf_counter()
+    with quiet():
+        L.seed_everything(config.seed, verbose=False)
+        data = CachedFewShotDataModule(
+            dataset=config.dataset,
+            root=config.root,
+            ways=config.ways,
+            shots=config.shots,
+            queries=config.queries,
+            meta_batch_size=config.meta_batch,
+            train_batches=config.steps,
+            val_tasks=config.eval_tasks,
+            test_tasks=config.eval_tasks,
+            split_seed=0,
+            seed=config.seed,
+        )
+        model = FewShotClassifier(
+            ways=config.ways,
+            image_shape=data.image_shape,
+            depth=paper.depth,
+            width=paper.width,
+            estimator=estimator,
+            inner_optimizer=paper.optimizer(),
+            inner_steps=paper.inner_steps,
+            meta_batch_size=config.meta_batch,
+            outer_lr=paper.outer_lr,
+        )
+        timer = StepTimer()
+        fit = quiet_trainer(
+            max_epochs=1, max_steps=config.steps, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer]
+        )
+        fit_start = time.perf_counter()
+        fit.fit(model, datamodule=data)
+        train_seconds = time.perf_counter() - fit_start
+        evaluate = quiet_trainer()
+        eval_start = time.perf_counter()
+        val = evaluate.validate(model, datamodule=data, verbose=False)[0]
+        test = evaluate.test(model, datamodule=data, verbose=False)[0]
+        eval_seconds = time.perf_counter() - eval_start
+    durations = timer.durations
+    record = {
+        "dataset": config.dataset,
+        "root": config.root,
+        "ways": config.ways,
+        "shots": config.shots,
+        "queries": config.queries,
+        "method": str(estimator),
+        "gamma": gamma_of(config.method),
+        "jvps": jvps(estimator, paper.inner_steps),
+        "seed": config.seed,
+        "val_acc": float(val["val/acc"]),
+        "val_ci95": float(val["val/acc_ci95"]),
+        "test_acc": float(test["test/acc"]),
+        "test_ci95": float(test["test/acc_ci95"]),
+        "seconds_per_step": statistics.fmean(durations) if durations else None,
+        "seconds_per_step_median": statistics.median(durations) if durations else None,
+        "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
+        "wall_seconds": time.perf_counter() - start,
+        "steps": config.steps,
+        "steps_run": len(durations),
+        "skipped_steps": model.skipped_steps,
+        "meta_batch": config.meta_batch,
+        "eval_tasks": config.eval_tasks,
+        "config": paper.config,
+        "inner_optimizer": paper.inner_optimizer[0].rpartition(".")[2],
+        "inner_steps": paper.inner_steps,
+        "inner_lr": paper.optimizer_setting("lr"),
+        "inner_momentum": paper.optimizer_setting("momentum"),
+        "outer_lr": paper.outer_lr,
+        "backbone": f"{paper.depth}x{paper.width}",
+        "split_seed": 0,
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "timestamp": _now(),
+    }
+    write_json(Path(runs_dir) / config.file_name, record)
+    return record
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# many runs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def plan_jobs(
+    dataset: str,
+    root: str | None,
+    ways: Sequence[int],
+    methods: Sequence[str],
+    seeds: int,
+    shots: int,
+    queries: int,
+    steps: int,
+    meta_batch: int,
+    eval_tasks: int,
+    paper: PaperSettings,
+    threads: int = 1,
+) -> list[RunConfig]:
+    """Every run, seed-major: all settings and methods of seed 0, then of seed 1, ..."""
+    return [
+        RunConfig(dataset, root, w, shots, queries, m, seed, steps, meta_batch, eval_tasks, paper, threads)
+        for seed in range(seeds)
+        for w in ways
+        for m in methods
+    ]
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """The record in ``path``, or ``None`` when it is absent or unreadable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def load_records(out: Path) -> list[dict[str, Any]]:
+    """All readable records under ``out/runs`` (unreadable files are reported on stderr and skipped)."""
+    records = []
+    for path in sorted((out / "runs").glob("*.json")):
+        record = read_record(path)
+        if record is None or not {"dataset", "ways", "method", "seed", "val_acc", "test_acc"} <= record.keys():
+            print(f"warning: skipping unreadable record {path}", file=sys.stderr)
+            continue
+        try:
+            canonical(str(record["method"]))
+        except ValueError:
+            print(
+                f"warning: skipping {path}: its method {record['method']!r} is not an estimator spec string; "
+                "write it as one, e.g. 'greedy(0.99)'",
+                file=sys.stderr,
+            )
+            continue
+        records.append(record)
+    return records
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _progress_line(index: int, total: int, config: RunConfig, record: dict[str, Any]) -> str:
+    sps = record["seconds_per_step"]
+    return (
+        f"[{index}/{total}] {config.describe()}: val {100 * record['val_acc']:.2f} ± {100 * record['val_ci95']:.2f}%, "
+        f"test {100 * record['test_acc']:.2f} ± {100 * record['test_ci95']:.2f}%, "
+        f"{'n/a' if sps is None else f'{sps:.3f}'} s/step, {record['wall_seconds']:.1f} s"
+    )
+
+
+def execute(jobs: Sequence[RunConfig], runs_dir: Path, workers: int) -> tuple[int, int]:
+    """Runs ``jobs`` (in this process when ``workers == 1``), printing one line per finished run.
+
+    Returns:
+        The numbers of finished and failed runs.
+    """
+    finished = failed = 0
+    total = len(jobs)
+    if workers == 1:
+        for config in jobs:
+            try:
+                record = run_one(config, runs_dir)
+            except Exception as error:  # one failed run must not stop the others
+                failed += 1
+                print(f"[{finished + failed}/{total}] {config.describe()}: FAILED: {error!r}", flush=True)
+            else:
+                finished += 1
+                print(_progress_line(finished + failed, total, config, record), flush=True)
+        return finished, failed
+    context = multiprocessing.get_context("spawn")
+    threads = jobs[0].threads if jobs else 1
+    with concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_init_worker, initargs=(threads,)
+    ) as pool:
+        futures = {pool.submit(run_one, config, runs_dir): config for config in jobs}  # queued in seed-major order
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                config = futures[future]
+                try:
+                    record = future.result()
+                except Exception as error:
+                    failed += 1
+                    print(f"[{finished + failed}/{total}] {config.describe()}: FAILED: {error!r}", flush=True)
+                else:
+                    finished += 1
+                    print(_progress_line(finished + failed, total, config, record), flush=True)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return finished, failed
+
+
+def resolve_root(dataset: str, root: str | None, paper: PaperSettings) -> str | None:
+    """The data folder as given: ``--root``, else (Omniglot) ``$OMNIGLOT_ROOT``, else the config's (same dataset).
+
+    Never made absolute, so that the records hold the path as the command line or the config wrote it.
+    """
+    if root is not None:
+        return root
+    configured = paper.root if paper.dataset == dataset else None
+    if dataset == "omniglot":
+        return omniglot_root(None) if configured is None or "OMNIGLOT_ROOT" in os.environ else configured
+    return configured
+
+
+def _setting(args: argparse.Namespace, name: str, paper: PaperSettings) -> int:
+    value = getattr(args, name)
+    return getattr(paper, name) if value is None else value
+
+
+def command_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``table2 run``: plans the runs, skips those with a record, runs the rest and writes the report."""
+    config = args.config if args.config is not None else default_config(args.dataset)
+    try:
+        paper = PaperSettings.from_config(config)
+        methods = list(dict.fromkeys(args.methods if args.methods is not None else default_methods()))
+    except ValueError as error:
+        parser.error(str(error))
+    root = resolve_root(args.dataset, args.root, paper)
+    if args.dataset == "cifar100" and root is None:
+        parser.error("--root is required for cifar100: the folder that holds cifar-100-python/")
+    shots, steps, meta_batch, eval_tasks = (
+        _setting(args, n, paper) for n in ("shots", "steps", "meta_batch", "eval_tasks")
+    )
+    queries = args.queries if args.queries is not None else args.shots if args.shots is not None else paper.queries
+    for name, value in (("seeds", args.seeds), ("steps", steps), ("meta_batch", meta_batch),
+                        ("eval_tasks", eval_tasks), ("shots", shots), ("queries", queries),
+                        ("workers", args.workers), ("threads", args.threads)):  # fmt: skip
+        if value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if any(w < 2 for w in args.ways):
+        parser.error(f"--ways must all be >= 2, got {args.ways}")
+    ways = list(dict.fromkeys(args.ways))
+    for w in ways:  # check the data and the settings here, before any worker starts
+        try:
+            FewShotDataModule(
+                dataset=args.dataset,
+                root=root,
+                ways=w,
+                shots=shots,
+                queries=queries,
+                meta_batch_size=meta_batch,
+                train_batches=steps,
+                val_tasks=eval_tasks,
+                test_tasks=eval_tasks,
+            )
+        except (ValueError, FileNotFoundError) as error:
+            parser.error(str(error))
+    out = Path(args.out if args.out is not None else f"studies/table2/results/{args.dataset}")
+    runs_dir = out / "runs"
+    jobs = plan_jobs(
+        dataset=args.dataset,
+        root=root,
+        ways=ways,
+        methods=methods,
+        seeds=args.seeds,
+        shots=shots,
+        queries=queries,
+        steps=steps,
+        meta_batch=meta_batch,
+        eval_tasks=eval_tasks,
+        paper=paper,
+        threads=args.threads,
+    )
+    todo, conflicts = [], []
+    for job in jobs:
+        record = read_record(runs_dir / job.file_name)
+        if record is None:
+            todo.append(job)
+        elif any(record.get(name) != getattr(job, name) for name in COMPARED_SETTINGS):
+            conflicts.append(job.file_name)
+    if conflicts:
+        wanted = ", ".join(f"{name}={getattr(jobs[0], name)}" for name in COMPARED_SETTINGS)
+        print(
+            f"error: {len(conflicts)} records in {runs_dir} were made with other settings than {wanted} (e.g. "
+            f"{conflicts[0]}); use another --out or delete them",
+            file=sys.stderr,
+        )
+        return 2
+    print(
+        f"plan: {len(jobs)} runs ({args.seeds} seeds x {len(ways)} settings x {len(methods)} methods) on "
+        f"{args.dataset}, {shots}-shot, {queries} queries, {steps} steps, meta-batch {meta_batch}, "
+        f"{eval_tasks} eval tasks (settings from {config}); {len(jobs) - len(todo)} done, {len(todo)} remaining; "
+        f"{args.workers} worker(s) x {args.threads} thread(s); records in {runs_dir}",
+        flush=True,
+    )
+    start = time.perf_counter()
+    try:
+        finished, failed = execute(todo, runs_dir, args.workers)
+    except KeyboardInterrupt:
+        print(f"interrupted after {_format_duration(time.perf_counter() - start)}; rerun the same command to resume")
+        return 130
+    print(
+        f"total wall time {_format_duration(time.perf_counter() - start)}: {finished} runs finished, {failed} failed",
+        flush=True,
+    )
+    code = report(out)
+    return 1 if failed else code
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Entry:
+    """One cell of a report table (a row of ``table2.csv``); accuracies in percent."""
+
+    dataset: str
+    protocol: str
+    reported_on: str
+    method: str
+    label: str
+    gamma: float | None
+    jvps: int | None
+    ways: int
+    mean: float | None
+    ci95: float | None
+    n: int
+    seconds_per_step: float | None
+
+    def text(self) -> str:
+        """The markdown cell: ``mean ± ci95 (n=...)``, ``mean (n=1)`` or ``n/a``."""
+        if self.n == 0 or self.mean is None:
+            return "n/a"
+        value = f"{self.mean:.2f}" if self.ci95 is None else f"{self.mean:.2f} ± {self.ci95:.2f}"
+        value += f" (n={self.n})"
+        return f"{value}, γ={self.gamma:g}" if self.method == CHOSEN else value
+
+
+def mean_ci95(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """The mean and ``1.96 * std / sqrt(n)`` (sample std, ``n - 1``) of ``values``; no interval for one value."""
+    if not values:
+        return None, None
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, 1.96 * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def _group(records: Sequence[dict[str, Any]]) -> dict[tuple[str, int, str], list[dict[str, Any]]]:
+    """Records by ``(dataset, ways, method)``, one per seed (the latest when a seed appears twice).
+
+    Methods are canonical specs: a record's ``greedy(0.990)`` is ``greedy(0.99)``.
+    """
+    by_seed: dict[tuple[str, int, str, int], dict[str, Any]] = {}
+    for record in sorted(records, key=lambda r: str(r.get("timestamp", ""))):
+        by_seed[(record["dataset"], record["ways"], canonical(str(record["method"])), record["seed"])] = record
+    groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    for (dataset, ways, method, _), record in sorted(by_seed.items()):
+        groups.setdefault((dataset, ways, method), []).append(record)
+    return groups
+
+
+def _greedy_methods(groups: dict[tuple[str, int, str], list[dict[str, Any]]], dataset: str) -> dict[float, str]:
+    """Greedy's methods among ``dataset``'s records: gamma -> spec, by increasing gamma."""
+    found = {gamma_of(name): name for d, _, name in groups if d == dataset}
+    return {gamma: found[gamma] for gamma in sorted(g for g in found if g is not None)}
+
+
+def choose_gammas(records: Sequence[dict[str, Any]]) -> dict[tuple[str, int], float]:
+    """Greedy's gamma per ``(dataset, ways)``: the best mean meta-validation accuracy over seeds (ties: smallest)."""
+    groups = _group(records)
+    chosen: dict[tuple[str, int], float] = {}
+    for dataset in sorted({d for d, _, _ in groups}):
+        greedy = _greedy_methods(groups, dataset)
+        for ways in sorted({w for d, w, _ in groups if d == dataset}):
+            scores = [
+                (statistics.fmean(r["val_acc"] for r in groups[(dataset, ways, name)]), gamma)
+                for gamma, name in greedy.items()
+                if (dataset, ways, name) in groups
+            ]
+            if scores:
+                best = max(score for score, _ in scores)
+                chosen[(dataset, ways)] = min(gamma for score, gamma in scores if score == best)
+    return chosen
+
+
+def _mean_or_none(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
+def _row_jvps(method: str, runs: Sequence[dict[str, Any]]) -> int | None:
+    """The JVPs of ``method``'s row: from its records, else from its spec and the records' inner steps."""
+    recorded = [r["jvps"] for r in runs if r.get("method") is not None and canonical(str(r["method"])) == method]
+    if recorded:
+        return recorded[0]
+    inner_steps = [r["inner_steps"] for r in runs if r.get("inner_steps") is not None]
+    return jvps(get_estimator(method), inner_steps[0] if inner_steps else None)
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> list[Entry]:
+    """Every cell of both protocols' tables, for every dataset in ``records`` and every setting shown.
+
+    Rows: the baselines (:func:`baseline_methods`, then any other non-Greedy method found), Greedy with gamma chosen
+    per setting on meta-validation, and each Greedy gamma found in the records. Columns: the paper's 3, 4, 5 ways
+    and any other ways found. Every row is labelled by its estimator's spec string.
+    """
+    groups = _group(records)
+    chosen = choose_gammas(records)
+    entries = []
+    for dataset in sorted({d for d, _, _ in groups}):
+        mine = [r for r in records if r["dataset"] == dataset]
+        ways_shown = sorted(set(PAPER_WAYS) | {w for d, w, _ in groups if d == dataset})
+        greedy = _greedy_methods(groups, dataset)
+        others = [name for d, _, name in groups if d == dataset and gamma_of(name) is None]
+        rows: list[tuple[str, str, int | None, float | None]] = [
+            (name, name, _row_jvps(name, mine), None) for name in dict.fromkeys([*baseline_methods(), *others])
+        ]
+        greedy_runs = [r for r in mine if gamma_of(str(r["method"])) is not None]
+        rows.append((CHOSEN, CHOSEN_LABEL, greedy_runs[0]["jvps"] if greedy_runs else None, None))
+        rows += [(name, name, _row_jvps(name, mine), gamma) for gamma, name in greedy.items()]
+        for protocol, (field, _) in PROTOCOLS.items():
+            for name, label, row_jvps, gamma in rows:
+                for ways in ways_shown:
+                    row_gamma = gamma
+                    key = (dataset, ways, name)
+                    if name == CHOSEN:
+                        row_gamma = chosen.get((dataset, ways))
+                        key = (dataset, ways, greedy[row_gamma]) if row_gamma is not None else key
+                    runs = groups.get(key, []) if key[2] != CHOSEN else []
+                    mean, ci95 = mean_ci95([100 * r[field] for r in runs])
+                    entries.append(
+                        Entry(
+                            dataset=dataset,
+                            protocol=protocol,
+                            reported_on=field.split("_")[0],
+                            method=name,
+                            label=label,
+                            gamma=row_gamma,
+                            jvps=row_jvps,
+                            ways=ways,
+                            mean=mean,
+                            ci95=ci95,
+                            n=len(runs),
+                            seconds_per_step=_mean_or_none([r.get("seconds_per_step") for r in runs]),
+                        )
+                    )
+    return entries
+
+
+def _markdown_table(entries: Sequence[Entry], ways_shown: Sequence[int], rows: Sequence[str]) -> list[str]:
+    lines = [
+        "| method | JVPs | s/step | " + " | ".join(f"{w}-way" for w in ways_shown) + " |",
+        "|---|---:|---:|" + "---:|" * len(ways_shown),
+    ]
+    for name in rows:
+        cells = {e.ways: e for e in entries if e.method == name}
+        first = next(iter(cells.values()))
+        timed = [e for e in cells.values() if e.seconds_per_step is not None and e.n]
+        runs = sum(e.n for e in timed)
+        sps = f"{sum(e.seconds_per_step * e.n for e in timed) / runs:.3f}" if runs else "n/a"
+        texts = [cells[w].text() if w in cells else "n/a" for w in ways_shown]
+        count = "n/a" if first.jvps is None else first.jvps
+        lines.append(f"| {first.label} | {count} | {sps} | " + " | ".join(texts) + " |")
+    return lines
+
+
+def _paper_table() -> list[str]:
+    lines = [
+        "| method | JVPs | " + " | ".join(f"{w}-way" for w in PAPER_WAYS) + " |",
+        "|---|---:|" + "---:|" * len(PAPER_WAYS),
+    ]
+    for label, (count, cells) in PAPER_RESULTS.items():
+        lines.append(
+            f"| {label} | {count} | " + " | ".join(f"{cells[w][0]:.2f} ± {cells[w][1]:.2f}" for w in PAPER_WAYS) + " |"
+        )
+    return lines
+
+
+MODEL_SETTINGS = ("inner_optimizer", "inner_lr", "inner_momentum", "inner_steps", "outer_lr", "backbone")
+"""The records' fields that the report states under each dataset's title (from the config of the run)."""
+
+
+def _combos(records: Sequence[dict[str, Any]], fields: Sequence[str]) -> list[tuple[Any, ...]]:
+    # records written before the runner read its config have no inner_optimizer: they all used SGD
+    defaults = {"inner_optimizer": "SGD"}
+    return sorted({tuple(r.get(name, defaults.get(name)) for name in fields) for r in records}, key=str)
+
+
+def _one_or_warning(texts: Sequence[str], what: str, template: str) -> list[str]:
+    if len(texts) == 1:
+        return [template.format(texts[0])]
+    return [f"**Warning: the records mix {what}:**"] + [f"- {t}" for t in texts]
+
+
+def _settings_text(records: Sequence[dict[str, Any]]) -> list[str]:
+    texts = [
+        f"{shots}-shot, {queries} queries per class, {steps} outer steps, meta-batch {mb}, {tasks} meta-validation "
+        f"and {tasks} meta-test tasks per run"
+        for shots, queries, steps, mb, tasks in _combos(records, COMPARED_SETTINGS)
+    ]
+    return _one_or_warning(texts, "settings", "Settings: {}.")
+
+
+def _model_text(records: Sequence[dict[str, Any]]) -> list[str]:
+    seeds = sorted({r["seed"] for r in records})
+    texts = [
+        f"Inner {opt} lr {lr} momentum {momentum}, T = {steps}; outer Adam lr {outer_lr}; "
+        f"backbone {str(backbone).replace('x', ' x ')} with batch norm."
+        for opt, lr, momentum, steps, outer_lr, backbone in _combos(records, MODEL_SETTINGS)
+        if (lr, momentum, steps, outer_lr, backbone) != (None,) * 5  # hand-written records may not say
+    ]
+    runs = f"{len(records)} runs, seeds {seeds}."
+    if not texts:
+        return [runs]
+    return _one_or_warning(texts, "model settings", "{} " + runs) + ([runs] if len(texts) > 1 else [])
+
+
+def render_markdown(records: Sequence[dict[str, Any]], entries: Sequence[Entry]) -> str:
+    """``table2.md``: per dataset, both protocols' tables; then the paper's table and the compute time."""
+    lines = ["# Table 2 reproduction: few-shot classification", ""]
+    chosen = choose_gammas(records)
+    for dataset in sorted({e.dataset for e in entries}):
+        mine = [r for r in records if r["dataset"] == dataset]
+        ways_shown = sorted({e.ways for e in entries if e.dataset == dataset})
+        rows = list(dict.fromkeys(e.method for e in entries if e.dataset == dataset))
+        compute = sum(r.get("wall_seconds") or 0.0 for r in mine)
+        lines += [
+            f"## {dataset}",
+            "",
+            *_settings_text(mine),
+            *_model_text(mine),
+            "",
+            "Cells: accuracy in percent, mean ± 1.96 · std / √n over n seeds (sample std; one seed: no interval). "
+            "s/step: mean training step time over the row's runs. γ is chosen per setting by the best mean "
+            "meta-validation accuracy over seeds.",
+            "",
+            "γ chosen: "
+            + (", ".join(f"{w}-way {chosen[(dataset, w)]:g}" for w in ways_shown if (dataset, w) in chosen) or "n/a"),
+            "",
+        ]
+        for protocol, (_, title) in PROTOCOLS.items():
+            cells = [e for e in entries if e.dataset == dataset and e.protocol == protocol]
+            lines += [f"### {title}", "", *_markdown_table(cells, ways_shown, rows), ""]
+        lines += [f"Total compute: {_format_duration(compute)} ({compute / 3600:.2f} h), runs' wall time summed.", ""]
+    lines += [
+        "## The paper's Table 2 (CIFAR-100, not this dataset)",
+        "",
+        "Accuracy in percent, mean ± 95% CI, as published (10-shot; the paper's Greedy row is γ = 0.99).",
+        "",
+        *_paper_table(),
+        "",
+    ]
+    total = sum(r.get("wall_seconds") or 0.0 for r in records)
+    lines += [f"Total compute, all records: {_format_duration(total)} ({total / 3600:.2f} h), {len(records)} runs.", ""]
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, entries: Sequence[Entry]) -> None:
+    """``table2.csv``: one row per dataset x protocol x method x setting."""
+    fields = list(Entry.__dataclass_fields__)
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for entry in entries:
+            row = asdict(entry)
+            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+
+
+def plot(path: Path, entries: Sequence[Entry]) -> None:
+    """``table2.png``: per dataset, grouped bars (setting x method) with 95% CIs, clean protocol then the paper's."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    datasets = sorted({e.dataset for e in entries})
+    figure = Figure(figsize=(14, 4.8 * len(datasets)), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(datasets), 2, squeeze=False)
+    for row, dataset in enumerate(datasets):
+        for col, protocol in enumerate(("clean", "paper")):
+            ax = axes[row][col]
+            cells = [e for e in entries if e.dataset == dataset and e.protocol == protocol]
+            ways_shown = sorted({e.ways for e in cells})
+            methods = list(dict.fromkeys(e.method for e in cells))
+            width = 0.8 / max(len(methods), 1)
+            for i, name in enumerate(methods):
+                by_ways = {e.ways: e for e in cells if e.method == name}
+                heights = [by_ways[w].mean if by_ways[w].mean is not None else math.nan for w in ways_shown]
+                errors = [by_ways[w].ci95 or 0.0 for w in ways_shown]
+                greedy_gamma_row = name.startswith("greedy") and name != CHOSEN
+                ax.bar(
+                    [x - 0.4 + width * (i + 0.5) for x in range(len(ways_shown))],
+                    heights,
+                    width,
+                    yerr=errors,
+                    capsize=2,
+                    label=by_ways[ways_shown[0]].label,
+                    alpha=0.5 if greedy_gamma_row else 0.95,
+                    hatch="//" if greedy_gamma_row else None,
+                )
+            for x, w in enumerate(ways_shown):
+                chance = "chance" if x == 0 else None
+                ax.hlines(100 / w, x - 0.45, x + 0.45, colors="gray", linestyles=":", label=chance)
+            ax.set_xticks(range(len(ways_shown)), [f"{w}-way" for w in ways_shown])
+            ax.set_ylabel(f"meta-{'test' if protocol == 'clean' else 'validation'} accuracy (%)")
+            ax.set_title(f"{dataset}: {PROTOCOLS[protocol][1]}", fontsize=9)
+            tops = [(e.mean or 0.0) + (e.ci95 or 0.0) for e in cells] + [100 / w for w in ways_shown]
+            ax.set_ylim(0, min(100.0, 1.35 * max(tops)) if max(tops) < 100 else 105)
+            ax.legend(fontsize=7, ncol=3, loc="upper right")
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=120)
+
+
+def report(out: Path) -> int:
+    """Writes ``table2.md``, ``table2.csv`` and ``table2.png`` in ``out`` from the records in ``out/runs``."""
+    records = load_records(out)
+    if not records:
+        print(f"report: no records in {out / 'runs'}", file=sys.stderr)
+        return 1
+    entries = summarize(records)
+    markdown = render_markdown(records, entries)
+    md_path = out / "table2.md"
+    write_text(md_path, markdown)
+    write_csv(out / "table2.csv", entries)
+    plot(out / "table2.png", entries)
+    print(markdown)
+    print(f"report: wrote {md_path}, {out / 'table2.csv'} and {out / 'table2.png'} from {len(records)} records")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _method_arg(text: str) -> str:
+    try:
+        return canonical(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m studies.table2`` parser with its ``run`` and ``report`` subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="python -m studies.table2",
+        description="Reproduce Table 2 of the paper (few-shot classification with FO, T1-T2, IFT and Greedy).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,report}")
+    run = commands.add_parser(
+        "run",
+        help="train and evaluate every setting x method x seed (resumable), then write the report",
+        description=(
+            "Train a FewShotClassifier per (ways, method, seed) with the paper's settings, read from --config "
+            "(configs/paper/<dataset>.yaml: inner SGD lr 0.1 momentum 0.9, T=10; outer Adam lr 1e-3; 3x32 conv "
+            "backbone; 200 outer steps, meta-batch 10, 10-shot, 10 queries, 500 evaluation tasks); the flags below "
+            "override them. Each run is evaluated on --eval-tasks meta-validation and meta-test tasks and written at "
+            "once to OUT/runs/<dataset>-<ways>way-<method>-seed<k>.json; runs with a record are skipped, so "
+            "rerunning the same command resumes an interrupted run. Runs are ordered seed-major. " + METHODS_HELP + "."
+        ),
+    )
+    run.add_argument("--dataset", choices=DATASETS, default="omniglot", help="the dataset (default: omniglot)")
+    run.add_argument(
+        "--config",
+        default=None,
+        help="the config holding the paper's settings (default: configs/paper/<dataset>.yaml; digits: omniglot's)",
+    )
+    run.add_argument(
+        "--root",
+        default=None,
+        help="data folder, stored in the records as given (default: the config's; omniglot: $OMNIGLOT_ROOT first)",
+    )
+    run.add_argument("--seeds", type=int, default=5, help="run seeds 0 .. N-1 (default: 5)")
+    run.add_argument("--ways", type=int, nargs="+", default=list(PAPER_WAYS), help="settings (default: 3 4 5)")
+    run.add_argument(
+        "--methods",
+        type=_method_arg,
+        nargs="+",
+        default=None,
+        metavar="SPEC",
+        help="estimator specs (default: the baselines of configs/estimators/{fo,t1t2,neumann}.yaml, then "
+        + " ".join(str(Greedy(g)) for g in GREEDY_GAMMAS)
+        + "); quote specs with spaces",
+    )
+    run.add_argument("--shots", type=int, default=None, help="support examples per class (default: the config's)")
+    run.add_argument(
+        "--queries",
+        type=int,
+        default=None,
+        help="query examples per class (default: --shots if given, else the config's)",
+    )
+    run.add_argument("--steps", type=int, default=None, help="outer steps (default: the config's trainer.max_steps)")
+    run.add_argument("--meta-batch", type=int, default=None, help="tasks per outer step (default: the config's)")
+    run.add_argument(
+        "--eval-tasks", type=int, default=None, help="meta-validation and meta-test tasks each (default: the config's)"
+    )
+    run.add_argument(
+        "--workers", type=int, default=1, help="parallel worker processes (default: 1, which runs in this process)"
+    )
+    run.add_argument("--threads", type=int, default=1, help="torch threads per worker (default: 1)")
+    run.add_argument("--out", default=None, help="output folder (default: studies/table2/results/<dataset>)")
+    rep = commands.add_parser(
+        "report",
+        help="write OUT/table2.md, table2.csv and table2.png from the records in OUT/runs",
+        description=(
+            "Summarize the records of OUT/runs: Greedy's gamma is chosen per setting by the best mean "
+            "meta-validation accuracy; (a) the paper's protocol reports meta-validation accuracy, (b) the clean "
+            "protocol meta-test accuracy. Cells are mean ± 1.96·std/√n over seeds."
+        ),
+    )
+    rep.add_argument(
+        "--out", required=True, help="the folder given to `run --out` (e.g. studies/table2/results/omniglot)"
+    )
+    run.set_defaults(func=command_run)
+    rep.set_defaults(func=lambda args, _parser: report(Path(args.out)))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m studies.table2 {run,report} ...``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args, parser)

@@ -1,0 +1,188 @@
+"""Every study's documented command (docs/studies.md) runs in a tiny form, writing only into a temporary folder.
+
+The commands run as ``python -m studies.<name>`` would run them (``runpy``, in this process where that is safe; the
+cost study in a subprocess, as it tunes glibc's allocator for the whole process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import runpy
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import lightning_hypergrad as lh
+from studies.common import atomic_path, quiet_trainer, quiet_trainer_args, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDIES = ("table2", "cost", "quality", "hpo", "ddp", "lightning_step")
+
+
+def results_snapshot() -> dict[str, tuple[int, int]]:
+    """Every file under ``studies/*/results`` with its size and modification time."""
+    return {
+        str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in ROOT.glob("studies/*/results/**/*") if p.is_file()
+    }
+
+
+@pytest.fixture(autouse=True)
+def checkout_untouched() -> Iterator[None]:
+    """No study run by a test writes into the published results."""
+    threads = torch.get_num_threads()
+    before = results_snapshot()
+    yield
+    torch.set_num_threads(threads)
+    assert results_snapshot() == before
+
+
+def run_module(monkeypatch: pytest.MonkeyPatch, name: str, *args: str) -> None:
+    """``python -m studies.<name> *args``, in this process, from the repository root."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", [f"python -m studies.{name}", *args])
+    try:
+        runpy.run_module(f"studies.{name}", run_name="__main__", alter_sys=True)
+    except SystemExit as exit:
+        assert exit.code in (0, None), f"python -m studies.{name} exited with {exit.code}"
+
+
+def spec_strings(names: set[str | None]) -> bool:
+    """Whether every name is its estimator's canonical spec string."""
+    return all(name is not None and str(lh.get_estimator(name)) == name for name in names)
+
+
+def test_every_study_is_a_package_with_a_command_and_the_package_imports_none() -> None:
+    for name in STUDIES:
+        assert (ROOT / "studies" / name / "__main__.py").is_file(), name
+    assert not (ROOT / "lightning_hypergrad" / "experiments").exists()
+    assert not (ROOT / "benchmarks").exists() and not (ROOT / "results").exists()
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, lightning_hypergrad; print(sorted(m for m in sys.modules if 'studies' in m))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    ).stdout
+    assert loaded.strip() == "[]"
+
+
+def test_common_helpers(tmp_path: Path) -> None:
+    write_json(tmp_path / "a" / "record.json", {"method": "greedy(0.99)"})
+    assert json.loads((tmp_path / "a" / "record.json").read_text()) == {"method": "greedy(0.99)"}
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "a" / "b.txt") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["record.json"]  # nothing half-written is left
+    trainer = quiet_trainer(max_steps=1)
+    assert trainer.logger is None and not trainer.checkpoint_callback and trainer.max_steps == 1
+    assert quiet_trainer_args()[:2] == ["--trainer.logger", "false"]
+
+
+def test_table2(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    args = ["run", "--dataset", "digits", "--ways", "3", "--methods", "greedy(0.99)", "--steps", "2"]
+    run_module(monkeypatch, "table2", *args, "--meta-batch", "1", "--eval-tasks", "2", "--seeds", "1", "--shots", "1",
+               "--out", str(tmp_path))  # fmt: skip
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")]
+    assert record["method"] == "greedy(0.99)" and record["steps_run"] == 2
+    assert (tmp_path / "runs" / "digits-3way-greedy(0.99)-seed0.json").is_file()
+    assert "| greedy(0.99) | 10 |" in (tmp_path / "table2.md").read_text(encoding="utf-8")
+
+
+def test_cost(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "studies.cost", "--out", str(tmp_path), "--inner-steps", "1", "--meta-batch", "1"]
+    command += ["--repeats", "1", "--estimators", "greedy(0.99)", "neumann(10)", "--device", "cpu", "--threads", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = json.loads((tmp_path / "estimators_cpu.json").read_text())
+    assert {r["estimator"] for r in records} == {"greedy(0.99)", "neumann(10)", "plain_step"}
+    assert {r["problem"] for r in records} == {"fewshot", "whole_network"}
+    assert all(r["peak_bytes"] > 0 and r["seconds_per_step"] > 0 for r in records)
+    assert "| greedy(0.99) |" in (tmp_path / "cost.md").read_text()
+    assert (tmp_path / "memory_vs_T.png").is_file() and (tmp_path / "time_vs_T.png").is_file()
+    assert "(19488 entries)" in done.stdout  # FewShotClassifier's backbone: no convolution bias
+
+
+def test_cost_backbone_is_the_library_one() -> None:
+    from lightning_hypergrad.fewshot import ConvBackbone
+    from studies.cost.estimators import DEFAULT_ESTIMATORS, fewshot_backbone, select_estimators
+
+    backbone = fewshot_backbone()
+    assert isinstance(backbone, ConvBackbone) and backbone.out_features == 512
+    assert all(m.bias is None for m in backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    assert select_estimators(None) == list(DEFAULT_ESTIMATORS) and spec_strings(set(DEFAULT_ESTIMATORS))
+    assert select_estimators(["Greedy(0.990)", "greedy(0.99)"]) == ["greedy(0.99)"]
+    with pytest.raises(SystemExit, match="--estimators"):
+        select_estimators(["greedy0.99"])
+
+
+def test_quality(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    run_module(monkeypatch, "quality", "--quick", "--tasks", "1", "--dataset", "digits", "--out", str(tmp_path))
+    records = json.loads((tmp_path / "quality.json").read_text())
+    assert spec_strings({r["estimator"] for r in records})
+    assert {r["estimator"]: r["gamma"] for r in records}["t1t2"] == 0.0
+    assert (tmp_path / "backbone_step0.pt").is_file()  # written by every run, ignored by git
+    ignored = subprocess.run(["git", "check-ignore", "-q", "studies/quality/results/backbone_step0.pt"], cwd=ROOT)
+    assert ignored.returncode == 0
+    for plot in ("cosine_vs_gamma.png", "cosine_vs_T.png"):
+        (tmp_path / plot).unlink()
+    run_module(monkeypatch, "quality", "--replot", "--out", str(tmp_path))  # the plots again, from the records
+    assert (tmp_path / "cosine_vs_gamma.png").is_file() and (tmp_path / "cosine_vs_T.png").is_file()
+
+
+def test_hpo(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    run_module(monkeypatch, "hpo", "--examples", "lr_schedule", "--estimators", "greedy(0.9)", "--lr-starts", "0.1",
+               "--lr-outer-lrs", "--grid", "0.1", "--steps", "2", "--out", str(tmp_path))  # fmt: skip
+    records = json.loads((tmp_path / "comparison.json").read_text())
+    assert [(r["estimator"], r.get("variant")) for r in records] == [
+        ("greedy(0.9)", None),
+        ("greedy(0.9)", "start0.1"),
+        ("fo", "fixed_lr0.1"),
+        (None, "plain_sgd_lr0.1"),
+    ]
+    assert all(r["outer_steps"] == 2 for r in records if r["estimator"] is not None)
+    table = (tmp_path / "comparison.md").read_text()
+    assert "| greedy(0.9) start0.1 |" in table and "| 0 | config |" in table
+
+
+def test_ddp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The all-reduce wait for real; the scaling rounds on a stand-in for examples/ddp_fewshot.py that accepts only
+    the example's own flags (the example itself, on 1 and 2 processes, is tests/test_reliability.py's)."""
+    from studies.ddp import scaling
+
+    flags = set(re.findall(r'add_argument\(\s*"(--[a-z-]+)"', scaling.EXAMPLE.read_text()))
+    assert {"--devices", "--meta-batch", "--steps", "--width", "--inner-steps", "--broadcast-buffers"} <= flags
+    stand_in = tmp_path / "ddp_fewshot.py"
+    stand_in.write_text(
+        "import sys\n"
+        f"unknown = {{a for a in sys.argv[1:] if a.startswith('--')}} - set({sorted(flags)!r})\n"
+        "assert not unknown, unknown\n"
+        "devices = int(sys.argv[sys.argv.index('--devices') + 1])\n"
+        "print(f'processes: {devices}, median seconds per step: {0.02 if devices == 1 else 0.011:.4f}')\n"
+    )
+    monkeypatch.setattr(scaling, "EXAMPLE", stand_in)
+    out = tmp_path / "out"
+    run_module(monkeypatch, "ddp", "--out", str(out), "--rounds", "2", "--broadcast-buffers", "--repeats", "1",
+               "--allreduce-rounds", "1", "--busy", "0.001", "--numel", "8")  # fmt: skip
+    record = json.loads((out / "scaling_width32_broadcast.json").read_text())
+    assert record["settings"]["json"] == str(out / "scaling_width32_broadcast.json")
+    assert record["settings"]["broadcast_buffers"] and record["settings"]["rounds"] == 2
+    assert [r["ratio"] for r in record["rounds"]] == [pytest.approx(0.55)] * 2
+    lines = (out / "allreduce_wait.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["process 0", "process 1"]
+
+
+def test_lightning_step(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    run_module(monkeypatch, "lightning_step", "--dataset", "digits", "--steps", "1", "--rounds", "1",
+               "--estimators", "fo", "Greedy(0.99)")  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "| fo |" in printed and "| greedy(0.99) |" in printed and "digits" in printed
