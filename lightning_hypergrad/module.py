@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,18 +9,21 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torchmetrics.aggregation import CatMetric
 
 from lightning_hypergrad._checks import check_choice, check_int, check_positive_number
 from lightning_hypergrad.callbacks.step_timer import StepTimer
 from lightning_hypergrad.distributed import average_across_processes
 from lightning_hypergrad.estimators import Greedy, HypergradEstimator, get_estimator
+from lightning_hypergrad.evaluation import TaskMetrics, clone_task
 from lightning_hypergrad.inner_loop import StepMode, unroll
 from lightning_hypergrad.optim import SGD, DifferentiableOptimizer, OptimizerState
 from lightning_hypergrad.problem import BilevelProblem
 
 Task = Any
+
+_STAGE_NAMES = {"val": "meta-validation", "test": "meta-test"}
 
 
 @dataclass
@@ -87,10 +89,13 @@ class BilevelModule(L.LightningModule):
         outer_lr: learning rate of the default outer optimizer (Adam).
         gradient_clip_val: clip the hypergradient (Lightning's ``clip_gradients``) at this value; ``None``: no clip.
         gradient_clip_algorithm: ``"norm"`` or ``"value"``.
-        nonfinite: what a step does when the hypergradient has NaN or infinite entries (e.g. an exploding inner
-            learning rate), detected before the outer step: ``"skip"`` the outer step and count it in
-            ``train/skipped_steps``, or ``"raise"`` a ``FloatingPointError``. The hyperparameters are never
-            updated with a non-finite value.
+        nonfinite: what happens on NaN or infinite numbers (e.g. an exploding inner learning rate). In training,
+            the hypergradient is checked before the outer step: ``"skip"`` skips the outer step, warns once on the
+            console and counts it in ``train/skipped_steps``; ``"raise"`` raises a ``FloatingPointError``. The
+            hyperparameters are never updated with a non-finite value. In validation and test, tasks with a
+            non-finite number are counted in ``val/nonfinite_tasks`` (``test/...``) and make the metric's mean NaN
+            (never the mean of the finite tasks alone); ``"skip"`` warns once and goes on (checkpoints are written
+            as usual), ``"raise"`` raises.
         online: carry the inner parameters and the inner optimizer's state from one outer step to the next
             (the model keeps training between hyperparameter updates, as in Luketina et al. 2016) instead of
             starting each task from :meth:`init_params`. Needs one task per meta-batch; the carried state is
@@ -147,7 +152,8 @@ class BilevelModule(L.LightningModule):
         self.carried_state: OptimizerState | None = None
         self.skipped_steps = 0
         self._checked = False
-        self.eval_metrics = torch.nn.ModuleDict()
+        self.evaluation = TaskMetrics()
+        self._warned: set[str] = set()
 
     # ----------------------------------------------------------------- what a subclass writes
     def init_params(self, task: Task) -> list[Tensor]:
@@ -345,6 +351,12 @@ class BilevelModule(L.LightningModule):
                     "rate or inner_steps, or set nonfinite: skip to skip such steps"
                 )
             self.skipped_steps += 1
+            self._warn_once(
+                "skipped_step",
+                f"training step {self.global_step}: the hypergradient has NaN or infinite entries (the inner loop has "
+                "probably diverged: lower the inner optimizer's learning rate or inner_steps), so the outer step is "
+                "skipped (nonfinite='skip'); later skips are counted in train/skipped_steps without a warning",
+            )
             # every .grad is None, so the optimizer leaves the hyperparameters and its state as they are; the call
             # keeps Lightning's step counter (max_steps, schedulers, checkpoints) in step with the batches
             optimizer.zero_grad(set_to_none=True)
@@ -398,33 +410,38 @@ class BilevelModule(L.LightningModule):
     def evaluate_task(self, task: Task) -> dict[str, Tensor]:
         """``outer_loss`` and the task metrics of ``task`` after :meth:`adapt` (the trained network, online)."""
         with torch.inference_mode(False), torch.enable_grad():
-            task = _clone_tensors(task)
+            task = clone_task(task)
             params, h = self.adapt(task)
             with torch.no_grad():
                 return {"outer_loss": self.outer_loss(params, h, task), **self.task_metrics(params, h, task)}
 
     def _evaluate(self, batch: Any, stage: str) -> None:
         for task in self.split_tasks(batch):
-            for key, value in self.evaluate_task(task).items():
-                self._metric(stage, key).update(torch.as_tensor(value, dtype=torch.float32, device=self.device))
-
-    def _metric(self, stage: str, key: str) -> CatMetric:
-        name = f"{stage}__{key}"
-        if name not in self.eval_metrics:
-            self.eval_metrics[name] = CatMetric().to(self.device)
-        return self.eval_metrics[name]
+            self.evaluation.update(stage, self.evaluate_task(task), self.device)
 
     def _log_evaluation(self, stage: str) -> None:
-        for name, metric in list(self.eval_metrics.items()):
-            if not name.startswith(f"{stage}__"):
-                continue
-            key = name.split("__", 1)[1]
-            values = metric.compute().float().reshape(-1)
-            metric.reset()
-            mean = values.mean()
-            ci95 = 1.96 * values.std() / math.sqrt(values.numel()) if values.numel() > 1 else torch.zeros(())
+        summary = self.evaluation.summary(stage)
+        for key, (mean, ci95) in summary.metrics.items():
             self.log(f"{stage}/{key}", mean, prog_bar=key == "acc")
             self.log(f"{stage}/{key}_ci95", ci95)
+        if not summary.tasks:
+            return
+        self.log(f"{stage}/nonfinite_tasks", float(summary.nonfinite_tasks))
+        if summary.nonfinite_tasks:
+            message = (
+                f"{summary.nonfinite_tasks} of the {summary.tasks} {_STAGE_NAMES.get(stage, stage)} tasks have NaN or "
+                f"infinite numbers (their inner loop has probably diverged: lower the inner optimizer's learning rate "
+                f"or inner_steps); {stage}/outer_loss is logged as NaN and the count as {stage}/nonfinite_tasks"
+            )
+            if self.nonfinite == "raise":
+                raise FloatingPointError(f"{message}; nonfinite='raise' stops the run (nonfinite: skip goes on)")
+            self._warn_once(f"nonfinite_{stage}", message)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        """A console warning, once per run and kind (on the main process)."""
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message, category=RuntimeWarning)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -438,13 +455,3 @@ class BilevelModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_evaluation("test")
 
-
-def _clone_tensors(batch: Any) -> Any:
-    """Normal tensors from inference-mode ones, so that the inner loop can be differentiated in evaluation."""
-    if isinstance(batch, Tensor):
-        return batch.clone()
-    if isinstance(batch, dict):
-        return {k: _clone_tensors(v) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_clone_tensors(v) for v in batch)
-    return batch

@@ -48,6 +48,8 @@ class BilevelProblem:
     init_state: OptimizerState | None = None
 
     def __post_init__(self) -> None:
+        self.inner_loss = _scalar_loss("inner_loss", self.inner_loss)
+        self.outer_loss = _scalar_loss("outer_loss", self.outer_loss)
         check_int("steps (T, the number of inner steps)", self.steps)
         self.hyperparameters = list(self.hyperparameters)
         self.init_params = list(self.init_params)
@@ -71,3 +73,26 @@ class BilevelProblem:
                 f"lightning_hypergrad.Adam, got {type(self.optimizer).__name__} (torch.optim optimizers update in "
                 "place and cannot be differentiated)"
             )
+
+
+def _scalar_loss(name: str, loss: LossFn) -> LossFn:
+    """``loss``, checked on every call to return a tensor with one element (a message names it otherwise)."""
+    if getattr(loss, "_checked_as", None) == name:
+        return loss
+    if not callable(loss):
+        raise TypeError(f"{name} must be a function loss(w, h) -> scalar tensor, got {type(loss).__name__}")
+
+    def checked(w: Sequence[Tensor], h: Sequence[Tensor]) -> Tensor:
+        value = loss(w, h)
+        if isinstance(value, Tensor) and value.numel() == 1:
+            return value
+        if isinstance(value, Tensor):
+            got = f"a tensor of shape {tuple(value.shape)}"
+            fix = "reduce it to one number, e.g. with .mean() or .sum()"
+        else:
+            got = f"{type(value).__name__} {value!r}"[:120]
+            fix = "compute it with torch operations on w and h, so that it can be differentiated"
+        raise TypeError(f"{name} must return a scalar tensor, but it returned {got}: {fix}")
+
+    checked._checked_as = name  # type: ignore[attr-defined]
+    return checked

@@ -117,3 +117,24 @@ def test_result_reports_the_trajectory_and_losses():
         w = w - 0.1 * (H @ w - b)
     torch.testing.assert_close(result.params[0], w, rtol=1e-12, atol=1e-14)
     assert result.outer_loss == pytest.approx(float(0.5 * ((ridge.Xv @ w - ridge.yv) ** 2).mean()), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "which, bad, message",
+    [
+        ("inner", lambda w, h: (w[0] - h[0]) ** 2, r"inner_loss must return a scalar tensor, but it returned a tensor "
+         r"of shape \(3,\): reduce it"),
+        ("outer", lambda w, h: 0.5, r"outer_loss must return a scalar tensor, but it returned float 0.5: compute it"),
+        ("outer", lambda w, h: None, r"outer_loss must return a scalar tensor, but it returned NoneType None"),
+    ],
+)
+def test_a_loss_that_is_not_a_scalar_tensor_is_named(which, bad, message):
+    a = torch.zeros(3, requires_grad=True)
+    good = lambda w, h: ((w[0] - h[0]) ** 2).sum()  # noqa: E731
+    inner, outer = (bad, good) if which == "inner" else (good, bad)
+    problem = lh.BilevelProblem(
+        inner, outer, hyperparameters=[a], init_params=[torch.ones(3)], optimizer=lh.SGD(lr=0.1), steps=2
+    )
+    for estimator in (lh.T1T2(), lh.RMD()):
+        with pytest.raises(TypeError, match=message):
+            estimator(problem)
