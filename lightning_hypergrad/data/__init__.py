@@ -7,5 +7,15 @@ registers the built-in ones (:mod:`lightning_hypergrad.data.datasets`).
 from lightning_hypergrad.data import datasets as _builtin_datasets  # noqa: F401  (registers the built-in datasets)
 from lightning_hypergrad.data.fewshot import FewShotDataModule
 from lightning_hypergrad.data.registry import DATASETS, DatasetOptions, DatasetSpec, get_dataset, register, unregister
+from lightning_hypergrad.data.sources import DataFileError
 
-__all__ = ["DATASETS", "DatasetOptions", "DatasetSpec", "FewShotDataModule", "get_dataset", "register", "unregister"]
+__all__ = [
+    "DATASETS",
+    "DataFileError",
+    "DatasetOptions",
+    "DatasetSpec",
+    "FewShotDataModule",
+    "get_dataset",
+    "register",
+    "unregister",
+]

@@ -16,9 +16,19 @@ Adding a built-in dataset takes one new file and its test:
    :mod:`lightning_hypergrad.data.sources` for :class:`~lightning_hypergrad.data.sources.ClassSplit`,
    :class:`~lightning_hypergrad.data.sources.TensorImages` and
    :func:`~lightning_hypergrad.data.sources.tensor_split`). Give ``check_files`` (raise ``FileNotFoundError`` naming
-   the paths looked at and how to get them) and ``prepare`` (download or convert, run once per machine by Lightning's
-   ``prepare_data``) when the data comes from files, and ``classes``/``examples_per_class`` when the counts are
-   fixed, so that too large ``ways``/``shots``/``queries`` are refused at once.
+   the paths looked at and how to get them, and check the files that are there with
+   :func:`~lightning_hypergrad.data.sources.verify_files`) and ``prepare`` (download or convert, run once per machine
+   by Lightning's ``prepare_data``) when the data comes from files, and ``classes``/``examples_per_class`` when the
+   counts are fixed, so that too large ``ways``/``shots``/``queries`` are refused at once.
+
+   Damaged files: ``verify_files(paths, readable, remedy, root=...)`` checks each file against a ``SHA256SUMS``
+   beside it (or in ``root``) when that lists it, else with ``readable`` (a cheap check such as
+   :func:`~lightning_hypergrad.data.sources.check_zip`, :func:`~lightning_hypergrad.data.sources.check_pickle` or
+   :func:`~lightning_hypergrad.data.sources.check_image`), once per process per file size and time, and raises
+   :class:`~lightning_hypergrad.data.sources.DataFileError` (a ``ValueError``) naming the file and ending with
+   ``remedy`` (how to get it again). In ``load``, read each file inside
+   ``with reading(path, remedy):`` (:func:`~lightning_hypergrad.data.sources.reading`), so that damage the cheap
+   check cannot see still raises that error naming the file, not a traceback from NumPy, ``pickle`` or PIL.
 2. Nothing else: importing :mod:`lightning_hypergrad.data` imports every module of
    ``lightning_hypergrad/data/datasets/``, in the order of their names, which registers them.
 3. Add ``tests/test_<name>.py`` (generated files in ``tmp_path``, no download).
@@ -75,7 +85,9 @@ class DatasetSpec:
         image_size: the side of the (square) images when ``image_size`` is not set.
         load: returns the ``train``, ``val`` and ``test`` splits; called in :meth:`FewShotDataModule.setup`.
         check_files: raises ``FileNotFoundError`` (naming the paths looked at and how to get the data) when the files
-            are absent and cannot be downloaded; called when the data module is built. Default: no check.
+            are absent and cannot be downloaded, and :class:`~lightning_hypergrad.data.sources.DataFileError` (naming
+            the file and how to get it again) when a file there is damaged; called when the data module is built.
+            Default: no check.
         prepare: downloads or converts the files into ``options.root`` (Lightning's ``prepare_data``, one process per
             machine). Default: nothing.
         classes: the published classes of the train/val/test splits, to refuse a too large ``ways`` before reading

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lightning_hypergrad.data.datasets.cifar100 import (
+    CIFAR_REMEDY,
     EXAMPLES_REASON,
     check_cifar,
     cifar_files,
@@ -14,7 +15,7 @@ from lightning_hypergrad.data.datasets.cifar100 import (
     unpickle,
 )
 from lightning_hypergrad.data.registry import DatasetOptions, DatasetSpec, register
-from lightning_hypergrad.data.sources import SPLITS, ClassSplit, tensor_split
+from lightning_hypergrad.data.sources import SPLITS, ClassSplit, reading, tensor_split
 
 CIFARFS_SPLIT_FOLDER = "cifarfs_splits"
 
@@ -64,8 +65,10 @@ def load_cifarfs_splits(options: DatasetOptions) -> dict[str, ClassSplit]:
     root = options.root
     split_files = _check_split_files(root)
     prepare_cifar(root, options.download, CIFAR_FILES)
-    meta = unpickle(cifar_files(root, ["meta"])[0])
-    names = [name.decode() if isinstance(name, bytes) else str(name) for name in meta["fine_label_names"]]
+    meta_file = cifar_files(root, ["meta"])[0]
+    meta = unpickle(meta_file)
+    with reading(meta_file, CIFAR_REMEDY):
+        names = [name.decode() if isinstance(name, bytes) else str(name) for name in meta["fine_label_names"]]
     label_of = {name: i for i, name in enumerate(names)}
     images, labels = cifar_images(root)
     size = None if options.image_size in (None, 32) else options.image_size

@@ -1,4 +1,10 @@
-"""``dataset="mini-imagenet"``: learn2learn's mini-ImageNet pickles (Ravi and Larochelle's 64/16/20 class split)."""
+"""``dataset="mini-imagenet"``: learn2learn's mini-ImageNet pickles (Ravi and Larochelle's 64/16/20 class split).
+
+The pickles are checked when the data module is built: against a ``SHA256SUMS`` in ``root`` that lists them (hashing
+reads about 1 GB per second), else by their last byte, which a file cut short has lost; a pickle damaged otherwise is
+found when it is read. Either way a damaged pickle raises
+:class:`~lightning_hypergrad.data.sources.DataFileError` naming it.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +15,15 @@ import torch
 
 from lightning_hypergrad.data._learn2learn import import_learn2learn
 from lightning_hypergrad.data.registry import DatasetOptions, DatasetSpec, register
-from lightning_hypergrad.data.sources import SPLITS, ClassSplit, TensorImages
+from lightning_hypergrad.data.sources import SPLITS, ClassSplit, TensorImages, check_pickle, reading, verify_files
 
 MINI_IMAGENET_MODES = {"train": "train", "val": "validation", "test": "test"}
 """learn2learn's ``mode`` of each split."""
+
+MINI_IMAGENET_REMEDY = (
+    "Delete it and run again with `download: true` (learn2learn downloads it again), or copy it again from where you "
+    "got it."
+)
 
 
 def mini_imagenet_file(root: Path, split: str) -> Path:
@@ -34,10 +45,13 @@ def _missing(root: Path) -> list[Path]:
 
 
 def check_mini_imagenet_files(options: DatasetOptions) -> None:
-    """Raises ``FileNotFoundError`` when a split's pickle is absent and ``download`` is off."""
+    """Raises ``FileNotFoundError`` when a split's pickle is absent and ``download`` is off, and
+    :class:`~lightning_hypergrad.data.sources.DataFileError` when one there is damaged."""
     missing = _missing(options.root)
     if missing and not options.download:
         raise FileNotFoundError(mini_imagenet_missing_message(missing))
+    present = [mini_imagenet_file(options.root, split) for split in SPLITS]
+    verify_files([p for p in present if p.is_file()], check_pickle, MINI_IMAGENET_REMEDY, root=options.root)
 
 
 def prepare_mini_imagenet_files(options: DatasetOptions) -> None:
@@ -56,7 +70,12 @@ def load_mini_imagenet_splits(options: DatasetOptions) -> dict[str, ClassSplit]:
     size = None if options.image_size in (None, 84) else options.image_size
     out = {}
     for split, mode in MINI_IMAGENET_MODES.items():
-        source = datasets.MiniImagenet(str(options.root), mode=mode, download=options.download)
+        path = mini_imagenet_file(options.root, split)
+        if path.is_file():  # read errors of a file that is there name it; those of a download stay as they are
+            with reading(path, MINI_IMAGENET_REMEDY):
+                source = datasets.MiniImagenet(str(options.root), mode=mode, download=options.download)
+        else:
+            source = datasets.MiniImagenet(str(options.root), mode=mode, download=options.download)
         images = source.x.to(torch.uint8)  # learn2learn keeps 0-255 as float32: hold a quarter of the memory
         labels = [int(label) for label in source.y]
         del source

@@ -1,4 +1,10 @@
-"""``dataset="omniglot"``: Omniglot as two NumPy archives, converted once from torchvision's download if needed."""
+"""``dataset="omniglot"``: Omniglot as two NumPy archives, converted once from torchvision's download if needed.
+
+The archives are checked when the data module is built (and again after a download): against the ``SHA256SUMS``
+beside them when it lists them (hashing the 5.7 MB of the full archives takes under 10 ms), else by reading their zip
+directory; flipped bits in an archive without a checksum are found when it is loaded. Either way a damaged archive
+raises :class:`~lightning_hypergrad.data.sources.DataFileError` naming it.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +16,22 @@ import torch
 from torch import Tensor
 
 from lightning_hypergrad.data.registry import DatasetOptions, DatasetSpec, register
-from lightning_hypergrad.data.sources import ClassSplit, resize, tensor_split
+from lightning_hypergrad.data.sources import ClassSplit, check_zip, reading, resize, tensor_split, verify_files
 
 OMNIGLOT_ARCHIVES = ("images_background.npz", "images_evaluation.npz")
 OMNIGLOT_TORCHVISION_FOLDER = "omniglot-py"
+
+OMNIGLOT_ARRAYS = ("images.npy", "labels.npy")
+"""The members of each archive (the arrays ``images`` and ``labels``)."""
+
+ARCHIVE_REMEDY = (
+    f"Delete it and run again: it is rebuilt from root/{OMNIGLOT_TORCHVISION_FOLDER} when that folder is there, else "
+    "downloaded with `download: true`; or copy the archive again from where you got it."
+)
+PNG_REMEDY = (
+    f"Replace it from the original images_*.zip, or delete root/{OMNIGLOT_TORCHVISION_FOLDER} and download it again "
+    "with `download: true`."
+)
 
 
 def omniglot_available(root: Path) -> bool:
@@ -31,8 +49,11 @@ def _read_omniglot_folder(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     characters = [c for c in characters if c.is_dir()]
     drawings = []
     for character in characters:
-        files = sorted(character.glob("*.png"))
-        drawings.append(np.stack([np.asarray(Image.open(f).convert("L")) > 127 for f in files]))
+        pixels = []
+        for file in sorted(character.glob("*.png")):
+            with reading(file, PNG_REMEDY), Image.open(file) as image:
+                pixels.append(np.asarray(image.convert("L")) > 127)
+        drawings.append(np.stack(pixels))
     counts = {len(d) for d in drawings}
     if len(counts) != 1:
         raise ValueError(f"{folder}: characters have different numbers of drawings ({sorted(counts)})")
@@ -80,7 +101,7 @@ def omniglot_missing_message(root: Path) -> str:
 
 def _omniglot_images(archive: Path, size: int, chunk: int = 2048) -> tuple[Tensor, Tensor]:
     """One archive as float images ``(n_chars * 20, 1, size, size)`` with strokes 1.0, and character labels."""
-    with np.load(archive) as data:
+    with reading(archive, ARCHIVE_REMEDY), np.load(archive) as data:
         drawings, labels = data["images"], data["labels"]
     if drawings.ndim != 4 or labels.shape != drawings.shape[:2]:
         raise ValueError(
@@ -95,10 +116,26 @@ def _omniglot_images(archive: Path, size: int, chunk: int = 2048) -> tuple[Tenso
     return out, torch.from_numpy(labels.reshape(-1).astype(np.int64))
 
 
+def check_omniglot_archive(path: Path) -> None:
+    """Raises when ``path`` is not a zip archive holding the arrays ``images`` and ``labels``."""
+    check_zip(path, OMNIGLOT_ARRAYS)
+
+
+def verify_omniglot_archives(root: Path) -> None:
+    """Raises :class:`~lightning_hypergrad.data.sources.DataFileError` naming an archive in ``root`` that is damaged.
+
+    Checks each archive there against ``root/SHA256SUMS`` when that lists it, else its zip directory and arrays.
+    """
+    archives = [root / name for name in OMNIGLOT_ARCHIVES if (root / name).is_file()]
+    verify_files(archives, check_omniglot_archive, ARCHIVE_REMEDY, root=root)
+
+
 def check_omniglot_files(options: DatasetOptions) -> None:
-    """Raises ``FileNotFoundError`` when neither the archives nor torchvision's folders are there and no download."""
+    """Raises ``FileNotFoundError`` when neither the archives nor torchvision's folders are there and no download,
+    and :class:`~lightning_hypergrad.data.sources.DataFileError` when an archive there is damaged."""
     if not options.download and not omniglot_available(options.root):
         raise FileNotFoundError(omniglot_missing_message(options.root))
+    verify_omniglot_archives(options.root)
 
 
 def prepare_omniglot_files(options: DatasetOptions) -> None:
@@ -110,6 +147,7 @@ def load_omniglot_splits(options: DatasetOptions) -> dict[str, ClassSplit]:
     """Omniglot: background characters meta-train; evaluation characters halved (first half meta-validation)."""
     root = options.root
     prepare_omniglot(root, options.download)
+    verify_omniglot_archives(root)  # once per process: nothing to do when the data module's build checked them
     size = options.image_size or 28
     images, labels = _omniglot_images(root / OMNIGLOT_ARCHIVES[0], size)
     train = tensor_split(images, labels, torch.unique(labels).tolist(), None)
