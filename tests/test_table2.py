@@ -1,11 +1,17 @@
-"""``python -m studies.table2``: a tiny run on digits, resumption, the report's gamma selection, the paper config."""
+"""``python -m studies.table2``: a tiny run on digits, resumption, the report's gamma selection, the paper config,
+malformed records, and stopping the parallel runner (Ctrl-C, or the runner killed)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+import os
+import signal
 import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +56,7 @@ TINY = [
     "1",
 ]
 TINY_RECORDS = {record_name("digits", 3, m, s) for m in ("fo", "greedy(0.99)") for s in (0, 1)}
+REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -291,3 +298,165 @@ def test_cifar100_protocol_runs_end_to_end_on_a_generated_stand_in(tmp_path: Pat
     assert record["dataset"] == "cifar100" and 0.0 <= record["val_acc"] <= 1.0
     assert record["root"] == str(tmp_path / "cifar") and record["config"] == "configs/paper/cifar100.yaml"
     assert (out / "table2.md").is_file() and (out / "table2.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# malformed records
+# ---------------------------------------------------------------------------------------------------------------------
+
+DIGITS_SETTINGS = {"dataset": "digits", "shots": 2, "queries": 2, "steps": 3, "meta_batch": 2, "eval_tasks": 4}
+"""What a record of ``TINY`` (one method, one seed) holds, so that only its malformed field is wrong."""
+MALFORMED = [
+    ("{}", "has no dataset, ways, method, seed, val_acc, test_acc"),
+    (json.dumps(make_record(3, "fo", 0, 0.5, 0.5) | DIGITS_SETTINGS | {"test_acc": None}), "test_acc is null"),
+    (json.dumps(make_record(3, "fo", 0, 0.5, 0.5) | DIGITS_SETTINGS | {"ways": "3"}), 'ways is "3"'),
+    ('{"dataset": "digits", "ways": 3', "is not JSON"),
+    ("[0.5, 0.5]", "holds [0.5, 0.5] (list), not a JSON object"),
+]
+DELETE = "delete the file to rerun that run"
+
+
+@pytest.mark.parametrize(("content", "problem"), MALFORMED)
+def test_run_names_a_malformed_record(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, problem: str
+) -> None:
+    path = tmp_path / "runs" / record_name("digits", 3, "fo", 0)
+    path.parent.mkdir()
+    path.write_text(content)
+    args = [*TINY[:6], "fo", *TINY[8:]]
+    assert main([*args, "--seeds", "1", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: {problem}" in err and DELETE in err
+    assert "other settings" not in err
+    assert path.read_text() == content  # neither trained again nor overwritten
+    assert not (tmp_path / "table2.md").exists()
+
+
+def test_report_skips_malformed_records_and_names_them(hand_made: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs = hand_made / "runs"
+    bad = {record_name("omniglot", 3, "fo", seed): content for seed, (content, _) in enumerate(MALFORMED, start=1)}
+    for name, content in bad.items():
+        (runs / name).write_text(content)
+    assert report(hand_made) == 0
+    err = capsys.readouterr().err
+    for (name, _), (_, problem) in zip(bad.items(), MALFORMED):
+        (line,) = [line for line in err.splitlines() if name in line]
+        assert line.startswith("warning: skipping") and f"{runs / name}: {problem}" in line and DELETE in line
+    rows = read_csv(hand_made / "table2.csv")
+    (fo,) = [r for r in rows if (r["protocol"], r["method"], r["ways"]) == ("clean", "fo", "3")]
+    assert fo["n"] == "1" and float(fo["mean"]) == pytest.approx(44.0)  # the good record only
+
+    only_bad = hand_made / "only_bad"
+    (only_bad / "runs").mkdir(parents=True)
+    (only_bad / "runs" / record_name("omniglot", 3, "fo", 0)).write_text("{}")
+    assert main(["report", "--out", str(only_bad)]) == 1
+    err = capsys.readouterr().err
+    assert "has no dataset" in err and DELETE in err and "no records" in err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# stopping the parallel runner
+# ---------------------------------------------------------------------------------------------------------------------
+
+PARALLEL = [*TINY[:6], "fo", "--steps", "100", "--meta-batch", "1", "--eval-tasks", "2", "--seeds", "40"]
+PARALLEL += ["--shots", "1", "--workers", "2"]  # 40 runs of about a second each on two workers
+needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes from /proc (Linux)")
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state, parent, ...), ``None`` if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat(int(entry.name))) is not None and int(fields[1]) == pid:
+            children.append(int(entry.name))
+    return children
+
+
+def _alive(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if (fields := _stat(pid)) is not None and fields[0] != "Z"]  # Z: exited, unreaped
+
+
+def _wait_until_gone(pids: list[int], seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return _alive(pids)
+
+
+def _records(runs: Path) -> set[str]:
+    return {p.name for p in runs.glob("*.json") if not p.name.startswith(".")} if runs.is_dir() else set()
+
+
+def _check_records(runs: Path) -> None:
+    """Every file is a complete record; no temporary file is left."""
+    assert not [p.name for p in runs.iterdir() if p.name.startswith(".")]
+    for name in _records(runs):
+        record = json.loads((runs / name).read_text())
+        assert record["steps_run"] == 100 and 0.0 <= record["test_acc"] <= 1.0
+
+
+@pytest.fixture()
+def parallel_runner(tmp_path: Path) -> Any:
+    """Starts ``PARALLEL`` in a process of its own; yields it, its child processes and its output folder once a
+    first record is written (its workers are then running); kills whatever is left of them afterwards."""
+    out, log = tmp_path / "out", tmp_path / "runner.log"
+    command = [sys.executable, "-m", "studies.table2", *PARALLEL, "--out", str(out)]
+    with log.open("w") as output:
+        runner = subprocess.Popen(
+            command, cwd=REPOSITORY, env=os.environ | {"OMP_NUM_THREADS": "1"}, stdout=output, stderr=subprocess.STDOUT
+        )
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 300
+        while not _records(out / "runs"):
+            if runner.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the runner wrote no record:\n{log.read_text()}")
+            time.sleep(0.05)
+        children = _children(runner.pid)
+        assert len(children) >= 2, log.read_text()  # the workers (and multiprocessing's resource tracker)
+        yield runner, children, out
+    finally:
+        for pid in [runner.pid, *children]:
+            if _alive([pid]):
+                os.kill(pid, signal.SIGKILL)
+        runner.wait()
+
+
+@needs_proc
+def test_ctrl_c_stops_the_parallel_runner_and_its_workers(parallel_runner: Any) -> None:
+    runner, children, out = parallel_runner
+    runs = out / "runs"
+    before = _records(runs)
+    start = time.monotonic()
+    runner.send_signal(signal.SIGINT)
+    code = runner.wait(timeout=60)
+    seconds = time.monotonic() - start
+    left = _wait_until_gone(children, 2.0)
+    assert code == 130 and seconds < 10.0
+    assert not left  # no worker (nor resource tracker) behind
+    after = _records(runs)
+    assert before <= after and len(after) <= len(before) + 2  # at most the runs that were ending; no new run
+    assert "interrupted after" in (out.parent / "runner.log").read_text()
+    _check_records(runs)
+    time.sleep(1.0)
+    assert _records(runs) == after
+
+
+@needs_proc
+def test_workers_of_a_killed_runner_exit(parallel_runner: Any) -> None:
+    runner, children, out = parallel_runner
+    runs = out / "runs"
+    before = _records(runs)
+    runner.kill()
+    runner.wait()
+    assert not _wait_until_gone(children, 5.0)
+    after = _records(runs)
+    assert before <= after and len(after) <= len(before) + 2
+    _check_records(runs)

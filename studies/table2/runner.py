@@ -8,7 +8,10 @@ same config as the command line's, ``configs/paper/<dataset>.yaml`` (``--config`
 ``configs/estimators/{fo,t1t2,neumann}.yaml``; the command-line flags override them. Each finished run is written
 at once to its own JSON record, ``<out>/runs/<dataset>-<ways>way-<method>-seed<k>.json`` (the method's spec without
 spaces, e.g. ``greedy(0.99)``); a later ``run`` with the same arguments skips the runs that have a record, so an
-interrupted run resumes where it stopped.
+interrupted run resumes where it stopped. Ctrl-C stops ``run`` within seconds, with ``--workers`` too: the runs under
+way are abandoned without a record, and no worker process is left behind; workers whose runner is killed (even with
+``SIGKILL``) exit by themselves. A record file that cannot be used (not JSON, ``{}``, an accuracy ``null`` ...) is named
+with what is wrong: ``run`` refuses to start until it is deleted (the run is then redone), ``report`` skips it.
 
 ``python -m studies.table2 report`` (also called at the end of ``run``) reads the records and writes
 ``<out>/table2.md``, ``<out>/table2.csv`` and ``<out>/table2.png`` with two protocols:
@@ -23,20 +26,27 @@ Cells are ``mean +- 1.96 * std / sqrt(n)`` in percent over the ``n`` seeds (samp
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
+import contextlib
 import csv
 import functools
 import importlib
 import json
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
+import signal
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from multiprocessing import resource_tracker
+from multiprocessing.connection import Connection
+from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -413,8 +423,121 @@ def run_one(config: RunConfig, runs_dir: str | Path) -> dict[str, Any]:
     return record
 
 
-def _init_worker(threads: int) -> None:
+# ---------------------------------------------------------------------------------------------------------------------
+# worker processes (--workers > 1)
+# ---------------------------------------------------------------------------------------------------------------------
+
+PARENT_POLL_SECONDS = 0.5
+"""How often a worker checks that the runner that started it is still alive."""
+STOP_GRACE_SECONDS = 10.0
+"""How long a stopped worker may take to leave (its run's temporary file removed) before it is killed."""
+_stopping = False
+
+
+def _stop_worker(signum: int, frame: Any) -> None:
+    """A worker's ``SIGTERM`` handler: leaves the run at once through ``SystemExit``, which removes the temporary
+    file of a record being written (:func:`studies.common.atomic_path`), so that no half-finished run leaves one."""
+    global _stopping
+    if not _stopping:  # a second signal must not interrupt the cleanup of the first
+        _stopping = True
+        raise SystemExit(128 + signum)
+
+
+def _watch_parent(parent: int) -> None:
+    """Stops this worker when the runner that started it is gone (even killed with ``SIGKILL``): the worker is then
+    re-parented, so ``os.getppid()`` changes."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_SECONDS)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(STOP_GRACE_SECONDS)  # the main thread did not stop (stuck outside Python): leave anyway
+    os._exit(1)
+
+
+def _worker(conn: Connection, parent: int, threads: int) -> None:
+    """A worker process: runs the jobs that the runner sends over ``conn`` one at a time, answering each with
+    ``(True, record)`` or ``(False, repr(error))``, until it receives ``None`` or the connection closes.
+
+    ``SIGINT`` is ignored (a Ctrl-C in a terminal reaches every process of the group; the runner stops its workers
+    itself), ``SIGTERM`` stops the worker, and so does the runner's death.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # blocked while the runner started this process: see _start_worker
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGTERM, _stop_worker)
+    threading.Thread(target=_watch_parent, args=(parent,), name="watch-parent", daemon=True).start()
     torch.set_num_threads(threads)
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        if job is None:
+            return
+        config, runs_dir = job
+        try:
+            answer = (True, run_one(config, runs_dir))
+        except Exception as error:  # reported by the runner; the worker goes on with the next run
+            answer = (False, repr(error))
+        try:
+            conn.send(answer)
+        except (BrokenPipeError, OSError):
+            return
+
+
+@dataclass
+class _Worker:
+    """The runner's handle on one worker process and the job it is running (``None``: idle)."""
+
+    process: BaseProcess
+    conn: Connection
+    job: RunConfig | None = None
+
+
+def _start_worker(context: BaseContext, threads: int) -> _Worker:
+    """Starts a worker process. ``SIGINT`` is blocked in this thread meanwhile, so that the new process starts with
+    it blocked (until it ignores it) and a Ctrl-C at that moment reaches the runner, late, rather than the worker."""
+    conn, child = context.Pipe()
+    process = context.Process(target=_worker, args=(child, os.getpid(), threads), name="table2-worker")
+    block = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    if block:  # started on the first spawn otherwise, it would unblock SIGINT (multiprocessing.resource_tracker)
+        resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if block else None
+    try:
+        process.start()
+    finally:
+        if previous is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        child.close()
+    return _Worker(process, conn)
+
+
+def _stop_workers(pool: Sequence[_Worker], runs_dir: Path, wait: bool) -> None:
+    """Ends every worker: idle ones are told to leave when ``wait``, the others stopped with ``SIGTERM`` (the run
+    under way is abandoned without a record), then killed if they are still there after
+    :data:`STOP_GRACE_SECONDS`. A second Ctrl-C meanwhile is ignored, so that no worker is left behind."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
+    try:
+        for worker in pool:
+            if wait and worker.job is None:
+                with contextlib.suppress(OSError):
+                    worker.conn.send(None)
+            elif worker.process.is_alive():
+                worker.process.terminate()
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for worker in pool:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+        for worker in pool:
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+                for tmp in runs_dir.glob(f".*.{worker.process.pid}.tmp.json"):  # see studies.common.atomic_path
+                    with contextlib.suppress(OSError):
+                        tmp.unlink()
+            worker.conn.close()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -445,33 +568,107 @@ def plan_jobs(
     ]
 
 
+RECORD_FIELDS = ("dataset", "ways", "method", "seed", "val_acc", "test_acc")
+"""The fields that every record needs (the report's); ``run`` also needs :data:`COMPARED_SETTINGS`."""
+OPTIONAL_NUMBERS = ("seconds_per_step", "wall_seconds", "jvps", "inner_steps")
+"""Fields that the report computes with when a record has them: numbers or ``null``."""
+DELETE_ADVICE = "delete the file to rerun that run (the same `run` command then redoes it)"
+
+
+class MalformedRecord(ValueError):
+    """A record file that cannot be used: unreadable, not JSON, not a JSON object or lacking a usable field.
+
+    Its message names the file, what is wrong and what to do (delete it, so that ``run`` redoes that run).
+    """
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"{path}: {problem}; {DELETE_ADVICE}")
+        self.path = path
+        self.problem = problem
+
+
 def read_record(path: Path) -> dict[str, Any] | None:
-    """The record in ``path``, or ``None`` when it is absent or unreadable."""
+    """The JSON object in ``path``, or ``None`` when there is no such file.
+
+    Raises:
+        MalformedRecord: the file cannot be read, is not JSON or holds something else than a JSON object.
+    """
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
         return None
-    return data if isinstance(data, dict) else None
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise MalformedRecord(path, f"cannot be read ({reason})") from None
+    try:
+        data = json.loads(text)
+    except ValueError as error:
+        raise MalformedRecord(path, f"is not JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise MalformedRecord(path, f"holds {_shown(data)} ({type(data).__name__}), not a JSON object")
+    return data
+
+
+def _shown(value: Any) -> str:
+    """``value`` as JSON writes it (``null``, ``"3"``), shortened."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def record_problem(record: dict[str, Any], settings: bool = False) -> str | None:
+    """What makes ``record`` unusable, ``None`` when nothing does.
+
+    The report needs :data:`RECORD_FIELDS` (accuracies as fractions in [0, 1], the method as an estimator spec)
+    and numbers or ``null`` in :data:`OPTIONAL_NUMBERS`; with ``settings``, the record must also state the
+    :data:`COMPARED_SETTINGS` (``run`` compares them with the requested run's) as positive integers.
+    """
+    required = [*RECORD_FIELDS, *(COMPARED_SETTINGS if settings else ())]
+    missing = [name for name in required if name not in record]
+    if missing:
+        return f"has no {', '.join(missing)}"
+    for name in ("dataset", "method"):
+        if not isinstance(record[name], str):
+            return f"{name} is {_shown(record[name])}, not a string"
+    for name, least in (("ways", 2), ("seed", 0), *((name, 1) for name in COMPARED_SETTINGS if settings)):
+        if not _is_int(record[name]) or record[name] < least:
+            return f"{name} is {_shown(record[name])}, not an integer >= {least}"
+    try:
+        canonical(record["method"])
+    except ValueError:
+        return f"its method {record['method']!r} is not an estimator spec string (e.g. 'greedy(0.99)')"
+    for name in ("val_acc", "test_acc"):
+        if not _is_number(record[name]) or not 0.0 <= record[name] <= 1.0:
+            return f"{name} is {_shown(record[name])}, not an accuracy in [0, 1]"
+    for name in OPTIONAL_NUMBERS:
+        value = record.get(name)
+        if value is not None and not _is_number(value):
+            return f"{name} is {_shown(value)}, not a number"
+    return None
 
 
 def load_records(out: Path) -> list[dict[str, Any]]:
-    """All readable records under ``out/runs`` (unreadable files are reported on stderr and skipped)."""
+    """All usable records under ``out/runs``; each malformed file is reported on stderr (with what is wrong and
+    what to do) and skipped."""
     records = []
     for path in sorted((out / "runs").glob("*.json")):
-        record = read_record(path)
-        if record is None or not {"dataset", "ways", "method", "seed", "val_acc", "test_acc"} <= record.keys():
-            print(f"warning: skipping unreadable record {path}", file=sys.stderr)
-            continue
         try:
-            canonical(str(record["method"]))
-        except ValueError:
-            print(
-                f"warning: skipping {path}: its method {record['method']!r} is not an estimator spec string; "
-                "write it as one, e.g. 'greedy(0.99)'",
-                file=sys.stderr,
-            )
+            record = read_record(path)
+            problem = None if record is None else record_problem(record)
+            if problem is not None:
+                raise MalformedRecord(path, problem)
+        except MalformedRecord as error:
+            print(f"warning: skipping {error}", file=sys.stderr)
             continue
-        records.append(record)
+        if record is not None:  # None: the file went away since the listing
+            records.append(record)
     return records
 
 
@@ -512,24 +709,44 @@ def execute(jobs: Sequence[RunConfig], runs_dir: Path, workers: int) -> tuple[in
         return finished, failed
     context = multiprocessing.get_context("spawn")
     threads = jobs[0].threads if jobs else 1
-    with concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_init_worker, initargs=(threads,)
-    ) as pool:
-        futures = {pool.submit(run_one, config, runs_dir): config for config in jobs}  # queued in seed-major order
-        try:
-            for future in concurrent.futures.as_completed(futures):
-                config = futures[future]
+    queue = list(reversed(jobs))  # popped from the end: seed-major order
+    pool: list[_Worker] = []
+    interrupted = True
+    try:
+        for _ in range(min(workers, len(jobs))):
+            pool.append(_start_worker(context, threads))
+        print(f"workers: pids {', '.join(str(w.process.pid) for w in pool)}", flush=True)
+        for worker in pool:
+            worker.job = queue.pop()
+            worker.conn.send((worker.job, runs_dir))
+        while any(w.job is not None for w in pool):
+            busy = [w for w in pool if w.job is not None]
+            ready = multiprocessing.connection.wait([w.conn for w in busy] + [w.process.sentinel for w in busy])
+            for index, worker in enumerate(list(pool)):
+                config = worker.job
+                if config is None or (worker.conn not in ready and worker.process.sentinel not in ready):
+                    continue
                 try:
-                    record = future.result()
-                except Exception as error:
-                    failed += 1
-                    print(f"[{finished + failed}/{total}] {config.describe()}: FAILED: {error!r}", flush=True)
-                else:
+                    ok, answer = worker.conn.recv()
+                except (EOFError, OSError):  # the worker died during the run (killed, out of memory)
+                    worker.process.join()
+                    ok, answer = False, f"its worker process exited with code {worker.process.exitcode}"
+                    worker.job = None
+                    if queue:  # a new worker takes its place
+                        worker.conn.close()
+                        worker = pool[index] = _start_worker(context, threads)
+                if ok:
                     finished += 1
-                    print(_progress_line(finished + failed, total, config, record), flush=True)
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+                    print(_progress_line(finished + failed, total, config, answer), flush=True)
+                else:
+                    failed += 1
+                    print(f"[{finished + failed}/{total}] {config.describe()}: FAILED: {answer}", flush=True)
+                worker.job = queue.pop() if queue else None
+                if worker.job is not None:
+                    worker.conn.send((worker.job, runs_dir))
+        interrupted = False
+    finally:
+        _stop_workers(pool, runs_dir, wait=not interrupted)
     return finished, failed
 
 
@@ -605,13 +822,22 @@ def command_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         paper=paper,
         threads=args.threads,
     )
-    todo, conflicts = [], []
+    todo, conflicts, malformed = [], [], []
     for job in jobs:
-        record = read_record(runs_dir / job.file_name)
+        path = runs_dir / job.file_name
+        try:
+            record = read_record(path)
+        except MalformedRecord as error:
+            malformed.append(error)
+            continue
         if record is None:
             todo.append(job)
-        elif any(record.get(name) != getattr(job, name) for name in COMPARED_SETTINGS):
+        elif any(record.get(name) not in (None, getattr(job, name)) for name in COMPARED_SETTINGS):
             conflicts.append(job.file_name)
+        elif (problem := record_problem(record, settings=True)) is not None:
+            malformed.append(MalformedRecord(path, problem))
+    for error in malformed:
+        print(f"error: malformed record {error}", file=sys.stderr)
     if conflicts:
         wanted = ", ".join(f"{name}={getattr(jobs[0], name)}" for name in COMPARED_SETTINGS)
         print(
@@ -619,6 +845,7 @@ def command_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             f"{conflicts[0]}); use another --out or delete them",
             file=sys.stderr,
         )
+    if conflicts or malformed:
         return 2
     print(
         f"plan: {len(jobs)} runs ({args.seeds} seeds x {len(ways)} settings x {len(methods)} methods) on "
