@@ -139,6 +139,15 @@ def test_quality(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert (tmp_path / "cosine_vs_gamma.png").is_file() and (tmp_path / "cosine_vs_T.png").is_file()
 
 
+def test_quality_greedy_variants(tmp_path: Path) -> None:
+    from studies.quality.greedy_variants import main
+
+    out = tmp_path / "greedy_variants.md"
+    main(["--tasks", "2", "--steps", "5", "--out", str(out)])
+    table = out.read_text()
+    assert "| greedy_tail(0.9, 5) |" in table and "| momentum_greedy(0.9) | " in table and "mu=0.9, T=5" in table
+
+
 def test_hpo(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     run_module(monkeypatch, "hpo", "--examples", "lr_schedule", "--estimators", "greedy(0.9)", "--lr-starts", "0.1",
                "--lr-outer-lrs", "--grid", "0.1", "--steps", "2", "--out", str(tmp_path))  # fmt: skip

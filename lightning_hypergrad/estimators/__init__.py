@@ -10,11 +10,13 @@ from lightning_hypergrad.estimators.conjugate_gradient import ConjugateGradient
 from lightning_hypergrad.estimators.first_order import FO
 from lightning_hypergrad.estimators.forward import FMD
 from lightning_hypergrad.estimators.greedy import T1T2, Greedy
+from lightning_hypergrad.estimators.greedy_variants import GreedyTail, MomentumGreedy
 from lightning_hypergrad.estimators.neumann import Neumann
 from lightning_hypergrad.estimators.reverse import RMD, TruncatedRMD
 
 ESTIMATORS: dict[str, type[HypergradEstimator]] = {
-    cls.name: cls for cls in (FO, T1T2, Greedy, RMD, TruncatedRMD, Neumann, ConjugateGradient, FMD)
+    cls.name: cls
+    for cls in (FO, T1T2, Greedy, RMD, TruncatedRMD, Neumann, ConjugateGradient, FMD, MomentumGreedy, GreedyTail)
 }
 
 
@@ -80,8 +82,10 @@ __all__ = [
     "T1T2",
     "ConjugateGradient",
     "Greedy",
+    "GreedyTail",
     "HypergradEstimator",
     "HypergradResult",
+    "MomentumGreedy",
     "Neumann",
     "TruncatedRMD",
     "get_estimator",
