@@ -11,6 +11,7 @@ from lightning_hypergrad.estimators import (
     FO,
     RMD,
     T1T2,
+    AutoGreedy,
     ConjugateGradient,
     Greedy,
     GreedyTail,
@@ -44,6 +45,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "AutoGreedy",
     "BilevelModule",
     "FewShotClassifier",
     "FewShotDataModule",

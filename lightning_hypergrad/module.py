@@ -386,6 +386,7 @@ class BilevelModule(L.LightningModule):
             "skipped_steps": self.skipped_steps,
             "carried_params": self.carried_params,
             "carried_state": None if state is None else {"step": state.step, "buffers": state.buffers},
+            "estimator": self.estimator.state_dict() if hasattr(self.estimator, "state_dict") else None,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -394,6 +395,8 @@ class BilevelModule(L.LightningModule):
         self.carried_params = saved.get("carried_params")
         state = saved.get("carried_state")
         self.carried_state = None if state is None else OptimizerState(state["step"], state["buffers"])
+        if saved.get("estimator") is not None and hasattr(self.estimator, "load_state_dict"):
+            self.estimator.load_state_dict(saved["estimator"])  # e.g. AutoGreedy's fitted discount
 
     def on_train_epoch_end(self) -> None:
         self._step_schedulers("epoch")

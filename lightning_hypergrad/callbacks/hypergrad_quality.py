@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from lightning_hypergrad._checks import check_int
-from lightning_hypergrad.estimators import RMD, HypergradEstimator, get_estimator
+from lightning_hypergrad.estimators import RMD, AutoGreedy, HypergradEstimator, get_estimator
 
 
 def _flat(tensors: Sequence[Tensor]) -> Tensor:
@@ -34,7 +34,8 @@ class HypergradCallback(L.Callback):
     ``hypergrad/cosine`` and ``hypergrad/norm_ratio`` of the hypergradient that the module's ``training_step``
     returns (``outputs["hypergrad"]``). With ``compare``, it also logs ``hypergrad/<spec>/cosine`` and
     ``hypergrad/<spec>/norm_ratio`` for each of those estimators side by side, ``<spec>`` being the estimator's
-    spec string (``greedy(0.9)``).
+    spec string (``greedy(0.9)``). When the module's estimator is an :class:`~lightning_hypergrad.AutoGreedy`, the
+    same reference chooses its discount (``hypergrad/auto_gamma``).
     The cost (one reference computation, plus one per compared estimator) is paid only on the steps it runs;
     batch-norm running statistics are restored afterwards, so the extra computations leave no trace.
 
@@ -80,6 +81,8 @@ class HypergradCallback(L.Callback):
             with torch.no_grad():
                 for name, buffer in pl_module.named_buffers():
                     buffer.copy_(buffers[name])
+        if isinstance(pl_module.estimator, AutoGreedy):
+            pl_module.estimator.start_grid()  # the module's step accumulates the grid's hypergradients
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._reference is None:
@@ -90,6 +93,8 @@ class HypergradCallback(L.Callback):
                 f"HypergradCallback needs the step's hypergradient: {type(pl_module).__name__}.training_step must "
                 "return BilevelModule.training_step's dict (with its 'hypergrad' entry)"
             )
+        if isinstance(pl_module.estimator, AutoGreedy):
+            self._fit_gamma(trainer, pl_module, pl_module.estimator)
         cosine, ratio = cosine_and_norm_ratio(estimate, self._reference)
         pl_module.log("hypergrad/cosine", cosine)
         pl_module.log("hypergrad/norm_ratio", ratio)
@@ -97,3 +102,16 @@ class HypergradCallback(L.Callback):
             pl_module.log(f"hypergrad/{label}/cosine", c)
             pl_module.log(f"hypergrad/{label}/norm_ratio", r)
         self._reference = None
+
+    def _fit_gamma(self, trainer: L.Trainer, pl_module, estimator: AutoGreedy) -> None:
+        """Sets the estimator's discount to the one of its grid closest (cosine) to this step's reference."""
+        grid = estimator.finish_grid()
+        if grid is None:
+            return
+        cosines = torch.tensor([cosine_and_norm_ratio(g, self._reference)[0] for g in grid], dtype=torch.float64)
+        if trainer.world_size > 1:  # every process must choose the same discount
+            cosines = trainer.strategy.reduce(cosines.to(pl_module.device), reduce_op="mean").cpu()
+        estimator.gamma = estimator.grid[int(torch.argmax(cosines))]
+        pl_module.log("hypergrad/auto_gamma", estimator.gamma)
+        for gamma, cosine in zip(estimator.grid, cosines.tolist()):
+            pl_module.log(f"hypergrad/auto_gamma/{gamma:g}/cosine", cosine)

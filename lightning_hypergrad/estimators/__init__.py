@@ -5,6 +5,7 @@ Each estimator has one spec string (``greedy(0.99)``): :func:`get_estimator` par
 
 import ast
 
+from lightning_hypergrad.estimators.auto_greedy import AutoGreedy
 from lightning_hypergrad.estimators.base import HypergradEstimator, HypergradResult
 from lightning_hypergrad.estimators.conjugate_gradient import ConjugateGradient
 from lightning_hypergrad.estimators.first_order import FO
@@ -16,7 +17,9 @@ from lightning_hypergrad.estimators.reverse import RMD, TruncatedRMD
 
 ESTIMATORS: dict[str, type[HypergradEstimator]] = {
     cls.name: cls
-    for cls in (FO, T1T2, Greedy, RMD, TruncatedRMD, Neumann, ConjugateGradient, FMD, MomentumGreedy, GreedyTail)
+    for cls in (
+        FO, T1T2, Greedy, RMD, TruncatedRMD, Neumann, ConjugateGradient, FMD, MomentumGreedy, GreedyTail, AutoGreedy
+    )
 }
 
 
@@ -75,6 +78,7 @@ def _parse_spec(spec: str) -> tuple[str, list[object], dict[str, object]]:
 
 
 __all__ = [
+    "AutoGreedy",
     "ESTIMATORS",
     "FMD",
     "FO",

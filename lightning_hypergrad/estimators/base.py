@@ -219,16 +219,26 @@ class HypergradEstimator:
         self, problem: BilevelProblem, h: Sequence[Tensor], h_leaf: list[Tensor]
     ) -> tuple[list[Tensor], Estimate]:
         estimate = self._estimate(problem, h_leaf)
-        grads = estimate.grads
+        return self._to_hyperparameters(problem, h, estimate.grads), estimate
+
+    @staticmethod
+    def _to_hyperparameters(
+        problem: BilevelProblem, h: Sequence[Tensor], grads: Sequence[Tensor | None], retain_graph: bool = False
+    ) -> list[Tensor]:
+        """Gradients with respect to ``h`` mapped to the hyperparameters (through ``problem.features`` if set)."""
         if problem.features is None:
-            return [torch.zeros_like(a) if g is None else g for a, g in zip(problem.hyperparameters, grads)], estimate
+            return [torch.zeros_like(a) if g is None else g for a, g in zip(problem.hyperparameters, grads)]
         pairs = [(x, g) for x, g in zip(h, grads) if g is not None and x.requires_grad]
         mapped: Sequence[Tensor | None] = [None] * len(problem.hyperparameters)
         if pairs:
             mapped = torch.autograd.grad(
-                [x for x, _ in pairs], problem.hyperparameters, [g for _, g in pairs], allow_unused=True
+                [x for x, _ in pairs],
+                problem.hyperparameters,
+                [g for _, g in pairs],
+                allow_unused=True,
+                retain_graph=retain_graph,
             )
-        return [torch.zeros_like(a) if g is None else g for a, g in zip(problem.hyperparameters, mapped)], estimate
+        return [torch.zeros_like(a) if g is None else g for a, g in zip(problem.hyperparameters, mapped)]
 
     def _estimate(self, problem: BilevelProblem, h: list[Tensor]) -> Estimate:
         """Gradients with respect to ``h`` (leaves), from one run of the inner loop.
