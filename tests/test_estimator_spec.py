@@ -68,7 +68,7 @@ def test_a_parsed_spec_computes_what_the_constructed_estimator_computes():
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("adam", "unknown estimator 'adam'; choose one of cg, fmd, fo, greedy"),
+        ("adam", "unknown estimator 'adam'; choose one of auto_greedy, cg, fmd, fo, greedy"),
         ("greedy0.99", "unknown estimator 'greedy0.99'"),
         ("greedy(0.99", "cannot parse the estimator spec"),
         ("greedy(x)", "cannot parse the estimator spec"),

@@ -90,7 +90,7 @@ def test_fmd_refuses_many_hyperparameter_entries():
 
 
 def test_unknown_estimator_names_list_the_known_ones():
-    with pytest.raises(ValueError, match="choose one of cg, fmd, fo, greedy"):
+    with pytest.raises(ValueError, match="choose one of auto_greedy, cg, fmd, fo, greedy"):
         lh.get_estimator("adam")
     assert isinstance(lh.get_estimator("Greedy", gamma=0.5), lh.Greedy)
 
