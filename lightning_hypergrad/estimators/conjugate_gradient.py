@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -10,34 +11,42 @@ from lightning_hypergrad.estimators.implicit import ImplicitEstimator, Vector, d
 
 
 class ConjugateGradient(ImplicitEstimator):
-    """IFT hypergradient with ``H^-1 g_T`` from ``K`` conjugate-gradient steps started at zero.
+    """IFT hypergradient with ``(H + damping I)^-1 g_T`` from at most ``K`` conjugate-gradient steps started at zero.
 
-    Exact after P steps (in exact arithmetic) when ``H`` is positive definite; stops early once the residual
-    falls below ``tol`` times the norm of ``g_T``.
+    Exact after P steps (in exact arithmetic) when ``H + damping I`` is positive definite. Stops early once the
+    residual is small relative to the right-hand side: ``|g_T - (H + damping I) x| <= tol |g_T|`` (the residual
+    that CG updates; ``tol`` is relative, so scaling the outer loss does not change when it stops). Stops, with a
+    warning, on non-positive curvature ``p . (H + damping I) p <= 0`` (the inner loop is not at a minimum):
+    ``damping`` above the magnitude of the most negative eigenvalue prevents that, at the price of a bias.
+
+    **Cost** per problem: at most ``K`` Hessian-vector products (one per step) and one mixed second-derivative
+    product, ``K + 1`` JVPs (:attr:`jvps`); :attr:`last_stats` holds the products used and the final relative
+    residual.
 
     Args:
         iterations: ``K``, the most conjugate-gradient steps (one Hessian-vector product each).
-        tol: relative residual at which to stop.
+        tol: relative residual at which to stop (``0``: run all K steps unless the residual vanishes).
+        damping: Tikhonov damping: CG solves ``(H + damping I) x = g_T``.
 
     Raises:
-        ValueError: ``iterations`` < 1 or ``tol`` < 0.
+        ValueError: ``iterations`` < 1, ``tol`` < 0 or ``damping`` < 0.
     """
 
     name = "cg"
     spec_args = ("iterations",)
-    spec_options = ("tol", "nonfinite")
+    spec_options = ("tol", "damping", "nonfinite")
 
-    def __init__(self, iterations: int = 10, tol: float = 1e-12, nonfinite: str = "warn") -> None:
-        super().__init__(iterations, nonfinite)
-        if not isinstance(tol, (int, float)) or tol < 0:
-            raise ValueError(f"ConjugateGradient tol must be a number >= 0, got {tol!r}")
+    def __init__(self, iterations: int = 10, tol: float = 1e-12, damping: float = 0.0, nonfinite: str = "warn") -> None:
+        super().__init__(iterations, damping, nonfinite)
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
+            raise ValueError(f"ConjugateGradient tol must be a finite number >= 0, got {tol!r}")
         self.tol = float(tol)
 
     def solve(self, hvp, rhs: Vector, problem) -> Vector:
         x = [torch.zeros_like(r) for r in rhs]
         r = list(rhs)
         p = list(rhs)
-        rr = dot(r, r)
+        rr = rr0 = dot(r, r)
         stop = (self.tol**2) * rr
         for _ in range(self.iterations):
             if rr <= stop or rr == 0:
@@ -47,7 +56,8 @@ class ConjugateGradient(ImplicitEstimator):
             if curvature <= 0:
                 warnings.warn(
                     "ConjugateGradient met non-positive curvature: the inner Hessian is not positive definite at "
-                    "w_T (the inner loop has not reached a minimum); the solve stopped early",
+                    "w_T (the inner loop has not reached a minimum); the solve stopped early. Set damping above the "
+                    "magnitude of its most negative eigenvalue to make it positive definite",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -58,4 +68,6 @@ class ConjugateGradient(ImplicitEstimator):
             rr_new = dot(r, r)
             p = [a + (rr_new / rr) * b for a, b in zip(r, p)]
             rr = rr_new
+        residual = float((rr / rr0).sqrt()) if rr0 > 0 else 0.0
+        self._record(hvp, residual=residual)
         return x

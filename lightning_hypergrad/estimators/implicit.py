@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -19,22 +21,130 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     return sum((x * y).sum() for x, y in zip(a, b))
 
 
+def power_iteration(hvp: Callable[[Vector], Vector], start: Sequence[Tensor], iterations: int) -> tuple[Tensor, Tensor]:
+    """Estimate the largest eigenvalue magnitude of the symmetric operator ``hvp`` with ``iterations`` products.
+
+    Starts from ``start`` (normalized) and multiplies ``iterations`` times, normalizing after each product.
+
+    Returns:
+        ``(radius, rayleigh)``: ``radius = |H v|`` for the last unit iterate ``v``, a lower bound of the spectral
+        radius of ``H`` that converges to it (the relative error falls like ``(|lambda_2| / |lambda_1|)^(2k)``);
+        ``rayleigh = v . H v``, the signed estimate of that eigenvalue (negative: the eigenvalue of largest
+        magnitude is negative). Both are 0-dim tensors; ``radius`` is 0 where ``start`` is 0 or lies in the
+        null space of ``H``.
+    """
+    tiny = torch.finfo(start[0].dtype).tiny
+    norm = dot(start, start).sqrt().clamp_min(tiny)
+    v = [x / norm for x in start]
+    radius = rayleigh = torch.zeros((), dtype=start[0].dtype, device=start[0].device)
+    for _ in range(iterations):
+        hv = hvp(v)
+        radius = dot(hv, hv).sqrt()
+        rayleigh = dot(v, hv)
+        v = [x / radius.clamp_min(tiny) for x in hv]
+    return radius, rayleigh
+
+
+@dataclass
+class SolveStats:
+    """What the inverse-Hessian solve of the last problem saw, for a callback to log (``dataclasses.asdict``).
+
+    ``H`` is the damped inner Hessian ``H + damping I`` that the solve inverts.
+
+    Attributes:
+        hvps: the Hessian-vector products the solve used (power iterations and series terms, or CG steps).
+        lambda_max: the largest ``|H v| / |v|`` over the vectors the solve multiplied: a lower bound of the
+            spectral radius of ``H`` (``lambda_max`` where ``H`` is positive semi-definite). With Neumann's
+            ``scale="auto"`` it is at least the power-iteration estimate that set the scale.
+        min_curvature: the smallest Rayleigh quotient ``v . H v / |v|^2`` over those vectors; negative: ``H`` has
+            a negative eigenvalue at ``w_T`` (its smallest eigenvalue is at most this).
+        scale: the Neumann series' scale (``None`` for CG).
+        residual: CG's final residual ``|g_T - H x| / |g_T|`` (``None`` for Neumann).
+    """
+
+    hvps: int
+    lambda_max: float
+    min_curvature: float
+    scale: float | None = None
+    residual: float | None = None
+
+
+class _Monitor:
+    """Wraps ``hvp``: counts the products and tracks the extremes of ``|Hv| / |v|`` and ``v . Hv / |v|^2``."""
+
+    def __init__(self, hvp: Callable[[Vector], Vector]) -> None:
+        self.hvp = hvp
+        self.count = 0
+        self.max_gain: Tensor | None = None
+        self.min_curvature: Tensor | None = None
+
+    def __call__(self, v: Vector) -> Vector:
+        hv = self.hvp(v)
+        self.count += 1
+        vv = dot(v, v).clamp_min(torch.finfo(v[0].dtype).tiny)
+        gain = (dot(hv, hv) / vv).sqrt()
+        curvature = dot(v, hv) / vv
+        if self.max_gain is None or self.min_curvature is None:
+            self.max_gain, self.min_curvature = gain, curvature
+        else:
+            self.max_gain = torch.maximum(self.max_gain, gain)
+            self.min_curvature = torch.minimum(self.min_curvature, curvature)
+        return hv
+
+    def extremes(self) -> tuple[float, float]:
+        """``(max |Hv|/|v|, min v.Hv/|v|^2)`` as numbers (one host sync); zeros before any product."""
+        if self.max_gain is None or self.min_curvature is None:
+            return 0.0, 0.0
+        gain, curvature = torch.stack([self.max_gain, self.min_curvature]).tolist()
+        return gain, curvature
+
+
+def negative_curvature_tolerance(dtype: torch.dtype) -> float:
+    """The relative curvature (to ``lambda_max``) below which a negative Rayleigh quotient is taken as real.
+
+    ``sqrt(eps)``: rounding in Hessian-vector products stays well below it, and a negative eigenvalue smaller
+    than ``sqrt(eps) lambda_max`` grows a Neumann series by at most ``(1 + sqrt(eps))^K``, harmless for any
+    practical K.
+    """
+    return math.sqrt(torch.finfo(dtype).eps)
+
+
 class ImplicitEstimator(HypergradEstimator):
-    """``grad_alpha L_val - (d^2 L_train / d alpha d w) H^-1 g_T`` at the end of the inner loop.
+    """``grad_alpha L_val - (d^2 L_train / d alpha d w) (H + damping I)^-1 g_T`` at the end of the inner loop.
 
     ``H`` is the Hessian of the inner objective in ``w`` at ``w_T`` (the inner loss plus the optimizer's L2
     weight decay), ``g_T = grad_w L_val(w_T)``. Exact only where ``w_T`` is a stationary point of the inner
-    objective; the inner loop runs without a graph, so the memory does not grow with T. Subclasses choose how
-    ``H^-1 g_T`` is approximated with Hessian-vector products.
+    objective (and ``damping = 0``); the inner loop runs without a graph, so the memory does not grow with T.
+    Subclasses choose how the inverse-Hessian-vector product is approximated with Hessian-vector products (HVPs).
+
+    Besides the HVPs of the solve, one problem costs one gradient of the inner loss with a graph, one gradient
+    of the outer loss, and one mixed second-derivative product ``(d^2 L_train / d alpha d w) x``.
+
+    ``damping`` (Tikhonov) adds ``damping I`` to ``H``: it makes a Hessian with small negative eigenvalues (a
+    non-convex inner loss away from a minimum) positive definite and bounds the inverse, at the price of a bias.
+
+    After each call, :attr:`last_stats` (:class:`SolveStats`) holds what the solve of that problem saw (the
+    number of HVPs, a lower bound of ``lambda_max``, the smallest curvature met, and the Neumann scale or the CG
+    residual), for a callback to log. With a meta-batch it describes the last problem.
 
     The optimizer's own settings cannot be hyperparameters here: the stationary point does not depend on them.
     """
 
     supports_optimizer_settings = False
 
-    def __init__(self, iterations: int = 10, nonfinite: str = "warn") -> None:
+    def __init__(self, iterations: int = 10, damping: float = 0.0, nonfinite: str = "warn") -> None:
         super().__init__(nonfinite)
-        self.iterations = check_positive_int(type(self).__name__, "iterations (K)", iterations)
+        owner = type(self).__name__
+        self.iterations = check_positive_int(owner, "iterations (K)", iterations)
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 <= damping < math.inf:
+            raise ValueError(f"{owner} damping must be a finite number >= 0, got {damping!r}")
+        self.damping = float(damping)
+        self.last_stats: SolveStats | None = None
+
+    @property
+    def jvps(self) -> int:
+        """Second-order products per problem (the paper's JVP count): the solve's HVPs (at most) plus the mixed one."""
+        return self.iterations + 1
 
     def validate(self, problem: BilevelProblem) -> None:
         super().validate(problem)
@@ -45,20 +155,33 @@ class ImplicitEstimator(HypergradEstimator):
 
     @abstractmethod
     def solve(self, hvp: Callable[[Vector], Vector], rhs: Vector, problem: BilevelProblem) -> Vector:
-        """Approximately solve ``H x = rhs`` given ``hvp(v) = H v``."""
+        """Approximately solve ``H x = rhs`` given ``hvp(v) = H v`` (``H`` already damped)."""
+
+    def _record(self, hvp: Callable[[Vector], Vector], **extra: float | None) -> SolveStats | None:
+        """Store in :attr:`last_stats` and return what ``hvp`` saw; subclasses call it at the end of :meth:`solve`.
+
+        ``None`` (and nothing stored) where ``hvp`` is not the counting wrapper that :meth:`_estimate` passes,
+        e.g. when :meth:`solve` is called directly.
+        """
+        if not isinstance(hvp, _Monitor):
+            return None
+        gain, curvature = hvp.extremes()
+        self.last_stats = SolveStats(hvps=hvp.count, lambda_max=gain, min_curvature=curvature, **extra)
+        return self.last_stats
 
     def _estimate(self, problem: BilevelProblem, h):
+        self.last_stats = None
         trajectory = unroll(problem, h, lambda t: StepMode.CONSTANT)
         loss, g_w, g_h = outer_grads(problem, trajectory.params, h)
-        l2 = problem.optimizer.stationary_l2()
+        shift = problem.optimizer.stationary_l2() + self.damping
         w = leaves(trajectory.params)
         inner_grad = torch.autograd.grad(problem.inner_loss(w, h), w, create_graph=True, materialize_grads=True)
 
         def hvp(v: Vector) -> Vector:
             hv = torch.autograd.grad(inner_grad, w, v, retain_graph=True, materialize_grads=True)
-            return [x + l2 * y for x, y in zip(hv, v)] if l2 else list(hv)
+            return [x + shift * y for x, y in zip(hv, v)] if shift else list(hv)
 
-        x = [v.detach() for v in self.solve(hvp, g_w, problem)]
+        x = [v.detach() for v in self.solve(_Monitor(hvp), g_w, problem)]
         mixed = torch.autograd.grad(inner_grad, h, x, allow_unused=True)
         grads = []
         for direct, m in zip(g_h, mixed):

@@ -10,9 +10,9 @@ Run from the repository root::
 What is measured
 ----------------
 For every estimator, named by its spec string (:func:`lightning_hypergrad.get_estimator`; by default ``fo``,
-``t1t2``, ``greedy(0.99)``, ``rmd``, ``truncated_rmd(5)``, ``neumann(10)`` (its scale is the inner learning rate) and
-``cg(10)``) and every number of inner steps T (10, 50, 200; with ``--quick`` 10, 50), one *outer step* is timed and
-its peak memory measured:
+``t1t2``, ``greedy(0.99)``, ``rmd``, ``truncated_rmd(5)``, ``neumann(10, scale='lr')`` (its scale is the inner
+learning rate) and ``cg(10)``) and every number of inner steps T (10, 50, 200; with ``--quick`` 10, 50), one
+*outer step* is timed and its peak memory measured:
 
 ``fewshot``
     The meta-learning setup of the paper: the backbone of :class:`lightning_hypergrad.FewShotClassifier`
@@ -120,8 +120,8 @@ PLAIN_STEP_REPEATS = 5  # the plain step is short: time more of them
 
 # --------------------------------------------------------------------------------------------------- estimators
 
-DEFAULT_ESTIMATORS = ("fo", "t1t2", "greedy(0.99)", "rmd", "truncated_rmd(5)", "neumann(10)", "cg(10)")
-"""The estimators measured by default, as spec strings; ``neumann(10)`` takes its scale from the inner SGD."""
+DEFAULT_ESTIMATORS = ("fo", "t1t2", "greedy(0.99)", "rmd", "truncated_rmd(5)", "neumann(10, scale='lr')", "cg(10)")
+"""The estimators measured by default, as spec strings (``scale='lr'``: Neumann's scale is the inner SGD's rate)."""
 
 
 def select_estimators(specs: Sequence[str] | None) -> list[str]:

@@ -51,8 +51,10 @@ from studies.common import (
 )
 
 EXAMPLES = ("weight_decay", "lr_schedule", "hypercleaning")
-ESTIMATORS = ("fo", "t1t2", "greedy(0.5)", "greedy(0.9)", "greedy(0.99)", "rmd", "fmd", "neumann(10)", "cg(10)")
-"""The estimators compared, as spec strings (``neumann(10)`` takes its scale from the inner SGD's learning rate)."""
+ESTIMATORS = (
+    "fo", "t1t2", "greedy(0.5)", "greedy(0.9)", "greedy(0.99)", "rmd", "fmd", "neumann(10, scale='lr')", "cg(10)"
+)  # fmt: skip
+"""The estimators compared, as spec strings (``scale='lr'``: Neumann's scale is the inner SGD's learning rate)."""
 LR_ESTIMATOR = "greedy(0.9)"
 """The estimator of the learning-rate sensitivity rows and of the comparison with the grid (the config's)."""
 FMD_MAX_HPARAMS = 50  # forward mode costs one Jacobian-vector product per hyperparameter and inner step

@@ -263,7 +263,7 @@ def jvps(estimator: HypergradEstimator, inner_steps: int | None) -> int | None:
     if isinstance(estimator, TruncatedRMD):
         return estimator.truncate if inner_steps is None else min(estimator.truncate, inner_steps)
     if isinstance(estimator, (Neumann, ConjugateGradient)):
-        return estimator.iterations + 1
+        return estimator.jvps  # with Neumann's own scale, its power iterations count too
     return None
 
 
