@@ -1,18 +1,64 @@
 """The command line: ``lightning-hypergrad fit --config configs/quickstart.yaml`` (also ``lightning ...``).
 
 A :class:`lightning.pytorch.cli.LightningCLI` over any :class:`BilevelModule` subclass and any data module;
-``fit``, ``validate``, ``test``, ``predict`` and ``--print_config`` work as in Lightning.
+``fit``, ``validate``, ``test``, ``predict`` and ``--print_config`` work as in Lightning, with these additions:
+
+- **Checkpoints of a config stay together, and no run touches another's.** Every run writes its checkpoints into
+  ``lightning-hypergrad/<config>/checkpoints/`` (``<config>``: the names of the ``--config`` files, e.g.
+  ``quickstart`` or ``omniglot+t1t2``; ``--checkpoint.dirpath`` sets another folder), each file named after the
+  run (``<run>-epoch=E-step=S.ckpt`` and ``last-<run>.ckpt``, ``<run>`` the W&B run id), so that runs of the same
+  config never overwrite or delete each other's files. The ``checkpoint`` settings are those of
+  :class:`RunCheckpoint` (Lightning's ``ModelCheckpoint``), with ``save_last: true``.
+- **``--ckpt_path last``** resumes (or evaluates) the most recent ``last-*.ckpt`` of the config's folder.
+- **Settings given with ``--ckpt_path`` are applied, and named.** The model and the data module are built from the
+  configs and the command line as without a checkpoint (which restores their weights and state); a setting that
+  differs from the one the checkpoint was written with is listed on stderr (Lightning's CLI would replace the model's
+  settings by the checkpoint's without a word).
+- **Errors of settings are one message.** :func:`main` prints the message of an invalid setting (``error: ...``)
+  without the traceback and exits with status 1; ``LIGHTNING_HYPERGRAD_DEBUG=1`` shows the traceback.
+- **W&B keeps what a killed run logged**: its ``.wandb`` file is written every second
+  (``WANDB__TRANSACTION_LOG_FLUSH_INTERVAL``, W&B's default 15 s), so a run stopped by SIGKILL keeps its history
+  up to the last second.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
+import sys
 import time
+import warnings
+from pathlib import Path
+from typing import Any
 
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+import torch
+import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lightning_hypergrad.module import BilevelModule
+
+DEBUG_ENV = "LIGHTNING_HYPERGRAD_DEBUG"
+"""Set to 1 to see the traceback of an error instead of its message alone."""
+
+CHECKPOINT_ROOT = "lightning-hypergrad"
+"""The folder, under the trainer's ``default_root_dir`` (the working directory by default), of the checkpoints."""
+
+WANDB_FLUSH_ENV = "WANDB__TRANSACTION_LOG_FLUSH_INTERVAL"
+WANDB_FLUSH_SECONDS = "1"
+"""How often W&B writes a run's ``.wandb`` file (W&B's default is 15 s: a run killed sooner kept nothing)."""
+
+RUN_KEY = "lightning_hypergrad_run"
+"""The key of a checkpoint that holds the name of the run that wrote it (its W&B run id)."""
+
+SETTING_ERRORS = (ValueError, TypeError, FileNotFoundError, FloatingPointError, ImportError, MisconfigurationException)
+"""The errors whose message alone :func:`main` prints: those that report a setting (this package's and Lightning's)
+or a missing file or package."""
 
 
 class SaveConfigToRun(SaveConfigCallback):
@@ -45,21 +91,258 @@ class SaveConfigToRun(SaveConfigCallback):
         self.parser.save(self.config, path, skip_none=False, multifile=self.multifile)
 
 
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` with files that belong to one run, in a folder that runs share.
+
+    - Each file starts with the run's name: ``<run>-epoch=E-step=S.ckpt`` and ``last-<run>.ckpt``, where ``<run>``
+      is the W&B run id (another logger's version, or the start time without a logger), so that the runs of one
+      config can share a folder and the files of a W&B run are found by its id.
+    - A run resumed from a checkpoint starts its own list of files: it restores none of the file paths of the run it
+      resumes, so it never deletes or overwrites that run's files (Lightning deletes the previous best file of the
+      restored list, and writes ``last`` over the resumed one); a name already taken gets ``-v1``, ``-v2``, ...
+    - It does not write again the checkpoint of the step it resumed at (Lightning repeats the end of an epoch that a
+      checkpoint written at that end restores).
+
+    Everything else (``every_n_train_steps`` for checkpoints in the middle of an epoch, ``save_top_k``, ``monitor``)
+    is ``ModelCheckpoint``'s.
+    """
+
+    run_name: str | None = None
+    """The name the files start with, set when fitting starts."""
+
+    _resumed_step: int | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        with warnings.catch_warnings():  # the folder is shared by the runs of a config: files there are expected
+            warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
+        if stage != "fit" or self.run_name is not None:
+            return
+        self.run_name = trainer.strategy.broadcast(_run_name(trainer) if trainer.is_global_zero else "", src=0)
+        self.filename = f"{self.run_name}-{self.filename or '{epoch}-{step}'}"
+        self.CHECKPOINT_NAME_LAST = f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}-{self.run_name}"
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RUN_KEY] = self.run_name
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores nothing: the files listed in the checkpoint are the resumed run's, not this run's."""
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        self._resumed_step = checkpoint.get("global_step")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        with warnings.catch_warnings():
+            # with manual optimization Lightning warns that the checkpoint holds the state after the optimizer
+            # step: that is the state a resumed run continues from (the data module counts the batch as done)
+            warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self._resumed_step:
+            super().on_train_epoch_end(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self._resumed_step:
+            super().on_validation_end(trainer, pl_module)
+
+
+def _run_name(trainer) -> str:
+    """The W&B run id, another logger's version, or the time: what the checkpoint files of a run start with."""
+    logger = trainer.logger
+    if isinstance(logger, WandbLogger):
+        name = logger.experiment.id
+    elif logger is not None and logger.version is not None:
+        name = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    else:
+        name = time.strftime("%Y%m%d-%H%M%S")
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(name))
+
+
+class _Parser(LightningArgumentParser):
+    """Lightning's parser, whose errors show one line of usage instead of every option (``--help`` lists them)."""
+
+    def print_usage(self, file=None) -> None:
+        (file or sys.stdout).write(f"usage: {self.prog} [options]\n")
+
+
+class HypergradCLI(LightningCLI):
+    """Lightning's CLI with a :class:`RunCheckpoint` (``checkpoint``), ``--ckpt_path last`` per config, and the
+    settings given with ``--ckpt_path`` applied and named (see the module's documentation)."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True})
+
+    def _parse_ckpt_path(self) -> None:
+        """Runs between parsing and instantiation, in place of Lightning's, which parses the checkpoint's model
+        hyperparameters over the configs and the command line.
+
+        Sets the default checkpoint folder, resolves ``--ckpt_path last`` and lists the settings that differ from
+        the checkpoint's; the checkpoint then restores weights and state only.
+        """
+        config = self.config.get(self.config.get("subcommand") or "", self.config)
+        checkpoint = config.get("checkpoint")
+        if checkpoint is not None and not checkpoint.get("dirpath"):
+            checkpoint.dirpath = self._checkpoint_dir(config)
+        if "ckpt_path" not in config or not config.ckpt_path:
+            return
+        if config.ckpt_path == "last":
+            config.ckpt_path = self._last_checkpoint(config)
+            if config.ckpt_path is None:
+                return
+        path = Path(config.ckpt_path)
+        if path.is_file():  # (Lightning itself reports a missing file, and reads remote ones)
+            self._name_differences(path)
+
+    def _checkpoint_dir(self, config) -> str:
+        """``lightning-hypergrad/<config>/checkpoints`` under the trainer's ``default_root_dir``."""
+        files = list(config.get("config") or [])
+        if config is not self.config:  # configs given before the subcommand
+            files = list(self.config.get("config") or []) + files
+        names = [Path(str(file)).stem for file in files]
+        model = config.get("model")
+        if not names and model is not None:
+            names = [str(model.get("class_path", "model")).rsplit(".", 1)[-1]]
+        name = "+".join(names) or "run"
+        root = config.get("trainer", {}).get("default_root_dir")
+        return os.path.join(*([root] if root else []), CHECKPOINT_ROOT, name, "checkpoints")
+
+    def _last_checkpoint(self, config) -> str | None:
+        """The most recent ``last*.ckpt`` of the checkpoint folder; ``None`` (a new run) for ``fit`` without one."""
+        folder = config.checkpoint.dirpath if config.get("checkpoint") is not None else None
+        candidates = sorted(Path(folder).glob("last*.ckpt"), key=lambda p: p.stat().st_mtime) if folder else []
+        if candidates:
+            return str(candidates[-1])
+        where = f"in {folder}" if folder else "(checkpoint.dirpath is not set)"
+        if self.config.get("subcommand") == "fit":
+            _notice(f"ckpt_path=last: no last checkpoint of this config {where}: starting a new run")
+            return None
+        raise FileNotFoundError(
+            f"ckpt_path=last: no last checkpoint of this config {where}; fit the config first, or give the path "
+            "of a .ckpt file"
+        )
+
+    def _name_differences(self, path: Path) -> None:
+        """Lists on stderr each model and data setting that differs from the one ``path`` was written with, and
+        for ``fit`` how to continue the checkpoint's W&B run."""
+        try:
+            saved = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+        except Exception:  # an unusual checkpoint: Lightning reports what is wrong with it when it loads it
+            return
+        ours = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_link_targets=False))
+        ours = ours.get(self.config.get("subcommand"), ours)
+        differences = []
+        for section, key in (("model", "hyper_parameters"), ("data", "datamodule_hyper_parameters")):
+            differences += _differences(section, ours.get(section) or {}, dict(saved.get(key) or {}))
+        fitting = self.config.get("subcommand") == "fit"
+        if differences:
+            consequence = (
+                "; the run goes on with them, so it does not end as the checkpoint's run would have" if fitting else ""
+            )
+            _notice(
+                f"ckpt_path={path}: used as given, these settings differ from the checkpoint's: "
+                f"{'; '.join(differences)}{consequence}"
+            )
+        run = saved.get(RUN_KEY)
+        logger = (ours.get("trainer") or {}).get("logger") or {}
+        wandb_logger = isinstance(logger, dict) and str(logger.get("class_path", "")).endswith("WandbLogger")
+        if fitting and run and wandb_logger and not (logger.get("init_args") or {}).get("id"):
+            _notice(
+                f"resuming run {run} in a new W&B run; to continue W&B run {run} instead, add "
+                f"--trainer.logger.init_args.id {run} --trainer.logger.init_args.resume allow"
+            )
+
+    def instantiate_trainer(self, **kwargs: Any):
+        """Lightning's, without the ``checkpoint`` callback when ``trainer.enable_checkpointing`` is false."""
+        extra = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        if config.get("enable_checkpointing") is False:
+            extra = [callback for callback in extra if not isinstance(callback, RunCheckpoint)]
+        return self._instantiate_trainer(config, extra)
+
+    def before_fit(self) -> None:
+        if type(self.datamodule).state_dict is not LightningDataModule.state_dict:
+            # the data module stores its sampling state: a resume in the middle of an epoch is exact
+            warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch")
+
+
+def _notice(message: str) -> None:
+    """Writes ``note: message`` on stderr (once, from the first process)."""
+    if rank_zero_only.rank == 0:
+        sys.stderr.write(f"note: {message}\n")
+
+
+def _differences(section: str, given: dict[str, Any], saved: dict[str, Any]) -> list[str]:
+    """``section.key: given (checkpoint: saved)`` for each setting of ``saved`` that ``given`` sets otherwise.
+
+    A setting left ``null`` is not compared (the module takes it from the data module, as it did when the
+    checkpoint was written).
+    """
+    saved = dict(saved)
+    saved.pop("_instantiator", None)
+    out = []
+    class_path = saved.pop("_class_path", None)
+    if class_path is not None and given.get("class_path") not in (None, class_path):
+        out.append(f"{section}: {given['class_path']} (checkpoint: {class_path})")
+    args = {**(given.get("init_args") or {}), **(given.get("dict_kwargs") or {})} if "class_path" in given else given
+    for key, theirs in saved.items():
+        if key not in args or args[key] is None:
+            continue
+        if not _same(args[key], theirs):
+            out.append(f"{section}.{key}: {args[key]!r} (checkpoint: {theirs!r})")
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
 def cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """Build (and by default run) the command line over ``args`` (``sys.argv`` when ``None``)."""
-    return LightningCLI(
+    os.environ.setdefault(WANDB_FLUSH_ENV, WANDB_FLUSH_SECONDS)
+    return HypergradCLI(
         BilevelModule,
         None,
         subclass_mode_model=True,
         save_config_callback=SaveConfigToRun,
+        parser_class=_Parser,
         args=args,
         run=run,
         auto_configure_optimizers=False,
     )
 
 
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost exception of ``error``'s ``raise ... from`` chain that reports a setting, else ``error``."""
+    found = error
+    while error.__cause__ is not None:
+        error = error.__cause__
+        if isinstance(error, SETTING_ERRORS):
+            found = error
+    return found
+
+
 def main() -> None:
-    cli()
+    """The console command: :func:`cli` on ``sys.argv``; an invalid setting is reported as its message alone.
+
+    Errors of settings (``ValueError``, ``TypeError``, missing files or packages, a non-finite hypergradient with
+    ``nonfinite: raise``) print ``error: <message>`` on stderr and exit with status 1; other errors, and every error
+    with ``LIGHTNING_HYPERGRAD_DEBUG=1``, show their traceback.
+    """
+    try:
+        cli()
+    except SETTING_ERRORS as error:
+        if os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+            raise
+        sys.stderr.write(f"error: {_root_cause(error)}\n({DEBUG_ENV}=1 shows the traceback)\n")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

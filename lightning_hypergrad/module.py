@@ -154,6 +154,7 @@ class BilevelModule(L.LightningModule):
         self._checked = False
         self.evaluation = TaskMetrics()
         self._warned: set[str] = set()
+        self._last_epoch_end: int | None = None
 
     # ----------------------------------------------------------------- what a subclass writes
     def init_params(self, task: Task) -> list[Tensor]:
@@ -387,6 +388,7 @@ class BilevelModule(L.LightningModule):
             "carried_params": self.carried_params,
             "carried_state": None if state is None else {"step": state.step, "buffers": state.buffers},
             "estimator": self.estimator.state_dict() if hasattr(self.estimator, "state_dict") else None,
+            "last_epoch_end": self._last_epoch_end,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -395,10 +397,16 @@ class BilevelModule(L.LightningModule):
         self.carried_params = saved.get("carried_params")
         state = saved.get("carried_state")
         self.carried_state = None if state is None else OptimizerState(state["step"], state["buffers"])
+        self._last_epoch_end = saved.get("last_epoch_end")
         if saved.get("estimator") is not None and hasattr(self.estimator, "load_state_dict"):
             self.estimator.load_state_dict(saved["estimator"])  # e.g. AutoGreedy's fitted discount
 
     def on_train_epoch_end(self) -> None:
+        # a run resumed from a checkpoint written at the end of an epoch ends that epoch again (Lightning repeats the
+        # epoch-end hooks); its schedulers were stepped for it before the checkpoint
+        if self._trainer is not None and self.current_epoch == self._last_epoch_end:
+            return
+        self._last_epoch_end = self.current_epoch
         self._step_schedulers("epoch")
 
     def _step_schedulers(self, interval: str) -> None:

@@ -258,8 +258,22 @@ class FewShotDataModule(LightningDataModule):
         """``train_batches`` batches of ``meta_batch_size`` fresh tasks, which change with the epoch."""
         batches = self._task_batches("train", self.train_batches * self.meta_batch_size)
         skip, self._resume_skip = self._resume_skip, 0
-        sampler = EpochSampler(len(batches), self.set_epoch, skip=skip, on_iter=self._train_iteration_starts)
+        sampler = EpochSampler(
+            len(batches), self._epoch_from_lightning, skip=skip, on_iter=self._train_iteration_starts
+        )
         return self._loader(batches, sampler=sampler)
+
+    def _epoch_from_lightning(self, epoch: int) -> None:
+        """The training sampler's ``set_epoch``: selects the tasks of the epoch the trainer is about to train.
+
+        Lightning passes its count of epochs *processed*, which equals :attr:`Trainer.current_epoch` in an
+        uninterrupted run but runs one ahead of it for the rest of a run resumed from a checkpoint written at an
+        epoch's end (the restored epoch is processed but not completed, and Lightning finishes it without a batch).
+        The trainer's current epoch is the epoch whose batches follow, so it is the one taken when there is a
+        trainer.
+        """
+        trainer = self._trainer_or_none()
+        self.set_epoch(trainer.current_epoch if trainer is not None else epoch)
 
     def _train_iteration_starts(self, first: int) -> None:
         """Called by the training sampler when an epoch's iteration starts at batch ``first`` (``> 0`` on resume).
@@ -325,7 +339,8 @@ class FewShotDataModule(LightningDataModule):
         """The sampling state saved in checkpoints: ``seed``, ``epoch`` and the batches done in the epoch.
 
         A run resumed from a checkpoint taken in the middle of an epoch continues with the next batch of that
-        epoch, so it sees exactly the tasks an uninterrupted run would. The batches done are counted in optimizer
+        epoch, and one taken at an epoch's end with the next epoch (see :meth:`_epoch_from_lightning`), so it sees
+        exactly the tasks an uninterrupted run would. The batches done are counted in optimizer
         steps: exact for a :class:`~lightning_hypergrad.BilevelModule` and any module that takes one optimizer step
         per training batch (not with ``accumulate_grad_batches`` > 1).
         """
