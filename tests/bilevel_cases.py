@@ -124,3 +124,17 @@ def central_difference(f, x: Tensor, eps: float = 1e-6) -> Tensor:
         delta.view(-1)[i] = eps
         flat[i] = (f(x + delta) - f(x - delta)) / (2 * eps)
     return grad
+
+
+def flat(tensors) -> torch.Tensor:
+    """The tensors as one vector."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflat(vector: torch.Tensor, like) -> list[torch.Tensor]:
+    """``vector`` cut into tensors shaped like ``like`` (the inverse of :func:`flat`)."""
+    out, offset = [], 0
+    for t in like:
+        out.append(vector[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return out

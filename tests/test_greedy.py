@@ -4,24 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bilevel_cases import MLPTask, Ridge
+from bilevel_cases import MLPTask, Ridge, flat, unflat
 from torch.autograd.functional import jacobian
 
 import lightning_hypergrad as lh
 
 LR, MOMENTUM = 0.3, 0.9
-
-
-def flat(tensors) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
-def unflat(vector: torch.Tensor, like) -> list[torch.Tensor]:
-    out, offset = [], 0
-    for t in like:
-        out.append(vector[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
-    return out
 
 
 def eq6_brute_force(task: MLPTask, steps: int, gamma: float) -> torch.Tensor:

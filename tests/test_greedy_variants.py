@@ -13,25 +13,13 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from bilevel_cases import MLPTask
+from bilevel_cases import MLPTask, flat, unflat
 from torch.autograd.functional import jacobian
 
 import lightning_hypergrad as lh
 
 STEPS = 6
 DT = torch.float64
-
-
-def flat(tensors) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
-def unflat(vector: torch.Tensor, like) -> list[torch.Tensor]:
-    out, offset = [], 0
-    for t in like:
-        out.append(vector[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
-    return out
 
 
 Setting = float | Callable[[list[torch.Tensor]], torch.Tensor]
