@@ -32,3 +32,19 @@ def quiet_trainer(**kwargs) -> L.Trainer:
         num_sanity_val_steps=0,
     )
     return L.Trainer(**(defaults | kwargs))
+
+
+class BatchRecorder(L.LightningModule):
+    """Records the query images of every training batch and learns nothing (one optimizer step per batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.seen: list[torch.Tensor] = []
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.seen.append(batch["query_x"].clone())
+        return self.weight * batch["query_x"].mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)

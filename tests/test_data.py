@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lightning_cases import BatchRecorder
 
 from lightning_hypergrad.data import FewShotDataModule
 from lightning_hypergrad.data.sources import ClassSplit
@@ -146,23 +147,10 @@ def test_sampling_leaves_the_global_random_state_alone_and_pickles() -> None:
 
 @pytest.mark.filterwarnings("ignore:You passed in a `val_dataloader` but have no `validation_step`")
 def test_lightning_sets_the_epoch_through_the_sampler() -> None:
-    from lightning.pytorch import LightningModule, Trainer
-
-    class Recorder(LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.weight = torch.nn.Parameter(torch.zeros(()))
-            self.seen: list[torch.Tensor] = []
-
-        def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-            self.seen.append(batch["query_x"].clone())
-            return self.weight * batch["query_x"].mean()
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.0)
+    from lightning.pytorch import Trainer
 
     dm = FewShotDataModule("digits", ways=2, shots=1, queries=2, meta_batch_size=2, train_batches=2, seed=5)
-    model = Recorder()
+    model = BatchRecorder()
     trainer = Trainer(
         max_epochs=2,
         accelerator="cpu",

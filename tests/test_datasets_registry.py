@@ -10,8 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning_cases import BatchRecorder
 
 from lightning_hypergrad.data import DATASETS, DatasetOptions, DatasetSpec, FewShotDataModule, get_dataset, register
 from lightning_hypergrad.data.registry import unregister
@@ -261,26 +262,10 @@ def test_the_data_modules_read_no_private_lightning_attribute() -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class _Recorder(LightningModule):
-    """Records the query images of every training batch and learns nothing (one optimizer step per batch)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(()))
-        self.seen: list[torch.Tensor] = []
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        self.seen.append(batch["query_x"].clone())
-        return self.weight * batch["query_x"].mean()
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.0)
-
-
 def _fit(folder: Path, ckpt_path: Path | None = None) -> list[torch.Tensor]:
     """8 steps, 5 batches per epoch, a checkpoint in ``folder`` after every step; the query images trained on."""
     dm = FewShotDataModule("digits", ways=2, shots=1, queries=2, meta_batch_size=2, train_batches=5, seed=3)
-    model = _Recorder()
+    model = BatchRecorder()
     trainer = Trainer(
         max_steps=8,
         accelerator="cpu",

@@ -23,6 +23,14 @@ SPECS = {
     "fmd": lh.FMD(),
     "fmd(max_entries=8)": lh.FMD(max_entries=8),
     "greedy(0.5, nonfinite='raise')": lh.Greedy(0.5, nonfinite="raise"),
+    "neumann(10, scale='lr')": lh.Neumann(10, scale="lr"),
+    "neumann(10, scale=0.1)": lh.Neumann(10, scale=0.1),
+    "neumann(10, power_iterations=20)": lh.Neumann(10, power_iterations=20),
+    "neumann(5, damping=0.1)": lh.Neumann(5, damping=0.1),
+    "neumann(10, scale=0.1, damping=0.5)": lh.Neumann(10, scale=0.1, damping=0.5),
+    "neumann(10, power_iterations=3, damping=1.0)": lh.Neumann(10, power_iterations=3, damping=1),
+    "cg(10, damping=0.01)": lh.ConjugateGradient(10, damping=0.01),
+    "cg(3, tol=1e-06, damping=0.5)": lh.ConjugateGradient(3, tol=1e-6, damping=0.5),
 }
 
 

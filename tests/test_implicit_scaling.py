@@ -290,26 +290,6 @@ def test_cost_is_power_iterations_plus_series_terms_plus_one(monkeypatch):
 
 # --- spec strings ----------------------------------------------------------------------------------------------
 
-SPECS = {
-    "neumann(10)": lh.Neumann(10),
-    "neumann(10, scale='lr')": lh.Neumann(10, scale="lr"),
-    "neumann(10, scale=0.1)": lh.Neumann(10, scale=0.1),
-    "neumann(10, power_iterations=20)": lh.Neumann(10, power_iterations=20),
-    "neumann(5, damping=0.1)": lh.Neumann(5, damping=0.1),
-    "neumann(10, scale=0.1, damping=0.5)": lh.Neumann(10, scale=0.1, damping=0.5),
-    "neumann(10, power_iterations=3, damping=1.0)": lh.Neumann(10, power_iterations=3, damping=1),
-    "cg(10, damping=0.01)": lh.ConjugateGradient(10, damping=0.01),
-    "cg(3, tol=1e-06, damping=0.5)": lh.ConjugateGradient(3, tol=1e-6, damping=0.5),
-}
-
-
-@pytest.mark.parametrize("spec", list(SPECS))
-def test_new_options_round_trip_through_spec_strings(spec):
-    estimator = SPECS[spec]
-    assert str(estimator) == spec
-    parsed = lh.get_estimator(spec)
-    assert type(parsed) is type(estimator) and vars(parsed) == vars(estimator)
-
 
 @pytest.mark.parametrize(
     "spec, alias",

@@ -63,9 +63,7 @@ def test_all_nonfinite_test_tasks_do_not_crash_and_raise_when_asked():
 def test_a_diverging_inner_loop_in_validation_keeps_training_and_writes_its_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = lh.FewShotClassifier(ways=3, image_shape=(1, 8, 8), inner_steps=3, inner_optimizer=lh.SGD(lr=1e38))
-    trainer = quiet_trainer(
-        max_steps=2, default_root_dir=tmp_path, enable_checkpointing=True, num_sanity_val_steps=1
-    )
+    trainer = quiet_trainer(max_steps=2, default_root_dir=tmp_path, enable_checkpointing=True, num_sanity_val_steps=1)
     batches = loader(random_meta_batch(), random_meta_batch(seed=1))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -21,6 +21,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning_cases import quiet_trainer
 
 import lightning_hypergrad as lh
 
@@ -105,13 +106,10 @@ def _fit(online: bool, max_steps: int, folder: Path | None = None, ckpt_path: Pa
             ModelCheckpoint(dirpath=folder, save_top_k=-1, save_last=True),
             ModelCheckpoint(dirpath=folder, save_top_k=-1, every_n_train_steps=3, filename="mid-{epoch}-{step}"),
         ]
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_steps=max_steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        num_sanity_val_steps=2,  # Lightning's default, as the command line runs
         deterministic=True,
-        accelerator="cpu",
         callbacks=callbacks,
         enable_checkpointing=folder is not None,
     )
@@ -164,13 +162,10 @@ def _fit_scheduled(max_steps: int, folder: Path | None = None, ckpt_path: Path |
     L.seed_everything(0)
     model = _EpochScheduled(estimator=lh.Greedy(0.9), inner_steps=2, width=8)
     data = lh.FewShotDataModule("digits", ways=3, shots=2, queries=3, meta_batch_size=2, train_batches=4, val_tasks=2)
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_steps=max_steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        num_sanity_val_steps=2,  # Lightning's default, as the command line runs
         deterministic=True,
-        accelerator="cpu",
         callbacks=[ModelCheckpoint(dirpath=folder, save_top_k=-1)] if folder else [],
         enable_checkpointing=folder is not None,
     )

@@ -122,8 +122,12 @@ def test_result_reports_the_trajectory_and_losses():
 @pytest.mark.parametrize(
     "which, bad, message",
     [
-        ("inner", lambda w, h: (w[0] - h[0]) ** 2, r"inner_loss must return a scalar tensor, but it returned a tensor "
-         r"of shape \(3,\): reduce it"),
+        (
+            "inner",
+            lambda w, h: (w[0] - h[0]) ** 2,
+            r"inner_loss must return a scalar tensor, but it returned a tensor "
+            r"of shape \(3,\): reduce it",
+        ),
         ("outer", lambda w, h: 0.5, r"outer_loss must return a scalar tensor, but it returned float 0.5: compute it"),
         ("outer", lambda w, h: None, r"outer_loss must return a scalar tensor, but it returned NoneType None"),
     ],
