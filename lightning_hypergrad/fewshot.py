@@ -53,7 +53,8 @@ class FewShotClassifier(BilevelModule):
         depth: number of convolutional blocks of the backbone.
         width: channels of each block.
         estimator, inner_optimizer, inner_steps, meta_batch_size, outer_lr, gradient_clip_val,
-        gradient_clip_algorithm, nonfinite: see :class:`BilevelModule`.
+        gradient_clip_algorithm, nonfinite, batch_tasks: see :class:`BilevelModule`. The tasks of a meta-batch
+            always share their shapes here, so ``batch_tasks`` (on by default) runs them together.
 
     Raises:
         ValueError: ``depth`` or ``width`` < 1, or ``ways``/``image_shape`` disagreeing with the data module's.
@@ -73,6 +74,7 @@ class FewShotClassifier(BilevelModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
         nonfinite: str = "skip",
+        batch_tasks: bool = True,
     ) -> None:
         super().__init__(
             estimator=estimator,
@@ -83,6 +85,7 @@ class FewShotClassifier(BilevelModule):
             gradient_clip_val=gradient_clip_val,
             gradient_clip_algorithm=gradient_clip_algorithm,
             nonfinite=nonfinite,
+            batch_tasks=batch_tasks,
         )
         check_int("depth", depth, owner="FewShotClassifier")
         check_int("width", width, owner="FewShotClassifier")

@@ -57,7 +57,7 @@ class Trajectory:
 
     params: list[Tensor]
     state: OptimizerState
-    inner_losses: list[float]
+    inner_losses: Tensor
 
 
 def leaves(tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -71,8 +71,10 @@ def unroll(
     mode: Callable[[int], StepMode],
     on_step: Callable[[InnerStep], None] | None = None,
     state_requires_grad: bool = False,
+    start: tuple[int, Sequence[Tensor], OptimizerState] | None = None,
+    stop: int | None = None,
 ) -> Trajectory:
-    """Run the ``T`` inner steps of ``problem`` from its initial parameters.
+    """Run the ``T`` inner steps of ``problem`` from its initial parameters (or steps ``t0 + 1`` to ``stop``).
 
     Args:
         problem: the bilevel problem.
@@ -81,14 +83,23 @@ def unroll(
         on_step: called after each step, while its graph is alive.
         state_requires_grad: in ``LOCAL`` mode, make ``s_{t-1}`` leaves that require grad too (forward mode
             differentiates with respect to the state; the other estimators need not pay for it).
+        start: ``(t0, w_t0, s_t0)``: start after step ``t0`` from these parameters and state, taken as they are
+            (leaves that require grad stay connected, so that a gradient can be taken with respect to them);
+            ``None``: from ``problem``'s initial parameters and state, ``t0 = 0``.
+        stop: the last step run (default T). The trajectory's ``inner_losses`` are those of steps ``t0 + 1`` to
+            ``stop``.
     """
     opt = problem.optimizer
     h_const = [x.detach() for x in h]
-    w: list[Tensor] = [p.detach() for p in problem.init_params]
-    state = problem.init_state.detached() if problem.init_state is not None else opt.init(w)
+    if start is None:
+        first = 1
+        w: list[Tensor] = [p.detach() for p in problem.init_params]
+        state = problem.init_state.detached() if problem.init_state is not None else opt.init(w)
+    else:
+        first, w, state = start[0] + 1, list(start[1]), start[2]
     losses: list[Tensor] = []
     with torch.enable_grad():
-        for t in range(1, problem.steps + 1):
+        for t in range(first, (problem.steps if stop is None else stop) + 1):
             step_mode = mode(t)
             if step_mode is StepMode.CONSTANT:
                 w_in, s_in = leaves(w), state.detached()
@@ -112,4 +123,4 @@ def unroll(
                 w, state = w_new, s_new
             else:
                 w, state = [x.detach() for x in w_new], s_new.detached()
-    return Trajectory(w, state, torch.stack(losses).tolist())
+    return Trajectory(w, state, torch.stack(losses) if losses else torch.zeros(0))

@@ -32,13 +32,14 @@ class MetaGradient:
 
     Attributes:
         hypergrads: the mean hypergradient over the tasks, one tensor per hyperparameter tensor.
-        metrics: the mean of each task metric over the tasks, with ``outer_loss``.
+        metrics: the mean of each task metric over the tasks, with ``outer_loss`` (0-dim tensors on the module's
+            device).
         params: the final inner parameters of the last task (what online mode carries on).
         state: the inner optimizer's final state of the last task.
     """
 
     hypergrads: list[Tensor]
-    metrics: dict[str, float]
+    metrics: dict[str, Tensor]
     params: list[Tensor]
     state: OptimizerState | None
 
@@ -56,6 +57,54 @@ def split_meta_batch(batch: Any) -> list[Task]:
             )
         return [{k: v[i] if isinstance(v, Tensor) else v for k, v in batch.items()} for i in range(sizes.pop())]
     raise TypeError(f"cannot split a meta-batch of type {type(batch).__name__}; override BilevelModule.split_tasks")
+
+
+@dataclass
+class StackedTasks:
+    """Tasks of equal shapes as one batch: each tensor entry stacked along a new first (task) dimension.
+
+    Attributes:
+        tensors: the stacked tensor entries (``{"support_x": [B, ...], ...}``).
+        constants: the entries that are not tensors, equal in every task.
+        size: the number of tasks ``B``.
+    """
+
+    tensors: dict[str, Tensor]
+    constants: dict[str, Any]
+    size: int
+
+    def task(self, tensors: dict[str, Tensor]) -> dict[str, Any]:
+        """One task from the (unbatched) tensors ``vmap`` hands to a per-task function."""
+        return {**tensors, **self.constants}
+
+
+def stack_tasks(tasks: Sequence[Task]) -> StackedTasks | None:
+    """``tasks`` stacked into one :class:`StackedTasks`, or ``None`` where they cannot be.
+
+    Tasks can be stacked when they are dicts with the same keys whose tensor entries have equal shapes and dtypes,
+    and whose other entries are equal.
+    """
+    if not tasks or not all(isinstance(t, dict) for t in tasks):
+        return None
+    first = tasks[0]
+    if any(t.keys() != first.keys() for t in tasks):
+        return None
+    tensors: dict[str, Tensor] = {}
+    constants: dict[str, Any] = {}
+    for key, value in first.items():
+        column = [t[key] for t in tasks]
+        if isinstance(value, Tensor):
+            if not all(
+                isinstance(v, Tensor) and v.shape == value.shape and v.dtype == value.dtype and v.device == value.device
+                for v in column
+            ):
+                return None
+            tensors[key] = torch.stack(column)
+        else:
+            if any(isinstance(v, Tensor) or v != value for v in column):
+                return None
+            constants[key] = value
+    return StackedTasks(tensors, constants, len(tasks)) if tensors else None
 
 
 class BilevelModule(L.LightningModule):
@@ -100,6 +149,18 @@ class BilevelModule(L.LightningModule):
             (the model keeps training between hyperparameter updates, as in Luketina et al. 2016) instead of
             starting each task from :meth:`init_params`. Needs one task per meta-batch; the carried state is
             saved in checkpoints.
+        batch_tasks: run the inner loops of a meta-batch's tasks together, as one problem whose inner parameters
+            are the tasks' parameters stacked along a first (task) dimension: the losses are the sums of the
+            per-task losses, each computed by ``torch.func.vmap`` over :meth:`inner_loss`, :meth:`outer_loss`
+            and :meth:`task_metrics`, so each inner step issues one set of kernels for the whole meta-batch. The
+            tasks' problems are independent and every inner optimizer acts element-wise, so the hypergradient is
+            the one-by-one path's (up to the order of floating-point sums). The tasks are stacked by
+            :meth:`stack_tasks` (dicts with equal keys and tensor shapes); the module runs them one by one where
+            they cannot be stacked, where the estimator's result is not a sum over the tasks
+            (``estimator.batchable`` is false: ``ConjugateGradient`` and ``Neumann(scale="auto")``, whose steps
+            or scale depend on the whole problem), in online mode, and where the inner optimizer's settings are
+            hyperparameters. The losses and metrics must be written with operations ``vmap`` supports (no
+            ``.item()``, no data-dependent Python branches). :meth:`features` is still called once per task.
 
     Raises:
         ValueError: a setting out of its range (the message names it).
@@ -116,6 +177,7 @@ class BilevelModule(L.LightningModule):
         gradient_clip_algorithm: str = "norm",
         nonfinite: str = "skip",
         online: bool = False,
+        batch_tasks: bool = False,
     ) -> None:
         super().__init__()
         check_int("inner_steps (T)", inner_steps)
@@ -148,6 +210,9 @@ class BilevelModule(L.LightningModule):
         self.gradient_clip_algorithm = gradient_clip_algorithm
         self.nonfinite = nonfinite
         self.online = bool(online)
+        if not isinstance(batch_tasks, bool):
+            raise TypeError(f"batch_tasks must be true or false, got {batch_tasks!r}")
+        self.batch_tasks = batch_tasks
         self.carried_params: list[Tensor] | None = None
         self.carried_state: OptimizerState | None = None
         self.skipped_steps = 0
@@ -189,6 +254,10 @@ class BilevelModule(L.LightningModule):
         """The tasks of a meta-batch (see :func:`split_meta_batch`)."""
         return split_meta_batch(batch)
 
+    def stack_tasks(self, tasks: Sequence[Task]) -> StackedTasks | None:
+        """The tasks as one :class:`StackedTasks` for ``batch_tasks``, or ``None`` to run them one by one."""
+        return stack_tasks(tasks)
+
     # ----------------------------------------------------------------- the engine
     def _uses_features(self) -> bool:
         return type(self).features is not BilevelModule.features
@@ -221,6 +290,9 @@ class BilevelModule(L.LightningModule):
     def meta_gradient(self, tasks: Sequence[Task], estimator: HypergradEstimator | None = None) -> MetaGradient:
         """The mean hypergradient over ``tasks`` and the mean of the task metrics (with ``outer_loss``).
 
+        The tasks run together when ``batch_tasks`` allows it (see :class:`BilevelModule`), else one by one. The
+        metrics stay tensors on the module's device: nothing here waits for the device.
+
         Nothing of the module changes except batch norm's running statistics (as in any forward pass), so that a
         callback can compute a reference hypergradient for the same meta-batch with another ``estimator``.
         """
@@ -230,28 +302,87 @@ class BilevelModule(L.LightningModule):
                 f"online=True carries one inner model from step to step, but the meta-batch holds {len(tasks)} "
                 "tasks; use meta_batch_size 1 (or online=False)"
             )
+        stacked = self._stacked(tasks, estimator)
+        if stacked is not None:
+            return self._meta_gradient_stacked(stacked, estimator)
         alpha = self.hyperparameters()
         total = [torch.zeros_like(a) for a in alpha]
-        sums: dict[str, float] = {}
+        sums: dict[str, Tensor] = {}
         result = None
         for task in tasks:
             cache: dict = {}
             problem = self.make_problem(task, cache)
-            result = estimator(problem, check=not self._checked)
+            result = estimator(problem, check=not self._checked, check_finite=False)
             self._checked = True
             for t, g in zip(total, result.hypergrads):
                 t.add_(g)
             h = [x.detach() for x in cache["h"]] if "h" in cache else [a.detach() for a in alpha]
             with torch.no_grad():
-                metrics = {"outer_loss": result.outer_loss, **self.task_metrics(result.params, h, task)}
+                metrics = {"outer_loss": result.loss, **self.task_metrics(result.params, h, task)}
             for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
+                value = _as_float(value).detach().to(self.device).reshape(())
+                sums[key] = value if key not in sums else sums[key] + value
         n = max(len(tasks), 1)
         return MetaGradient(
             hypergrads=[t / n for t in total],
             metrics={k: v / n for k, v in sums.items()},
             params=[] if result is None else result.params,
             state=None if result is None else result.state,
+        )
+
+    def _stacked(self, tasks: Sequence[Task], estimator: HypergradEstimator) -> StackedTasks | None:
+        if not self.batch_tasks or self.online or len(tasks) < 2 or not estimator.batchable:
+            return None
+        if self.inner_optimizer.hyper_settings():
+            return None
+        return self.stack_tasks(tasks)
+
+    def _meta_gradient_stacked(self, stacked: StackedTasks, estimator: HypergradEstimator) -> MetaGradient:
+        """:meth:`meta_gradient` for tasks stacked into one problem (``batch_tasks``)."""
+        tasks = [stacked.task({k: v[i] for k, v in stacked.tensors.items()}) for i in range(stacked.size)]
+        cache: dict = {}
+        features = None
+        if self._uses_features():
+
+            def features():
+                per_task = [self.features(task) for task in tasks]
+                cache["h"] = [torch.stack(column) for column in zip(*per_task)]
+                return cache["h"]
+
+        h_dim = 0 if self._uses_features() else None
+
+        def summed(fn):
+            def per_task(w, h, tensors):
+                return fn(w, h, stacked.task(tensors)).reshape(())
+
+            batched = torch.func.vmap(per_task, in_dims=(0, h_dim, 0))
+            return lambda w, h: batched(list(w), list(h), stacked.tensors).sum()
+
+        init = [torch.stack(column) for column in zip(*(self.init_params(task) for task in tasks))]
+        problem = BilevelProblem(
+            inner_loss=summed(self.inner_loss),
+            outer_loss=summed(self.outer_loss),
+            hyperparameters=self.hyperparameters(),
+            init_params=init,
+            optimizer=self.inner_optimizer,
+            steps=self.inner_steps,
+            features=features,
+        )
+        result = estimator(problem, check=not self._checked, check_finite=False)
+        self._checked = True
+        n = stacked.size
+        h = [x.detach() for x in cache["h"]] if "h" in cache else [a.detach() for a in self.hyperparameters()]
+        with torch.no_grad():
+            metrics = torch.func.vmap(
+                lambda w, hh, tensors: self.task_metrics(w, hh, stacked.task(tensors)), in_dims=(0, h_dim, 0)
+            )(result.params, h, stacked.tensors)
+        means = {"outer_loss": result.loss.detach() / n}
+        means.update({k: _as_float(v).detach().to(self.device).mean() for k, v in metrics.items()})
+        return MetaGradient(
+            hypergrads=[g / n for g in result.hypergrads],
+            metrics=means,
+            params=[p[-1] for p in result.params],
+            state=result.state.replace([x[-1] for x in result.state.tensors()]),
         )
 
     def adapt(self, task: Task) -> tuple[list[Tensor], list[Tensor]]:
@@ -466,3 +597,8 @@ class BilevelModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_evaluation("test")
 
+
+def _as_float(value: Any) -> Tensor:
+    """A metric as a floating-point tensor (a count or a flag becomes the default float dtype)."""
+    value = torch.as_tensor(value)
+    return value if value.is_floating_point() else value.to(torch.get_default_dtype())

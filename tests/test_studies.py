@@ -125,6 +125,20 @@ def test_cost_backbone_is_the_library_one() -> None:
         select_estimators(["greedy0.99"])
 
 
+def test_cost_checkpointed_rmd(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "studies.cost.checkpointed_rmd", "--out", str(tmp_path), "--inner-steps", "4"]
+    command += ["--repeats", "1", "--device", "cpu", "--threads", "1", "--memory", "saved"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = json.loads((tmp_path / "checkpointed_rmd.json").read_text())
+    expected = [("rmd", 4, 4), ("rmd(checkpoint_every='sqrt')", 4, 2)]
+    assert [(r["estimator"], r["T"], r["K"]) for r in records] == expected
+    assert spec_strings({r["estimator"] for r in records})
+    assert all(r["peak_bytes"]["saved"] > 0 and r["seconds_per_step"] > 0 for r in records)
+    assert records[1]["peak_bytes"]["saved"] < records[0]["peak_bytes"]["saved"]
+    assert "| 4 | 2 |" in (tmp_path / "checkpointed_rmd.md").read_text()
+
+
 def test_quality(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     run_module(monkeypatch, "quality", "--quick", "--tasks", "1", "--dataset", "digits", "--out", str(tmp_path))
     records = json.loads((tmp_path / "quality.json").read_text())

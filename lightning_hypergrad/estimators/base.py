@@ -24,16 +24,21 @@ class HypergradResult:
     Attributes:
         hypergrads: the estimate of ``d L_val(w_T, alpha) / d alpha``, one tensor per hyperparameter tensor.
         params: the final inner parameters ``w_T`` (detached).
-        inner_losses: ``L_train(w_{t-1})`` at each step t = 1..T.
-        outer_loss: ``L_val(w_T)``.
+        inner_losses: ``L_train(w_{t-1})`` at each step t = 1..T, a 1-D tensor (detached, on the problem's device).
+        loss: ``L_val(w_T)``, a 0-dim tensor on the problem's device (reading it does not wait for the device).
         state: the inner optimizer's final state ``s_T`` (detached), to carry on in online mode.
     """
 
     hypergrads: list[Tensor]
     params: list[Tensor]
-    inner_losses: list[float]
-    outer_loss: float
+    inner_losses: Tensor
+    loss: Tensor
     state: OptimizerState | None = None
+
+    @property
+    def outer_loss(self) -> float:
+        """``L_val(w_T)`` as a number (waits for the device)."""
+        return float(self.loss)
 
 
 @dataclass
@@ -148,6 +153,9 @@ class HypergradEstimator:
     spec_options: ClassVar[tuple[str, ...]] = ("nonfinite",)
     #: whether the estimator can differentiate through the inner optimizer's own settings
     supports_optimizer_settings: ClassVar[bool] = True
+    #: whether the hypergradient of a sum of independent problems is the sum of their hypergradients, so that
+    #: the tasks of a meta-batch can run as one stacked problem (``BilevelModule(batch_tasks=True)``)
+    batchable: ClassVar[bool] = True
 
     def __init__(self, nonfinite: Literal["warn", "raise"] = "warn") -> None:
         if nonfinite not in ("warn", "raise"):
@@ -183,7 +191,9 @@ class HypergradEstimator:
                 "not depend on them. Use Greedy, T1T2, RMD or FMD for optimizer hyperparameters."
             )
 
-    def __call__(self, problem: BilevelProblem, *, accumulate: bool = False, check: bool = True) -> HypergradResult:
+    def __call__(
+        self, problem: BilevelProblem, *, accumulate: bool = False, check: bool = True, check_finite: bool = True
+    ) -> HypergradResult:
         """Compute the hypergradient of ``problem``.
 
         Args:
@@ -191,6 +201,9 @@ class HypergradEstimator:
             accumulate: add the hypergradients to the ``.grad`` of the hyperparameters (so that the problems of
                 a meta-batch sum up).
             check: check that every hyperparameter reaches a loss or a setting (costs one forward of each loss).
+            check_finite: check the hypergradient for NaN or infinite entries (``nonfinite``; one wait for the
+                device). ``False`` leaves the check to the caller (:class:`BilevelModule` checks once per step);
+                ``accumulate`` then adds whatever was computed.
 
         Raises:
             ValueError: the estimator cannot handle the problem, or a hyperparameter is unused.
@@ -203,7 +216,7 @@ class HypergradEstimator:
             if check:
                 check_dependence(problem, h, h_leaf)
             hypergrads, estimate = self._hypergrads(problem, h, h_leaf)
-        finite = self._check_finite(hypergrads)
+        finite = self._check_finite(hypergrads) if check_finite else True
         if accumulate and finite:
             for a, g in zip(problem.hyperparameters, hypergrads):
                 a.grad = g.detach().clone() if a.grad is None else a.grad + g.detach()
@@ -211,7 +224,7 @@ class HypergradEstimator:
             hypergrads=[g.detach() for g in hypergrads],
             params=[p.detach() for p in estimate.trajectory.params],
             inner_losses=estimate.trajectory.inner_losses,
-            outer_loss=float(estimate.outer_loss),
+            loss=estimate.outer_loss.detach(),
             state=estimate.trajectory.state.detached(),
         )
 

@@ -33,6 +33,7 @@ class ConjugateGradient(ImplicitEstimator):
     """
 
     name = "cg"
+    batchable = False  # its step sizes are inner products over the whole problem: the tasks run one by one
     spec_args = ("iterations",)
     spec_options = ("tol", "damping", "nonfinite")
 

@@ -98,6 +98,11 @@ class Neumann(ImplicitEstimator):
         self.power_iterations = check_positive_int("Neumann", "power_iterations", power_iterations)
 
     @property
+    def batchable(self) -> bool:  # type: ignore[override]
+        """A fixed scale is linear in the problem; ``"auto"`` takes one scale from the whole problem's Hessian."""
+        return self.scale != "auto"
+
+    @property
     def jvps(self) -> int:
         """Second-order products per problem: power iterations (``scale="auto"``) + K series terms + 1 mixed."""
         return self.iterations + 1 + (self.power_iterations if self.scale == "auto" else 0)
