@@ -206,6 +206,6 @@ def test_ddp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 def test_lightning_step(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     run_module(monkeypatch, "lightning_step", "--dataset", "digits", "--steps", "1", "--rounds", "1",
-               "--estimators", "fo", "Greedy(0.99)")  # fmt: skip
+               "--estimators", "fo", "Greedy(0.99)", "--inner-steps", "2", "--tasks", "both")  # fmt: skip
     printed = capsys.readouterr().out
-    assert "| fo |" in printed and "| greedy(0.99) |" in printed and "digits" in printed
+    assert "| fo | 2 | batched |" in printed and "| greedy(0.99) | 2 | one by one |" in printed and "digits" in printed

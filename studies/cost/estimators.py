@@ -23,6 +23,11 @@ learning rate) and ``cg(10)``) and every number of inner steps T (10, 50, 200; w
     10-shot on random images (50 support and 50 query images). The backbone runs once per task (``features``).
     One outer step = one estimator call per task of the meta-batch (10 tasks; 4 with ``--quick``), then an Adam
     step on the backbone.
+``fewshot_batched``
+    The same outer step through :meth:`lightning_hypergrad.FewShotClassifier.meta_gradient`, whose default
+    ``batch_tasks=True`` runs the meta-batch's inner loops as one stacked problem (one set of kernels per inner
+    step for all tasks; the backbone still runs once per task). Estimators whose result is not a sum over the
+    tasks (``cg``, ``neumann`` with its automatic scale) run one by one there, as in ``fewshot``.
 ``whole_network``
     Hyperparameter optimization of a whole small conv net on random 28x28 images: every weight of the net is an
     inner parameter, and the hyperparameters are a log weight decay per parameter entry. The inner loss is the
@@ -113,7 +118,8 @@ from studies.common import (
 
 MIB = 1024**2
 OuterStep = Callable[[], None]
-PROBLEMS = ("fewshot", "whole_network")
+PROBLEMS = ("fewshot", "fewshot_batched", "whole_network")
+FEWSHOT_PROBLEMS = ("fewshot", "fewshot_batched")
 PLAIN_STEP = "plain_step"
 PLAIN_STEP_REPEATS = 5  # the plain step is short: time more of them
 
@@ -222,6 +228,40 @@ def make_fewshot_step(spec: str, steps: int, meta_batch: int, device: torch.devi
     def outer_step() -> None:
         for task in tasks:
             estimator(fewshot_problem(backbone, task, head_init, steps), accumulate=True, check=False)
+        outer_opt.step()
+        outer_opt.zero_grad(set_to_none=True)
+
+    return outer_step
+
+
+def make_fewshot_batched_step(
+    spec: str, steps: int, meta_batch: int, device: torch.device, seed: int = 0
+) -> OuterStep:
+    """The ``fewshot`` outer step through :meth:`FewShotClassifier.meta_gradient` with the tasks batched.
+
+    Same backbone, tasks, inner optimizer and Adam step as :func:`make_fewshot_step`; the meta-batch's inner loops
+    run as one stacked problem (``batch_tasks=True``, FewShotClassifier's default).
+    """
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    model = lh.FewShotClassifier(
+        ways=FEWSHOT_WAYS,
+        image_shape=(3, 32, 32),
+        estimator=spec,
+        inner_optimizer=lh.SGD(lr=FEWSHOT_INNER_LR, momentum=INNER_MOMENTUM),
+        inner_steps=steps,
+        batch_tasks=True,
+    ).to(device)
+    tasks = [random_task(generator, device) for _ in range(meta_batch)]
+    tasks = [
+        {"support_x": t.x_support, "support_y": t.y_support, "query_x": t.x_query, "query_y": t.y_query}
+        for t in tasks
+    ]
+    outer_opt = torch.optim.Adam(model.parameters(), lr=OUTER_LR)
+
+    def outer_step() -> None:
+        for parameter, grad in zip(model.hyperparameters(), model.meta_gradient(tasks).hypergrads):
+            parameter.grad = grad
         outer_opt.step()
         outer_opt.zero_grad(set_to_none=True)
 
@@ -367,10 +407,16 @@ class Job:
 
 
 def fewshot_jobs(
-    specs: Sequence[str], steps_list: Sequence[int], meta_batch: int, repeats: int, device: torch.device
+    specs: Sequence[str],
+    steps_list: Sequence[int],
+    meta_batch: int,
+    repeats: int,
+    device: torch.device,
+    problem: str = "fewshot",
 ) -> list[Job]:
+    make = make_fewshot_batched_step if problem == "fewshot_batched" else make_fewshot_step
     return [
-        Job("fewshot", spec, steps, partial(make_fewshot_step, spec, steps, meta_batch, device), repeats)
+        Job(problem, spec, steps, partial(make, spec, steps, meta_batch, device), repeats)
         for steps in steps_list
         for spec in specs
     ]
@@ -452,8 +498,8 @@ def add_ratios(records: Sequence[Record]) -> None:
     """fewshot: to FO at the same T; whole_network: time per inner step and peak, to the plain training step."""
     by_key = {(r.problem, r.estimator, r.T): r for r in records}
     for r in records:
-        if r.problem == "fewshot":
-            reference, inner_steps = by_key.get(("fewshot", "fo", r.T)), 1
+        if r.problem in FEWSHOT_PROBLEMS:
+            reference, inner_steps = by_key.get((r.problem, "fo", r.T)), 1
         else:
             reference, inner_steps = by_key.get(("whole_network", PLAIN_STEP, 1)), r.T
         if reference is None:
@@ -484,6 +530,9 @@ def markdown_table(records: Sequence[Record]) -> str:
 
 PROBLEM_NOTES = {
     "fewshot": "ratio = s/step / FO's s/step at the same T; peak ratio = peak / FO's peak at the same T.",
+    "fewshot_batched": (
+        "ratio = s/step / FO's s/step (batched too) at the same T; peak ratio = peak / FO's peak at the same T."
+    ),
     "whole_network": (
         "ratio = s/step / (T * plain_step s/step), the cost per inner step in plain training steps; "
         "peak ratio = peak / plain_step's peak."
@@ -496,7 +545,7 @@ FMD_NOTE = (
 
 
 def hparam_entries(problem: str) -> int:
-    if problem == "fewshot":
+    if problem in FEWSHOT_PROBLEMS:
         return sum(p.numel() for p in fewshot_backbone().parameters())
     return sum(p.numel() for p in whole_network().parameters())
 
@@ -515,7 +564,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="fewshot: run the backbone on support and query separately (default: one pass, as FewShotClassifier)",
     )
-    parser.add_argument("--problems", nargs="+", choices=PROBLEMS, default=list(PROBLEMS))
+    parser.add_argument("--problems", nargs="+", choices=PROBLEMS, default=["fewshot", "whole_network"])
     parser.add_argument(
         "--estimators",
         nargs="+",
@@ -572,8 +621,9 @@ def main(argv: Sequence[str] | None = None) -> list[Record]:
         f"peak memory: {meter.description}\n"
     )
     jobs: list[Job] = []
-    if "fewshot" in args.problems:
-        jobs += fewshot_jobs(specs, steps_list, meta_batch, repeats, device)
+    for problem in FEWSHOT_PROBLEMS:
+        if problem in args.problems:
+            jobs += fewshot_jobs(specs, steps_list, meta_batch, repeats, device, problem)
     if "whole_network" in args.problems:
         jobs += whole_network_jobs(specs, steps_list, repeats, device)
     records = run_jobs(jobs, device, meter)
@@ -581,6 +631,8 @@ def main(argv: Sequence[str] | None = None) -> list[Record]:
     titles = {
         "fewshot": f"fewshot (5-way 10-shot, meta-batch {meta_batch}, backbone = hyperparameters, "
         f"{'separate support/query passes' if SEPARATE_PASSES else 'one backbone pass per task'})",
+        "fewshot_batched": f"fewshot_batched (as fewshot, through FewShotClassifier.meta_gradient with the "
+        f"{meta_batch} tasks' inner loops batched)",
         "whole_network": "whole_network (all weights inner, per-entry log weight decay = hyperparameters)",
     }
     for problem in dict.fromkeys(args.problems):

@@ -2,12 +2,15 @@
 
     python -m studies.lightning_step                                  # Omniglot if found, else digits
     python -m studies.lightning_step --dataset digits --estimators fo "greedy(0.99)" t1t2 rmd
+    python -m studies.lightning_step --inner-steps 10 50 --tasks both  # the meta-batch's tasks together / one by one
 
-Each estimator (a spec string, see :func:`lightning_hypergrad.get_estimator`) trains a fresh model (same seed) for
-``--steps`` steps, in ``--rounds`` interleaved rounds (FO, Greedy, ..., FO, Greedy, ...), so that a busy phase of a
-shared machine hits them alike. The time of each training step is taken from Lightning's batch hooks (data loading
-excluded) and the median over all rounds is reported, with its ratio to FO's. The paper's setting: 5-way 10-shot,
-meta-batch 10, T = 10, inner SGD 0.1 with momentum 0.9, a 3 x 32 conv backbone.
+Each configuration (an estimator's spec string, see :func:`lightning_hypergrad.get_estimator`, a number of inner
+steps T, and the tasks run together (``batch_tasks``) or one by one) trains a fresh model (same seed) for ``--steps``
+steps, in ``--rounds`` interleaved rounds (all configurations, then all again), so that a busy phase of a shared
+machine hits them alike. The time of each training step is taken from Lightning's batch hooks (data loading
+excluded) and the median over all rounds is reported, with its ratio to FO's (same T and tasks) and, with
+``--tasks both``, the one-by-one time over the batched one. The paper's setting: 5-way 10-shot, meta-batch 10,
+T = 10, inner SGD 0.1 with momentum 0.9, a 3 x 32 conv backbone.
 """
 
 from __future__ import annotations
@@ -45,10 +48,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per round (after one warm-up step)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--inner-steps", type=int, nargs="+", default=[10], metavar="T", help="default: 10")
+    parser.add_argument(
+        "--tasks", choices=("batched", "one-by-one", "both"), default="batched",
+        help="run the meta-batch's tasks together (FewShotClassifier's default), one by one, or both (default: batched)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     for name in ("steps", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if min(args.inner_steps) < 1:
+        parser.error(f"--inner-steps must be >= 1, got {min(args.inner_steps)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     root = omniglot_root(args.root)
@@ -56,7 +66,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     dataset = args.dataset or ("omniglot" if found else "digits")
     shots = 10 if dataset != "digits" else 5
     estimators = list(dict.fromkeys(args.estimators))
-    times: dict[str, list[float]] = {name: [] for name in estimators}
+    modes = {"batched": [True], "one-by-one": [False], "both": [True, False]}[args.tasks]
+    configs = [(name, t, batched) for t in dict.fromkeys(args.inner_steps) for batched in modes for name in estimators]
+    times: dict[tuple[str, int, bool], list[float]] = {config: [] for config in configs}
     with quiet():
         data = lh.FewShotDataModule(
             dataset=dataset, root=root if dataset == "omniglot" else None, ways=5, shots=shots, queries=shots,
@@ -64,18 +76,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         )  # fmt: skip
         data.setup("fit")
         for _ in range(args.rounds):
-            for name in estimators:
+            for name, steps, batched in configs:
                 torch.manual_seed(0)
-                model = lh.FewShotClassifier(estimator=name, inner_steps=10)
+                model = lh.FewShotClassifier(estimator=name, inner_steps=steps, batch_tasks=batched)
                 timer = StepTimer()
                 trainer = quiet_trainer(max_steps=args.steps + 1, limit_val_batches=0, callbacks=[timer])
                 trainer.fit(model, data)
-                times[name] += timer.durations[1:]  # the first step warms up
-    medians = {name: statistics.median(seconds) for name, seconds in times.items()}
-    fo = medians.get("fo")
-    print(f"\n{dataset}, 5-way {shots}-shot, meta-batch 10, T = 10; {machine_description()}; "
+                times[(name, steps, batched)] += timer.durations[1:]  # the first step warms up
+    medians = {config: statistics.median(seconds) for config, seconds in times.items()}
+    print(f"\n{dataset}, 5-way {shots}-shot, meta-batch 10; {machine_description()}; "
           f"median of {args.rounds} x {args.steps} steps\n")  # fmt: skip
-    print("| estimator | s/step | ratio to FO |\n|---|---:|---:|")
-    for name, median in medians.items():
-        print(f"| {name} | {median:.4f} | {median / fo:.2f} |" if fo else f"| {name} | {median:.4f} | |")
-    return medians
+    both = len(modes) == 2
+    print("| estimator | T | tasks | s/step | ratio to FO |" + (" one by one / batched |" if both else ""))
+    print("|---|---:|---|---:|---:|" + ("---:|" if both else ""))
+    for (name, steps, batched), median in medians.items():
+        fo = medians.get(("fo", steps, batched))
+        row = f"| {name} | {steps} | {'batched' if batched else 'one by one'} | {median:.4f} | "
+        row += f"{median / fo:.2f} |" if fo else " |"
+        if both:
+            row += f" {medians[(name, steps, False)] / medians[(name, steps, True)]:.2f} |" if batched else " |"
+        print(row)
+    return {f"{name} T={steps} {'batched' if batched else 'one-by-one'}": m for (name, steps, batched), m in medians.items()}
