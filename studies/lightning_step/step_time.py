@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--inner-steps", type=int, nargs="+", default=[10], metavar="T", help="default: 10")
     parser.add_argument(
         "--tasks", choices=("batched", "one-by-one", "both"), default="batched",
-        help="run the meta-batch's tasks together (FewShotClassifier's default), one by one, or both (default: batched)",
+        help="the meta-batch's tasks together (FewShotClassifier's default), one by one, or both (default: batched)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     for name in ("steps", "rounds"):
@@ -96,4 +96,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         if both:
             row += f" {medians[(name, steps, False)] / medians[(name, steps, True)]:.2f} |" if batched else " |"
         print(row)
-    return {f"{name} T={steps} {'batched' if batched else 'one-by-one'}": m for (name, steps, batched), m in medians.items()}
+    return {f"{n} T={t} {'batched' if b else 'one-by-one'}": m for (n, t, b), m in medians.items()}
