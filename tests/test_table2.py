@@ -28,8 +28,10 @@ from studies.table2 import (
     jvps,
     main,
     mean_ci95,
+    paired_differences,
     record_name,
     report,
+    t975,
 )
 
 NEUMANN = "neumann(10, scale=0.1)"  # the paper's IFT, from configs/estimators/neumann.yaml
@@ -460,3 +462,33 @@ def test_workers_of_a_killed_runner_exit(parallel_runner: Any) -> None:
     after = _records(runs)
     assert before <= after and len(after) <= len(before) + 2
     _check_records(runs)
+
+
+def test_paired_differences_to_fo_by_seed_with_students_interval(tmp_path: Path) -> None:
+    """FO and two methods on 4 seeds; the differences seed by seed, computed here by hand."""
+    fo = [0.90, 0.80, 0.85, 0.70]  # the seeds differ a lot: an unpaired interval would be wide
+    better = [0.92, 0.81, 0.87, 0.73]  # +2, +1, +2, +3 points: above 0 beyond the interval
+    same = [0.91, 0.79, 0.86, 0.69]  # +1, -1, +1, -1 points: the interval holds 0
+    (tmp_path / "runs").mkdir()
+    for method, tests in (("fo", fo), ("greedy(0.9)", better), ("t1t2", same)):
+        for seed, test in enumerate(tests):
+            record = make_record(5, method, seed, 0.5, test)
+            (tmp_path / "runs" / record_name("omniglot", 5, method, seed)).write_text(json.dumps(record))
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "runs").iterdir())]
+    found = {d.method: d for d in paired_differences(records, "fo")}
+    assert "fo" not in found
+    diffs = [2.0, 1.0, 2.0, 3.0]
+    half = 3.182 * statistics.stdev(diffs) / math.sqrt(4)  # t_{0.975} with 3 degrees of freedom
+    greedy = found["greedy(0.9)"]
+    assert greedy.n == 4 and greedy.mean == pytest.approx(2.0)
+    assert (greedy.low, greedy.high) == (pytest.approx(2.0 - half), pytest.approx(2.0 + half))
+    assert greedy.low > 0 and "**↑**" in greedy.text()
+    chosen = found[CHOSEN]  # the only gamma there is
+    assert chosen.gamma == 0.9 and chosen.mean == pytest.approx(2.0)
+    t1t2 = found["t1t2"]
+    assert t1t2.mean == pytest.approx(0.0, abs=1e-12) and t1t2.low < 0 < t1t2.high and "**" not in t1t2.text()
+    assert t975(3) == 3.182 and t975(9) == 2.262 and t975(35) == 2.042 and t975(1000) == 1.96
+    assert report(tmp_path) == 0
+    markdown = (tmp_path / "table2.md").read_text(encoding="utf-8")
+    assert "(c) paired difference to fo" in markdown and "(c) paired difference to t1t2" in markdown
+    assert (tmp_path / "table2_vs_fo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -13,9 +13,12 @@ from studies.table2.runner import (
     jvps,
     main,
     mean_ci95,
+    paired_differences,
+    plot_differences,
     record_name,
     report,
     summarize,
+    t975,
 )
 
 __all__ = [
@@ -28,7 +31,10 @@ __all__ = [
     "jvps",
     "main",
     "mean_ci95",
+    "paired_differences",
+    "plot_differences",
     "record_name",
     "report",
     "summarize",
+    "t975",
 ]

@@ -1011,6 +1011,106 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[Entry]:
     return entries
 
 
+# Student's t quantile t_{0.975, df}: the paired intervals use it (few seeds; 1.96 would be too narrow)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086,
+        25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000}  # fmt: skip
+
+
+def t975(df: int) -> float:
+    """``t_{0.975}`` with ``df`` degrees of freedom (the table's next lower entry between its rows; 1.96 above 60)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if df > max(T975):
+        return 1.96
+    return T975[max(k for k in T975 if k <= df)]
+
+
+@dataclass
+class PairedDifference:
+    """A method's meta-test accuracy minus a reference method's, seed by seed (the seeds share their tasks).
+
+    ``mean`` and the 95% interval ``[low, high]`` (Student's t, ``n - 1`` degrees of freedom) are in points of
+    percent; ``n`` is the number of seeds both methods have. ``low > 0``: the method is better beyond the
+    interval; ``high < 0``: worse.
+    """
+
+    dataset: str
+    ways: int
+    reference: str
+    method: str
+    label: str
+    gamma: float | None
+    n: int
+    mean: float | None
+    low: float | None
+    high: float | None
+
+    def text(self) -> str:
+        if self.mean is None:
+            return "n/a"
+        if self.low is None or self.high is None:
+            return f"{self.mean:+.2f} (n={self.n})"
+        mark = " **↑**" if self.low > 0 else " **↓**" if self.high < 0 else ""
+        return f"{self.mean:+.2f} [{self.low:+.2f}, {self.high:+.2f}] (n={self.n}){mark}"
+
+
+def paired_differences(
+    records: Sequence[dict[str, Any]], reference: str = "fo", field: str = "test_acc"
+) -> list[PairedDifference]:
+    """Every method's paired difference to ``reference`` per dataset and setting (Greedy's chosen gamma included)."""
+    groups = _group(records)
+    chosen = choose_gammas(records)
+    reference = canonical(reference)
+    found = []
+    for dataset in sorted({d for d, _, _ in groups}):
+        greedy = _greedy_methods(groups, dataset)
+        others = [n for d, _, n in groups if d == dataset and gamma_of(n) is None and n != reference]
+        rows = [(n, n, None) for n in dict.fromkeys([*[b for b in baseline_methods() if b != reference], *others])]
+        rows.append((CHOSEN, CHOSEN_LABEL, None))
+        rows += [(name, name, gamma) for gamma, name in greedy.items()]
+        for ways in sorted({w for d, w, _ in groups if d == dataset}):
+            base = {r["seed"]: r[field] for r in groups.get((dataset, ways, reference), [])}
+            for name, label, gamma in rows:
+                key_name = name
+                if name == CHOSEN:
+                    gamma = chosen.get((dataset, ways))
+                    if gamma is None:
+                        continue
+                    key_name = greedy[gamma]
+                runs = groups.get((dataset, ways, key_name), [])
+                diffs = [100 * (r[field] - base[r["seed"]]) for r in runs if r["seed"] in base]
+                if not runs:
+                    continue
+                mean = low = high = None
+                if diffs:
+                    mean = statistics.fmean(diffs)
+                    if len(diffs) > 1:
+                        half = t975(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+                        low, high = mean - half, mean + half
+                found.append(
+                    PairedDifference(dataset, ways, reference, name, label, gamma, len(diffs), mean, low, high)
+                )
+    return found
+
+
+def _paired_table(differences: Sequence[PairedDifference], ways_shown: Sequence[int]) -> list[str]:
+    lines = [
+        "| method | " + " | ".join(f"{w}-way" for w in ways_shown) + " |",
+        "|---|" + "---:|" * len(ways_shown),
+    ]
+    for name in dict.fromkeys(d.method for d in differences):
+        cells = {d.ways: d for d in differences if d.method == name}
+        first = next(iter(cells.values()))
+        label = (
+            first.label
+            if name != CHOSEN
+            else f"{first.label} (γ: " + ", ".join(f"{cells[w].gamma:g}" for w in ways_shown if w in cells) + ")"
+        )
+        lines.append(f"| {label} | " + " | ".join(cells[w].text() if w in cells else "n/a" for w in ways_shown) + " |")
+    return lines
+
+
 def _markdown_table(entries: Sequence[Entry], ways_shown: Sequence[int], rows: Sequence[str]) -> list[str]:
     lines = [
         "| method | JVPs | s/step | " + " | ".join(f"{w}-way" for w in ways_shown) + " |",
@@ -1105,6 +1205,20 @@ def render_markdown(records: Sequence[dict[str, Any]], entries: Sequence[Entry])
         for protocol, (_, title) in PROTOCOLS.items():
             cells = [e for e in entries if e.dataset == dataset and e.protocol == protocol]
             lines += [f"### {title}", "", *_markdown_table(cells, ways_shown, rows), ""]
+        for reference in ("fo", "t1t2"):
+            differences = [d for d in paired_differences(mine, reference) if d.dataset == dataset]
+            if not differences:
+                continue
+            lines += [
+                f"### (c) paired difference to {reference}, meta-test (clean protocol)",
+                "",
+                f"Cells: the method's meta-test accuracy minus {reference}'s, seed by seed (the seeds share their task "
+                "streams), in points: mean [95% interval, Student's t over the n seeds both have]. **↑** / **↓**: "
+                "the interval lies above / below 0 (better / worse beyond the interval).",
+                "",
+                *_paired_table(differences, ways_shown),
+                "",
+            ]
         lines += [f"Total compute: {_format_duration(compute)} ({compute / 3600:.2f} h), runs' wall time summed.", ""]
     lines += [
         "## The paper's Table 2 (CIFAR-100, not this dataset)",
@@ -1174,6 +1288,67 @@ def plot(path: Path, entries: Sequence[Entry]) -> None:
         figure.savefig(tmp, dpi=120)
 
 
+OFF_SCALE = 10.0
+"""Points of difference beyond which :func:`plot_differences` draws a method at the edge of its panel."""
+
+
+def plot_differences(path: Path, records: Sequence[dict[str, Any]], reference: str = "fo") -> bool:
+    """``table2_vs_<reference>.png``: each method's paired meta-test difference to ``reference`` with its 95% interval.
+
+    One panel per dataset and setting; a dot per method, the interval as a bar, 0 as a line. False (nothing
+    written) where no method has a paired difference.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    differences = [d for d in paired_differences(records, reference) if d.mean is not None]
+    panels = sorted({(d.dataset, d.ways) for d in differences})
+    if not panels:
+        return False
+    methods = list(dict.fromkeys(d.method for d in differences))
+    figure = Figure(figsize=(4.2 * len(panels), 0.45 * len(methods) + 1.6), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    for ax, (dataset, ways) in zip(axes, panels):
+        mine = {d.method: d for d in differences if (d.dataset, d.ways) == (dataset, ways)}
+        # the scale follows the differences within OFF_SCALE points, so that half a point stays visible; the rows
+        # beyond it are drawn at the edge with their value written out
+        near = [x for d in mine.values() if abs(d.mean) <= OFF_SCALE for x in (d.mean, d.low, d.high) if x is not None]
+        edge = 1.15 * max([abs(x) for x in near] + [0.5])
+        for y, name in enumerate(methods):
+            d = mine.get(name)
+            if d is None:
+                continue
+            better = d.low is not None and d.low > 0
+            worse = d.high is not None and d.high < 0
+            color = "tab:green" if better else "tab:red" if worse else "tab:gray"
+            if abs(d.mean) > OFF_SCALE:
+                x = math.copysign(edge, d.mean)
+                ax.plot([x], [y], "<" if d.mean < 0 else ">", color=color)
+                span = "" if d.low is None else f" [{d.low:+.1f}, {d.high:+.1f}]"
+                ax.annotate(f"{d.mean:+.1f}{span}, off scale", (x, y), xytext=(0, 7), textcoords="offset points",
+                            ha="left" if d.mean < 0 else "right", fontsize=7, color=color)  # fmt: skip
+                continue
+            if d.low is not None and d.high is not None:
+                ax.plot([d.low, d.high], [y, y], color=color, linewidth=2.5, solid_capstyle="butt")
+            ax.plot([d.mean], [y], "o", color=color)
+        ax.set_xlim(-edge * 1.05, edge * 1.05)
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set_yticks(range(len(methods)), [next(d.label for d in differences if d.method == m) for m in methods])
+        ax.invert_yaxis()
+        n = sorted({d.n for d in mine.values()})
+        ax.set_title(f"{dataset} {ways}-way (n = {', '.join(map(str, n))} seeds)", fontsize=9)
+        ax.set_xlabel("points")
+    figure.suptitle(
+        f"Meta-test accuracy minus {reference}'s, paired by seed, with its 95% interval "
+        "(green: better, red: worse beyond the interval)",
+        fontsize=10,
+    )
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=120)
+    return True
+
+
 def report(out: Path) -> int:
     """Writes ``table2.md``, ``table2.csv`` and ``table2.png`` in ``out`` from the records in ``out/runs``."""
     records = load_records(out)
@@ -1186,8 +1361,12 @@ def report(out: Path) -> int:
     write_text(md_path, markdown)
     write_csv(out / "table2.csv", entries)
     plot(out / "table2.png", entries)
+    written = [md_path, out / "table2.csv", out / "table2.png"]
+    for reference in ("fo", "t1t2"):
+        if plot_differences(out / f"table2_vs_{reference}.png", records, reference):
+            written.append(out / f"table2_vs_{reference}.png")
     print(markdown)
-    print(f"report: wrote {md_path}, {out / 'table2.csv'} and {out / 'table2.png'} from {len(records)} records")
+    print(f"report: wrote {', '.join(str(p) for p in written)} from {len(records)} records")
     return 0
 
 
