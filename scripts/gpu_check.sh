@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (issue 14): seconds per Lightning step of FewShotClassifier for fo, t1t2, greedy(0.99) and rmd at
+# The GPU check: seconds per Lightning step of FewShotClassifier for fo, t1t2, greedy(0.99) and rmd at
 # T = 10 and 50 with the tasks batched and one by one, the peak CUDA memory of each, and the GPU's hypergradient
 # against the CPU's in float32 and float64; tables printed and written to studies/gpu_check/results/. Sized to take
 # under 5 minutes on an H100 (not yet timed on one). Options go to python -m studies.gpu_check (--help lists them):

@@ -3,7 +3,8 @@
 Run from the repository root::
 
     python -m studies.quality [--quick] [--tasks N] [--out DIR] [--train-steps 50 200] [--dataset auto|omniglot|digits]
-                              [--root DIR] [--device cpu|cuda] [--threads N] [--seed S]
+                              [--root DIR] [--shots K] [--queries Q] [--device cpu|cuda] [--threads N] [--seed S]
+    python -m studies.quality --variants [--shots 1 --queries 15] [--reference-tasks 4] ...   # the Greedy variants
 
 What is measured
 ----------------
@@ -12,6 +13,12 @@ hyperparameters; a linear head trained for T inner steps of SGD with learning ra
 Tasks are 5-way 10-shot Omniglot with 10 queries per class when ``--root``, ``$OMNIGLOT_ROOT`` or
 ``../shared/data/omniglot`` (beside the repository) holds ``images_background.npz``; otherwise scikit-learn's 8x8
 digits, 5-way 5-shot (``--dataset`` forces one; the dataset used is printed and written into the markdown).
+``--shots`` and ``--queries`` change the task shape (of the meta-training and of the held-out tasks alike); the
+published ``quality.*`` are the 10-shot ones, so give another ``--out`` for another shape.
+
+``--variants`` measures instead the Greedy variants (``momentum_greedy``, ``greedy_tail``, ``auto_greedy``) and the
+IFT diagnostics against T1-T2, with AutoGreedy's discount chosen on reference tasks kept apart from the evaluation
+tasks, and writes ``variants_<K>shot.json/.md/.png``: see :mod:`studies.quality.variants`.
 
 Checkpoints: the backbone as initialized (step 0) and after ``--train-steps`` outer steps of meta-training with
 Greedy(0.99), T = 10, inner momentum 0.9, Adam (lr 1e-3) and 10 tasks per meta-batch (a plain loop over
@@ -123,9 +130,12 @@ class DataChoice:
         return f"{self.dataset}{where}: {WAYS}-way {self.shots}-shot, {self.queries} queries per class"
 
 
-def choose_data(dataset: str = "auto", root: str | None = None) -> DataChoice:
+def choose_data(
+    dataset: str = "auto", root: str | None = None, shots: int | None = None, queries: int | None = None
+) -> DataChoice:
     """Omniglot (5-way 10-shot) when its files are there (or ``dataset="omniglot"``), else the 8x8 digits (5-way
-    5-shot). The Omniglot folder is kept as given (:func:`studies.common.omniglot_root`), relative or not.
+    5-shot), 10 queries per class; ``shots`` and ``queries`` replace the dataset's defaults where given. The
+    Omniglot folder is kept as given (:func:`studies.common.omniglot_root`), relative or not.
 
     Raises:
         SystemExit: ``dataset="omniglot"`` and its files are not in the folder.
@@ -135,8 +145,8 @@ def choose_data(dataset: str = "auto", root: str | None = None) -> DataChoice:
     if dataset == "omniglot" and not found:
         raise SystemExit(f"--dataset omniglot: no {OMNIGLOT_FILE} in {root}; give its folder with --root")
     if found and dataset != "digits":
-        return DataChoice("omniglot", root, shots=10, queries=10)
-    return DataChoice("digits", None, shots=5, queries=10)
+        return DataChoice("omniglot", root, shots=shots or 10, queries=queries or 10)
+    return DataChoice("digits", None, shots=shots or 5, queries=queries or 10)
 
 
 def make_datamodule(choice: DataChoice, tasks: int, train_batches: int, seed: int) -> lh.FewShotDataModule:
@@ -226,10 +236,12 @@ def train(
     optimizer = torch.optim.Adam(model.parameters(), lr=OUTER_LR)
     estimator = lh.Greedy(TRAIN_GAMMA)
     window: list[dict[str, float]] = []
-    start = time.perf_counter()
+    elapsed, start = 0.0, time.perf_counter()  # time spent training (not while the caller measures a checkpoint)
     for step, batch in enumerate(datamodule.train_dataloader(), start=1):
         tasks = [to_device(task, device) for task in split_meta_batch(batch)]
-        hypergrads, metrics = model.meta_gradient(tasks, estimator)
+        result = model.meta_gradient(tasks, estimator)  # a MetaGradient: hypergrads, metrics (0-dim tensors), ...
+        hypergrads = result.hypergrads
+        metrics = {key: float(value) for key, value in result.metrics.items()}
         optimizer.zero_grad(set_to_none=True)
         if all(bool(torch.isfinite(g).all()) for g in hypergrads):
             for parameter, grad in zip(model.hyperparameters(), hypergrads):
@@ -240,12 +252,14 @@ def train(
         window.append(metrics)
         if step in wanted:
             means = {key: statistics.fmean(m[key] for m in window) for key in window[0]}
+            elapsed += time.perf_counter() - start
             log(
-                f"trained {step} steps ({time.perf_counter() - start:.0f} s): outer loss {means['outer_loss']:.3f}, "
+                f"trained {step} steps ({elapsed:.0f} s of training): outer loss {means['outer_loss']:.3f}, "
                 f"query acc {means.get('acc', float('nan')):.3f} (mean since the previous checkpoint)"
             )
             window = []
             yield step, snapshot(model), means
+            start = time.perf_counter()
         if step >= last:
             return
     raise RuntimeError(f"the training dataloader ended before step {last}")
@@ -672,11 +686,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         nargs="*",
         help="outer steps of training at which to measure, besides step 0 (default 50 200)",
     )
+    parser.add_argument(
+        "--shots", type=int, help="support examples per class (default: 10 on Omniglot, 5 on the digits)"
+    )
+    parser.add_argument("--queries", type=int, help="query examples per class (default 10)")
+    parser.add_argument(
+        "--variants",
+        action="store_true",
+        help="the Greedy variants against T1-T2 instead (studies/quality/variants.py): variants_<K>shot.json/.md/.png",
+    )
+    parser.add_argument(
+        "--reference-tasks",
+        type=int,
+        help="--variants: the first tasks of a setting, used only to choose auto_greedy's gamma (default 4; 1 quick)",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the backbone's initialization and the tasks")
     parser.add_argument(
-        "--replot", action="store_true", help="only redraw the plots of OUT from OUT/quality.json (nothing measured)"
+        "--replot",
+        action="store_true",
+        help="only redraw the plots of OUT from OUT/quality.json (nothing measured); with --variants, rewrite "
+        "variants_<K>shot.json/.md/.png from the per-task records of the JSON",
     )
     args = parser.parse_args(argv)
     if args.tasks is not None and args.tasks < 1:
@@ -685,6 +716,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--train-steps must be positive")
     if args.threads < 1:
         parser.error("--threads must be >= 1")
+    for name in ("shots", "queries", "reference_tasks"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.reference_tasks is not None and not args.variants:
+        parser.error("--reference-tasks goes with --variants")
     return args
 
 
@@ -693,6 +729,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.variants:
+        from studies.quality.variants import run_variants  # it imports this module
+
+        run_variants(args, start)
+        return
     device = torch.device(args.device)
     out = Path(args.out)
     if args.replot:
@@ -710,7 +751,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         checkpoints = [max(args.train_steps)] if args.train_steps else [0]
     else:
         checkpoints = [0, *sorted(set(args.train_steps if args.train_steps is not None else DEFAULT_TRAIN_STEPS))]
-    data = choose_data(args.dataset, args.root)
+    data = choose_data(args.dataset, args.root, args.shots, args.queries)
     log(f"data: {data.describe()}")
     log(f"checkpoints: {checkpoints}; T: {list(t_values)}; tasks: {n_tasks}; momenta: {list(MOMENTA)}")
 
