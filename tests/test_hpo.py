@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -125,9 +126,12 @@ def test_a_too_strong_weight_decay_is_learned_down(tmp_path):
     assert learned < strong
 
 
-@pytest.mark.parametrize("better, worse", [(0.3, 0.003), (1.0, 10.0)])
+@pytest.mark.parametrize("better, worse", [(0.3, 0.003), (1.0, 4.0)])
 def test_the_learned_learning_rate_moves_towards_the_better_of_two_known_rates(tmp_path, better, worse):
-    """Ground truth from two torch.optim runs of the same length; the learned rate starts at their geometric mean."""
+    """Ground truth from two torch.optim runs of the same length; the learned rate starts at their geometric mean.
+
+    From above, the start is 2: from much higher (sqrt(10)) the first layer's units die in the first window, its
+    hypergradient is exactly zero from then on, and no rule that follows the hypergradient moves it."""
     steps = 8
     model, data, trainer = from_config(
         "lr_schedule", f"--trainer.max_steps={steps}", "--model.init_lr=0.03", root=tmp_path
@@ -325,3 +329,135 @@ def test_a_hypercleaner_checkpoint_restores_the_sample_weights(tmp_path):
     assert torch.equal(restored.sample_logits, model.sample_logits.detach())
     assert not bool((restored.sample_weights() == 0.5).all())
     assert all(torch.equal(a, b) for a, b in zip(restored.carried_params, model.carried_params))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the outer rule of LearningRateTuner: Rprop (sign steps of adaptive size) on the log learning rates
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_rprop_moves_a_log_learning_rate_by_the_steps_worked_out_by_hand():
+    """One log learning rate, first step 0.03, largest step 0.1; a sequence of hypergradients whose sizes vary by
+    orders of magnitude. Worked out by hand: a step doubles while the sign stays (capped at 0.1), halves after a
+    flip with no move on that outer step, and a zero hypergradient neither moves nor changes the step."""
+    model = LearningRateTuner(hidden=[], init_lr=0.1, outer_lr=0.03, max_outer_step=0.1)
+    (optimizer,) = [model.configure_optimizers()]
+    start = float(model.log_lr)
+    grads = [-0.2, -1e-5, -3.0, -0.5, 0.7, 0.7, 1e-6, -1.0, 0.0, -2.0]
+    # step:  0.03  0.06   0.1   0.1   0.05 0.05 0.1   0.05  0.05  0.05
+    # move: +0.03 +0.06  +0.1  +0.1   0   -0.05 -0.1  0     0    +0.05
+    expected = [0.03, 0.09, 0.19, 0.29, 0.29, 0.24, 0.14, 0.14, 0.14, 0.19]
+    moved = []
+    for g in grads:
+        optimizer.zero_grad()
+        model.log_lr.grad = torch.full_like(model.log_lr, g)
+        optimizer.step()
+        moved.append(float(model.log_lr) - start)
+    assert moved == pytest.approx(expected, abs=1e-6)
+
+
+def test_the_first_outer_step_of_a_fit_is_minus_outer_lr_times_the_sign_of_the_hypergradient(tmp_path):
+    """Through Lightning: what reaches the outer optimizer is the step's hypergradient (the callback's
+    outputs["hypergrad"], computed before the step), and the first Rprop step moves each log rate by outer_lr
+    against its sign."""
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(outputs["hypergrad"][0].clone())
+
+    model, data, trainer = from_config("lr_schedule", "--trainer.max_steps=1", root=tmp_path)
+    trainer.callbacks.append(Record())
+    start = model.log_lr.detach().clone()
+    reference = lh.Greedy(0.9)(model.make_problem(_task(data))).hypergrads[0]
+    trainer.fit(model, data)
+    (hypergrad,) = seen
+    torch.testing.assert_close(hypergrad, reference)
+    assert bool((hypergrad != 0).all())
+    torch.testing.assert_close(model.log_lr.detach() - start, -0.03 * hypergrad.sign())
+
+
+def _task(data: DigitsHPODataModule) -> dict:
+    data.setup()
+    return data.task("train")
+
+
+def test_an_rprop_run_resumes_from_a_checkpoint_as_if_uninterrupted(tmp_path):
+    """Rprop's step sizes and last signs are the outer optimizer's state: saved and restored with it."""
+    small = ["--data.train_size=100", "--data.val_size=50", "--data.test_size=50", "--model.inner_steps=2"]
+    model, data, trainer = from_config("lr_schedule", "--trainer.max_steps=6", *small, root=tmp_path / "a")
+    trainer.fit(model, data)
+    first, data1, trainer1 = from_config("lr_schedule", "--trainer.max_steps=3", *small, root=tmp_path / "b")
+    trainer1.fit(first, data1)
+    trainer1.save_checkpoint(tmp_path / "step3.ckpt")
+    state = torch.load(tmp_path / "step3.ckpt", weights_only=False)["optimizer_states"][0]["state"][0]
+    assert set(state) >= {"prev", "step_size"}
+    resumed, data2, trainer2 = from_config("lr_schedule", "--trainer.max_steps=6", *small, root=tmp_path / "c")
+    trainer2.fit(resumed, data2, ckpt_path=tmp_path / "step3.ckpt")
+    assert torch.equal(resumed.log_lr.detach(), model.log_lr.detach())
+    assert not torch.equal(first.log_lr.detach(), model.log_lr.detach())
+
+
+def test_outer_optimizer_settings_are_checked():
+    with pytest.raises(ValueError, match="outer_optimizer must be one of 'adam', 'rprop'"):
+        LearningRateTuner(outer_optimizer="sgd")
+    with pytest.raises(ValueError, match="max_outer_step must be a finite number > 0"):
+        LearningRateTuner(max_outer_step=0)
+    with pytest.raises(ValueError, match=r"outer_lr=0.15 \(Rprop's first step\) exceeds max_outer_step=0.1"):
+        LearningRateTuner(outer_lr=0.15)
+    assert isinstance(LearningRateTuner(outer_lr=0.15, outer_optimizer="adam").configure_optimizers(), torch.optim.Adam)
+    assert isinstance(WeightDecayTuner().configure_optimizers(), torch.optim.Adam)  # the others keep Adam
+    rprop = WeightDecayTuner(outer_optimizer="rprop", outer_lr=0.01, max_outer_step=0.2).configure_optimizers()
+    assert rprop.defaults["step_sizes"] == (pytest.approx(2e-4), 0.2) and rprop.defaults["etas"] == (0.5, 2.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the studies: their statistics and their tiny forms
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_the_median_interval_is_the_sign_test_interval():
+    from studies.hpo.unseen import mean_interval, median_interval
+
+    values = [0.5, -0.1, 0.3, 0.9, -0.4, 0.2, 0.0, 0.7, -0.2, 0.1]  # sorted: -0.4 -0.2 -0.1 0 .1 .2 .3 .5 .7 .9
+    low, high, coverage = median_interval(values)
+    assert (low, high) == (-0.2, 0.7)  # the 2nd and 9th of 10
+    assert coverage == pytest.approx(1 - 2 * (1 + 10) / 1024)  # P(B <= 1) = (C(10,0) + C(10,1)) / 2^10 per tail
+    assert median_interval([1.0, 2.0, 3.0, 4.0, 5.0]) is None  # [min, max] of 5 covers 1 - 2/32 < 0.95
+    assert median_interval(range(6))[:2] == (0, 5)
+    low, high = mean_interval([1.0, 2.0, 3.0, 4.0, 5.0])  # mean 3, sd sqrt(2.5), t(0.975, 4) = 2.776
+    assert (3 - low, high - 3) == (pytest.approx(2.776 * math.sqrt(2.5) / math.sqrt(5)),) * 2
+
+
+def test_the_unseen_seed_study_runs_in_a_tiny_form(tmp_path):
+    from studies.hpo import unseen
+
+    summary = unseen.main(["--seeds", "10", "11", "--steps", "2", "--grid", "0.03", "0.1", "--decays", "0.001",
+                           "--lr-variants", "outer_lr_x3", "--out", str(tmp_path)])  # fmt: skip
+    saved = json.loads((tmp_path / "unseen.json").read_text())
+    lr = summary["lr_schedule"]
+    assert lr["seeds"] == [10, 11] and lr["val"]["n"] == 2 and set(lr["variants"]) == {"outer_lr_x3"}
+    runs = [r for r in saved["records"] if r["example"] == "lr_schedule" and r["seed"] == 10]
+    assert [r["variant"] for r in runs] == ["config", "fixed_lr0.03", "fixed_lr0.1", "plain_sgd_lr0.03",
+                                            "plain_sgd_lr0.1", "outer_lr_x3"]  # fmt: skip
+    assert runs[5]["overrides"][:2] == ["--model.outer_lr", "0.09"]  # 3x the config's 0.03
+    assert all(r["final_lr"] == pytest.approx([lr_] * 2) for r, lr_ in zip(runs[1:3], (0.03, 0.1)))  # FO: fixed
+    best = min(runs[1:3], key=lambda r: r["val"]["loss"])
+    assert lr["val"]["diffs"][0] == pytest.approx(runs[0]["val"]["loss"] / best["val"]["loss"] - 1)
+    assert set(summary) == {"lr_schedule", "weight_decay", "hypercleaning"}
+    table = (tmp_path / "unseen.md").read_text()
+    assert "| outer_lr_x3 |" in table and "| 11 |" in table and "AUC: at least 0.9 on" in table
+    (tmp_path / "unseen.md").unlink()
+    unseen.main(["--report", "--out", str(tmp_path)])
+    assert (tmp_path / "unseen.md").read_text() == table
+
+
+def test_the_tuning_study_runs_in_a_tiny_form(tmp_path):
+    from studies.hpo import tuning
+
+    records = tuning.main(["--seeds", "0", "--windows", "150", "--adam-lrs", "0.15", "--max-steps-per-inner",
+                           "0.001", "--first-steps", "0.5", "--grid", "0.1", "--out", str(tmp_path)])  # fmt: skip
+    rprop = "T150 rprop max=0.15 first=0.075"
+    assert [r["variant"] for r in records] == ["fixed_lr0.1", "T150 adam outer_lr=0.15", rprop]
+    assert all(r["outer_steps"] == 2 and r["inner_steps"] == 150 for r in records[1:])
+    assert f"| {rprop} |" in (tmp_path / "tuning_rule.md").read_text()

@@ -4,6 +4,10 @@ Each module trains a small multilayer perceptron (the inner parameters ``w``) on
 outer loss on a validation set; its own parameters are the hyperparameters. With ``online=True`` (the default of
 :class:`LearningRateTuner` and :class:`HyperCleaner`) the network keeps training from one outer step to the next,
 so a whole run is one training of the network during which the hyperparameters are tuned.
+
+The outer optimizer is Adam (``outer_optimizer="adam"``, the default of :class:`WeightDecayTuner` and
+:class:`HyperCleaner`) or sign steps with adaptive sizes (``"rprop"``, the default of :class:`LearningRateTuner`;
+see :class:`MLPProblem`).
 """
 
 from __future__ import annotations
@@ -15,9 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_hypergrad._checks import check_int
+from lightning_hypergrad._checks import check_choice, check_int, check_positive_number
 from lightning_hypergrad.module import BilevelModule, Task
 from lightning_hypergrad.optim import SGD, DifferentiableOptimizer
+
+OUTER_OPTIMIZERS = ("adam", "rprop")
+RPROP_ETAS = (0.5, 2.0)
+"""Rprop's factors: the step of an entry halves after its hypergradient changes sign and doubles after it keeps it."""
+RPROP_MIN_FRACTION = 1e-3
+"""The smallest Rprop step, as a fraction of ``max_outer_step``."""
 
 
 class MLPProblem(BilevelModule):
@@ -27,12 +37,29 @@ class MLPProblem(BilevelModule):
     buffers, so every run, estimator and process starts the inner loop from the same network. A subclass adds
     hyperparameters and uses them in :meth:`inner_loss` or in the inner optimizer's settings.
 
+    The outer optimizer steps the hyperparameters (all of them in log or logit form) with the hypergradient:
+
+    - ``"adam"``: Adam with learning rate ``outer_lr`` (as :class:`BilevelModule`).
+    - ``"rprop"``: sign steps with a size per entry that adapts (``torch.optim.Rprop``, the iRprop- variant): each
+      entry moves by ``-step * sign(hypergradient)``; its step starts at ``outer_lr``, doubles while the sign stays
+      the same, halves after the sign changes (and that outer step leaves the entry where it is), and stays within
+      ``[max_outer_step / 1000, max_outer_step]``. Only the sign of the hypergradient is used, so its size, which
+      falls by orders of magnitude while the network trains, does not set the step, and the first step
+      (``outer_lr``) is forgotten after a few outer steps; what remains is ``max_outer_step``, the largest change
+      of a log hyperparameter in one outer step (0.1: the learning rate changes by at most a factor
+      ``e^0.1 = 1.105`` per outer step).
+
     Args:
         in_features: inputs of the network.
         classes: outputs of the network.
         hidden: widths of the hidden layers (``[]``: a linear classifier).
         init_seed: the seed of the network's initial weights.
+        outer_optimizer: ``"adam"`` or ``"rprop"`` (see above).
+        max_outer_step: the largest Rprop step (``"rprop"`` only); ``outer_lr``, the first step, may not exceed it.
         **kwargs: the arguments of :class:`BilevelModule`.
+
+    Raises:
+        ValueError: a setting out of its range (the message names it).
     """
 
     def __init__(
@@ -41,10 +68,21 @@ class MLPProblem(BilevelModule):
         classes: int = 10,
         hidden: Sequence[int] = (64,),
         init_seed: int = 0,
+        outer_optimizer: str = "adam",
+        max_outer_step: float = 0.1,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         name = type(self).__name__
+        check_choice("outer_optimizer", outer_optimizer, OUTER_OPTIMIZERS, owner=name)
+        check_positive_number("max_outer_step", max_outer_step, owner=name)
+        if outer_optimizer == "rprop" and self.outer_lr > max_outer_step:
+            raise ValueError(
+                f"{name} outer_lr={self.outer_lr} (Rprop's first step) exceeds max_outer_step={max_outer_step}; "
+                "lower outer_lr or raise max_outer_step"
+            )
+        self.outer_optimizer = outer_optimizer
+        self.max_outer_step = float(max_outer_step)
         check_int("in_features", in_features, owner=name)
         check_int("classes", classes, owner=name)
         if not isinstance(hidden, (list, tuple)):
@@ -85,6 +123,12 @@ class MLPProblem(BilevelModule):
 
     def task_metrics(self, params, h, task):
         return {"acc": (self.logits(params, task["x_val"]).argmax(-1) == task["y_val"]).float().mean()}
+
+    def configure_optimizers(self):
+        if self.outer_optimizer == "adam":
+            return super().configure_optimizers()
+        bounds = (self.max_outer_step * RPROP_MIN_FRACTION, self.max_outer_step)
+        return torch.optim.Rprop(self.parameters(), lr=self.outer_lr, etas=RPROP_ETAS, step_sizes=bounds)
 
 
 class WeightDecayTuner(MLPProblem):
@@ -137,16 +181,32 @@ class LearningRateTuner(MLPProblem):
     estimators (Neumann, CG) refuse these hyperparameters: they see only the inner optimum, which does not depend on
     the learning rate.
 
+    The outer optimizer is Rprop by default (see :class:`MLPProblem`): ``a`` and ``b`` move by sign steps of
+    adaptive size, at most ``max_outer_step`` per outer step, the first of size ``outer_lr``. The hypergradient of a
+    log learning rate shrinks by orders of magnitude as the network trains while keeping its sign for most of the
+    run, so with Adam the distance the rate travels is about ``outer_lr`` times the number of outer steps and the
+    result depends on ``outer_lr``; with sign steps it does not, and depends on ``max_outer_step`` instead
+    (``docs/hpo.md`` measures both).
+
     Args:
         init_lr: the starting learning rate of every layer.
         momentum: the momentum, fixed; with ``learn_momentum`` the starting momentum.
         learn_momentum: learn the momentum as well.
+        outer_optimizer: ``"rprop"`` (default) or ``"adam"``.
+        outer_lr: Rprop's first step (Adam's learning rate with ``"adam"``).
         **kwargs: the arguments of :class:`MLPProblem` and :class:`BilevelModule` (``inner_optimizer`` is built
             here and may not be given).
     """
 
     def __init__(
-        self, init_lr: float = 0.01, momentum: float = 0.0, learn_momentum: bool = False, online: bool = True, **kwargs
+        self,
+        init_lr: float = 0.01,
+        momentum: float = 0.0,
+        learn_momentum: bool = False,
+        online: bool = True,
+        outer_optimizer: str = "rprop",
+        outer_lr: float = 0.03,
+        **kwargs,
     ) -> None:
         if kwargs.get("inner_optimizer") is not None:
             raise ValueError(
@@ -159,7 +219,7 @@ class LearningRateTuner(MLPProblem):
             raise ValueError(f"LearningRateTuner momentum must be in [0, 1), got {momentum!r}")
         if learn_momentum and momentum == 0:
             raise ValueError("LearningRateTuner learn_momentum=True needs a starting momentum in (0, 1), got 0")
-        super().__init__(online=online, **kwargs)
+        super().__init__(online=online, outer_optimizer=outer_optimizer, outer_lr=outer_lr, **kwargs)
         self.save_hyperparameters(ignore=["estimator", "inner_optimizer"])
         self.log_lr = nn.Parameter(torch.full((self.layers,), math.log(init_lr)))
         self.learn_momentum = bool(learn_momentum)
