@@ -54,7 +54,9 @@ class FewShotClassifier(BilevelModule):
         width: channels of each block.
         estimator, inner_optimizer, inner_steps, meta_batch_size, outer_lr, gradient_clip_val,
         gradient_clip_algorithm, nonfinite, batch_tasks: see :class:`BilevelModule`. The tasks of a meta-batch
-            always share their shapes here, so ``batch_tasks`` (on by default) runs them together.
+            always share their shapes here, so ``batch_tasks=True`` runs them together; it is off by default, as it
+            keeps every task's backbone activations alive at once (on 2 CPU cores, meta-batch 10: about 9x the
+            peak memory for 1.0-1.2x the speed; see docs/scale.md).
 
     Raises:
         ValueError: ``depth`` or ``width`` < 1, or ``ways``/``image_shape`` disagreeing with the data module's.
@@ -74,7 +76,7 @@ class FewShotClassifier(BilevelModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
         nonfinite: str = "skip",
-        batch_tasks: bool = True,
+        batch_tasks: bool = False,
     ) -> None:
         super().__init__(
             estimator=estimator,

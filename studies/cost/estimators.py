@@ -240,7 +240,7 @@ def make_fewshot_batched_step(
     """The ``fewshot`` outer step through :meth:`FewShotClassifier.meta_gradient` with the tasks batched.
 
     Same backbone, tasks, inner optimizer and Adam step as :func:`make_fewshot_step`; the meta-batch's inner loops
-    run as one stacked problem (``batch_tasks=True``, FewShotClassifier's default).
+    run as one stacked problem (``batch_tasks=True``).
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed + 1)

@@ -7,7 +7,7 @@
 1. Seconds per training step of ``FewShotClassifier`` through Lightning (median over ``--rounds`` x ``--steps``
    steps, the first step of each fit excluded as warm-up) for each estimator (a spec string, see
    :func:`lightning_hypergrad.get_estimator`) and number of inner steps T, with the meta-batch's tasks run together
-   (``batch_tasks=True``, the default) and one by one, in interleaved rounds (every configuration, then every one
+   (``batch_tasks=True``) and one by one (the default), in interleaved rounds (every configuration, then every one
    again) as in :mod:`studies.lightning_step.step_time`. Columns: the ratio to FO's time (same T and tasks) and the
    one-by-one time over the batched one. :class:`~lightning_hypergrad.callbacks.StepTimer` waits for the GPU at the
    start and end of each step, so the times hold the kernels, not only their launches.
@@ -235,7 +235,9 @@ def compare_devices(
             row: dict[str, Any] = {"estimator": name, "inner_steps": steps}
             for dtype in dict.fromkeys(dtype for _, dtype, _ in PRECISIONS):
                 torch.manual_seed(SEED)
-                model = lh.FewShotClassifier(ways=WAYS, image_shape=image_shape, estimator=name, inner_steps=steps)
+                model = lh.FewShotClassifier(
+                    ways=WAYS, image_shape=image_shape, estimator=name, inner_steps=steps, batch_tasks=True
+                )
                 model = model.to(dtype).train()
                 initial = copy.deepcopy(model)  # meta_gradient moves batch norm's running statistics
                 g_cpu = flat_hypergradient(model, [cast(task, dtype, torch.device("cpu")) for task in tasks])

@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--inner-steps", type=int, nargs="+", default=[10], metavar="T", help="default: 10")
     parser.add_argument(
         "--tasks", choices=("batched", "one-by-one", "both"), default="batched",
-        help="the meta-batch's tasks together (FewShotClassifier's default), one by one, or both (default: batched)",
+        help="the meta-batch's tasks together (batch_tasks=True), one by one (the default), or both (default: batched)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     for name in ("steps", "rounds"):

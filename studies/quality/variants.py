@@ -24,8 +24,8 @@ and 0, T in {5, 10, 20, 50}) are those of :mod:`studies.quality.quality`. At eve
 For every estimator and setting: the cosine to RMD and the norm ratio ``|estimate| / |RMD|`` task by task, their mean
 and standard deviation, and the paired win rate against T1-T2 (the fraction of the evaluation tasks where the
 estimator's cosine is strictly greater than T1-T2's). Over all settings: the mean of the per-setting mean cosines,
-the number of settings whose mean cosine is at least T1-T2's, and the overall paired win rate. The target for a default estimator:
-mean cosine at least T1-T2's in every setting, and an overall paired win rate of at least 60%.
+the number of settings whose mean cosine is at least T1-T2's, and the overall paired win rate. The target for a
+default estimator: mean cosine at least T1-T2's in every setting, and an overall paired win rate of at least 60%.
 
 Outputs, in ``--out`` (default ``studies/quality/results``), ``<K>`` the shots:
 
