@@ -412,3 +412,12 @@ def memory_meter(device: torch.device, method: str = "auto") -> PeakMemory:
             )
         return RssPeak()
     return SavedTensorsPeak()
+
+
+def require_positive(parser: Any, args: Any, *names: str) -> None:
+    """``parser.error`` (exit 2, naming the option) unless each option in ``names`` (a number or a list) is >= 1."""
+    for name in names:
+        value = getattr(args, name)
+        smallest = min(value) if isinstance(value, (list, tuple)) else value
+        if smallest is not None and smallest < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {smallest}")

@@ -138,3 +138,35 @@ def unflat(vector: torch.Tensor, like) -> list[torch.Tensor]:
         out.append(vector[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
     return out
+
+
+def features_problem_factory(steps: int):
+    """A problem whose losses see the hyperparameters through ``features`` (scaled inputs), and its hyperparameter.
+
+    Returns ``(make, scale)``: ``make()`` builds the same fresh ``BilevelProblem`` each call (SGD 0.2, momentum 0.5,
+    ``steps`` inner steps on an :class:`MLPTask`); ``scale`` (4 entries, float64) scales the training inputs
+    through ``features`` and, squared, the validation inputs.
+    """
+    g = torch.Generator().manual_seed(5)
+    scale = torch.rand(4, generator=g, dtype=torch.float64).add(0.5).requires_grad_()
+    task = MLPTask()
+    x_raw = task.x.clone()
+
+    def inner(w, h):
+        return torch.nn.functional.cross_entropy(task.logits(w, h[0]), task.y)
+
+    def outer(w, h):
+        return torch.nn.functional.cross_entropy(task.logits(w, task.xv * h[1]), task.yv)
+
+    def make():
+        return lh.BilevelProblem(
+            inner,
+            outer,
+            [scale],
+            task.w0,
+            lh.SGD(lr=0.2, momentum=0.5),
+            steps,
+            features=lambda: [x_raw * scale, scale**2],
+        )
+
+    return make, scale

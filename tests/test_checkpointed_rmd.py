@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from bilevel_cases import MLPTask, Ridge, central_difference
+from bilevel_cases import MLPTask, Ridge, central_difference, features_problem_factory
 
 import lightning_hypergrad as lh
 from lightning_hypergrad.optim.base import OptimizerState
@@ -60,28 +60,7 @@ def test_equals_rmd_through_adam(every):
 
 @pytest.mark.parametrize("every", SEGMENTS, ids=str)
 def test_equals_rmd_through_features(every):
-    g = torch.Generator().manual_seed(5)
-    scale = torch.rand(4, generator=g, dtype=torch.float64).add(0.5).requires_grad_()
-    task = MLPTask()
-    x_raw = task.x.clone()
-
-    def inner(w, h):
-        return torch.nn.functional.cross_entropy(task.logits(w, h[0]), task.y)
-
-    def outer(w, h):
-        return torch.nn.functional.cross_entropy(task.logits(w, task.xv * h[1]), task.yv)
-
-    def problem():
-        return lh.BilevelProblem(
-            inner,
-            outer,
-            [scale],
-            task.w0,
-            lh.SGD(lr=0.2, momentum=0.5),
-            STEPS,
-            features=lambda: [x_raw * scale, scale**2],
-        )
-
+    problem, _ = features_problem_factory(STEPS)
     compare(problem, every)
 
 

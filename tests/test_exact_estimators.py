@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from bilevel_cases import MLPTask, Ridge, central_difference
+from bilevel_cases import MLPTask, Ridge, central_difference, features_problem_factory
 
 import lightning_hypergrad as lh
 
@@ -144,22 +144,7 @@ def test_fmd_equals_rmd_for_up_to_ten_entries(optimizer):
 
 
 def test_fmd_through_features_equals_rmd():
-    g = torch.Generator().manual_seed(5)
-    scale = torch.rand(4, generator=g, dtype=torch.float64).add(0.5).requires_grad_()
-    task = MLPTask()
-    x_raw = task.x.clone()
-
-    def inner(w, h):
-        return torch.nn.functional.cross_entropy(task.logits(w, h[0]), task.y)
-
-    def outer(w, h):
-        return torch.nn.functional.cross_entropy(task.logits(w, task.xv * h[1]), task.yv)
-
-    def problem():
-        return lh.BilevelProblem(
-            inner, outer, [scale], task.w0, lh.SGD(lr=0.2, momentum=0.5), 5, features=lambda: [x_raw * scale, scale**2]
-        )
-
+    problem, _ = features_problem_factory(5)
     torch.testing.assert_close(lh.FMD()(problem()).hypergrads[0], lh.RMD()(problem()).hypergrads[0], rtol=1e-8, atol=0)
 
 

@@ -43,7 +43,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from studies.common import log, machine_description, omniglot_root, quiet, quiet_trainer, write_json, write_text
+from studies.common import (
+    log,
+    machine_description,
+    omniglot_root,
+    quiet,
+    quiet_trainer,
+    require_positive,
+    write_json,
+    write_text,
+)
 
 if TYPE_CHECKING:  # imported in the functions: without CUDA, --device cuda exits before loading Lightning
     import lightning_hypergrad as lh
@@ -82,11 +91,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
         "--out", default=DEFAULT_OUT, help=f"folder of gpu_check.json and gpu_check.md (default: {DEFAULT_OUT})"
     )
     args = parser.parse_args(argv)
-    for name in ("steps", "rounds"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if min(args.inner_steps) < 1:
-        parser.error(f"--inner-steps must be >= 1, got {min(args.inner_steps)}")
+    require_positive(parser, args, "steps", "rounds", "inner_steps")
     return parser, args
 
 

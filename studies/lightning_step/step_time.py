@@ -24,7 +24,7 @@ import torch
 
 import lightning_hypergrad as lh
 from lightning_hypergrad.callbacks import StepTimer
-from studies.common import machine_description, omniglot_root, quiet, quiet_trainer
+from studies.common import machine_description, omniglot_root, quiet, quiet_trainer, require_positive
 
 
 def spec(text: str) -> str:
@@ -54,11 +54,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         help="the meta-batch's tasks together (batch_tasks=True), one by one (the default), or both (default: batched)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    for name in ("steps", "rounds"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if min(args.inner_steps) < 1:
-        parser.error(f"--inner-steps must be >= 1, got {min(args.inner_steps)}")
+    require_positive(parser, args, "steps", "rounds", "inner_steps")
     if args.threads:
         torch.set_num_threads(args.threads)
     root = omniglot_root(args.root)

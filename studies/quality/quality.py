@@ -215,6 +215,16 @@ def snapshot(model: torch.nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def restore_buffers(model: torch.nn.Module, before: dict[str, Tensor]) -> None:
+    """Put back the buffers of :func:`snapshot` (batch norm's statistics); raise if a parameter changed too."""
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(before[name])
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    if changed:
+        raise RuntimeError(f"measuring changed the model's {', '.join(changed)}")
+
+
 def train(
     model: lh.FewShotClassifier,
     datamodule: lh.FewShotDataModule,
@@ -366,12 +376,7 @@ def measure_checkpoint(
                         entry.cosines.append(cosine)
                         entry.norm_ratios.append(ratio)
     finally:
-        with torch.no_grad():
-            for name, buffer in model.named_buffers():
-                buffer.copy_(before[name])
-    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
-    if changed:
-        raise RuntimeError(f"measuring changed the model's {', '.join(changed)}")
+        restore_buffers(model, before)
     return list(measurements.values()), {"heldout_loss": mean(losses), "step_curvature": curvature}
 
 

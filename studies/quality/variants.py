@@ -84,6 +84,7 @@ from studies.quality.quality import (  # noqa: E402
     heldout_tasks,
     make_datamodule,
     mean,
+    restore_buffers,
     snapshot,
     std,
     train,
@@ -296,12 +297,7 @@ def measure_checkpoint(
                     + f" ({time.perf_counter() - tick:.0f} s)"
                 )
     finally:
-        with torch.no_grad():
-            for name, buffer in model.named_buffers():
-                buffer.copy_(before[name])
-    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
-    if changed:
-        raise RuntimeError(f"measuring changed the model's {', '.join(changed)}")
+        restore_buffers(model, before)
     return results
 
 
