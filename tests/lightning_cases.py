@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
@@ -48,3 +50,9 @@ class BatchRecorder(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def default_sigint() -> None:
+    """Ctrl-C's default action in a child process: a shell that starts a job in the background (``cmd &``) hands it
+    SIGINT ignored, and the child would inherit that; a user's terminal does not."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -13,7 +13,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning_cases import loader, quiet_trainer, random_meta_batch
+from lightning_cases import default_sigint, loader, quiet_trainer, random_meta_batch
 
 import lightning_hypergrad as lh
 
@@ -178,7 +178,9 @@ def test_an_interrupted_or_killed_run_leaves_its_checkpoints_and_wandb_run_intac
         "--trainer.enable_progress_bar=false",
     ]
     log = open(tmp_path / "output.log", "w")  # a file, not a pipe that could fill up and block the run
-    process = subprocess.Popen(command, cwd=tmp_path, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=ENV, stdout=log, stderr=subprocess.STDOUT, preexec_fn=default_sigint
+    )
     try:
         deadline = time.monotonic() + 240
         while not list(tmp_path.glob("lightning-hypergrad/*/checkpoints/*.ckpt")):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lightning_cases import default_sigint
 
 import lightning_hypergrad as lh
 from studies.table2 import (
@@ -412,7 +413,12 @@ def parallel_runner(tmp_path: Path) -> Any:
     command = [sys.executable, "-m", "studies.table2", *PARALLEL, "--out", str(out)]
     with log.open("w") as output:
         runner = subprocess.Popen(
-            command, cwd=REPOSITORY, env=os.environ | {"OMP_NUM_THREADS": "1"}, stdout=output, stderr=subprocess.STDOUT
+            command,
+            cwd=REPOSITORY,
+            env=os.environ | {"OMP_NUM_THREADS": "1"},
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            preexec_fn=default_sigint,  # as in a terminal, whatever the test runner was started with
         )
     children: list[int] = []
     try:
