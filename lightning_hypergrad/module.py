@@ -307,7 +307,7 @@ class BilevelModule(L.LightningModule):
             )
         stacked = self._stacked(tasks, estimator)
         if stacked is not None:
-            return self._meta_gradient_stacked(stacked, estimator)
+            return self._meta_gradient_stacked(tasks, stacked, estimator)
         alpha = self.hyperparameters()
         total = [torch.zeros_like(a) for a in alpha]
         sums: dict[str, Tensor] = {}
@@ -340,9 +340,10 @@ class BilevelModule(L.LightningModule):
             return None
         return self.stack_tasks(tasks)
 
-    def _meta_gradient_stacked(self, stacked: StackedTasks, estimator: HypergradEstimator) -> MetaGradient:
-        """:meth:`meta_gradient` for tasks stacked into one problem (``batch_tasks``)."""
-        tasks = [stacked.task({k: v[i] for k, v in stacked.tensors.items()}) for i in range(stacked.size)]
+    def _meta_gradient_stacked(
+        self, tasks: Sequence[Task], stacked: StackedTasks, estimator: HypergradEstimator
+    ) -> MetaGradient:
+        """:meth:`meta_gradient` for ``tasks``, stacked into one problem as ``stacked`` (``batch_tasks``)."""
         cache: dict = {}
         features = None
         if self._uses_features():
@@ -379,7 +380,7 @@ class BilevelModule(L.LightningModule):
             metrics = torch.func.vmap(
                 lambda w, hh, tensors: self.task_metrics(w, hh, stacked.task(tensors)), in_dims=(0, h_dim, 0)
             )(result.params, h, stacked.tensors)
-        means = {"outer_loss": result.loss.detach() / n}
+        means = {"outer_loss": result.loss / n}
         means.update({k: _as_float(v).detach().to(self.device).mean() for k, v in metrics.items()})
         return MetaGradient(
             hypergrads=[g / n for g in result.hypergrads],

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import gc
 import os
 import statistics
 import sys
@@ -48,7 +47,6 @@ from studies.common import (
     machine_description,
     omniglot_root,
     quiet,
-    quiet_trainer,
     require_positive,
     write_json,
     write_text,
@@ -113,40 +111,6 @@ def canonical_specs(parser: argparse.ArgumentParser, names: Sequence[str]) -> li
 
 def tasks_label(batched: bool) -> str:
     return "batched" if batched else "one by one"
-
-
-def time_steps(
-    data: lh.FewShotDataModule, configs: list[tuple[str, int, bool]], args: argparse.Namespace, device: torch.device
-) -> tuple[dict[tuple[str, int, bool], list[float]], dict[tuple[str, int, bool], int | None]]:
-    """The timed steps of every configuration and its peak CUDA memory in bytes (``None`` on the CPU)."""
-    import lightning_hypergrad as lh
-    from lightning_hypergrad.callbacks import StepTimer
-
-    cuda = device.type == "cuda"
-    times: dict[tuple[str, int, bool], list[float]] = {config: [] for config in configs}
-    peaks: dict[tuple[str, int, bool], int | None] = {config: None for config in configs}
-    for round_ in range(args.rounds):
-        for config in configs:
-            name, steps, batched = config
-            gc.collect()
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(device)
-            torch.manual_seed(SEED)
-            model = lh.FewShotClassifier(estimator=name, inner_steps=steps, batch_tasks=batched)
-            timer = StepTimer()
-            trainer = quiet_trainer(
-                accelerator="gpu" if cuda else "cpu", max_steps=args.steps + 1, limit_val_batches=0, callbacks=[timer]
-            )
-            trainer.fit(model, data)
-            if cuda:
-                torch.cuda.synchronize(device)
-                peak = torch.cuda.max_memory_allocated(device)
-                peaks[config] = max(peak, peaks[config] or 0)
-            times[config] += timer.durations[1:]  # the first step warms up
-            log(f"round {round_ + 1}/{args.rounds}: {name}, T = {steps}, {tasks_label(batched)}: "
-                f"{statistics.median(timer.durations[1:]):.4f} s/step")  # fmt: skip
-            del model, trainer, timer
-    return times, peaks
 
 
 def step_rows(
@@ -293,7 +257,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             meta_batch_size=META_BATCH, train_batches=args.steps + 1, val_tasks=1,
         )  # fmt: skip
         data.setup("fit")
-        times, peaks = time_steps(data, configs, args, device)
+        from studies.lightning_step.step_time import time_configs
+
+        times, peaks = time_configs(data, configs, args.steps, args.rounds, device)
         steps = step_rows(configs, times, peaks)
         skipped = None
         comparison: list[dict[str, Any]] | None = None

@@ -148,24 +148,29 @@ def run(example: str, estimator: str, seed: int, extra: list[str] | None = None)
         "peak_hypergrad_bytes": peak_hypergrad_bytes(model, data),
         "skipped_steps": model.skipped_steps,
     }
+    return record | final_hyperparameters(model)
+
+
+def final_hyperparameters(model) -> dict:
+    """The learned hyperparameters at the end of a fit: learning rates (and momentum, when learned), weight decays."""
+    found = {}
     if hasattr(model, "learning_rates"):
-        record["final_lr"] = model.learning_rates().tolist()
+        found["final_lr"] = model.learning_rates().tolist()
+        if getattr(model, "learn_momentum", False):
+            found["final_momentum"] = float(torch.sigmoid(model.logit_momentum.detach()))
     if hasattr(model, "weight_decays"):
-        record["final_weight_decay"] = [float(d.mean()) for d in model.weight_decays()]
-    return record
+        found["final_weight_decay"] = [float(d.mean()) for d in model.weight_decays()]
+    return found
 
 
-def plain_grid_run(example: str, lr: float, seed: int, extra: list[str] | None = None) -> dict:
-    """One fixed learning rate with ``torch.optim.SGD``: the same network, data and number of inner steps."""
-    built = build(example, seed, ["--model.estimator", "fo", *(extra or [])])
-    model, data = built.model, built.datamodule
-    data.setup()
+def plain_sgd(model, data, total: int, **sgd) -> tuple[dict[str, dict[str, float]], float]:
+    """``total`` steps of ``torch.optim.SGD(**sgd)`` on the training cross-entropy alone, from ``model``'s initial
+    parameters: the final validation and test metrics (``{"val": {"loss", "acc"}, "test": ...}``) and the seconds
+    the training took."""
     task = data.task("train")
-    total = built.trainer.max_steps * model.inner_steps
-    momentum = built.config["model"]["init_args"]["momentum"]
     start = time.perf_counter()
     w = [p.clone().requires_grad_() for p in model.init_params(task)]
-    opt = torch.optim.SGD(w, lr=lr, momentum=momentum)
+    opt = torch.optim.SGD(w, **sgd)
     for _ in range(total):
         opt.zero_grad()
         F.cross_entropy(model.logits(w, task["x_train"]), task["y_train"]).backward()
@@ -180,6 +185,17 @@ def plain_grid_run(example: str, lr: float, seed: int, extra: list[str] | None =
                 "loss": float(F.cross_entropy(logits, t["y_val"])),
                 "acc": float((logits.argmax(-1) == t["y_val"]).float().mean()),
             }
+    return out, wall
+
+
+def plain_grid_run(example: str, lr: float, seed: int, extra: list[str] | None = None) -> dict:
+    """One fixed learning rate with ``torch.optim.SGD``: the same network, data and number of inner steps."""
+    built = build(example, seed, ["--model.estimator", "fo", *(extra or [])])
+    model, data = built.model, built.datamodule
+    data.setup()
+    total = built.trainer.max_steps * model.inner_steps
+    momentum = built.config["model"]["init_args"]["momentum"]
+    out, wall = plain_sgd(model, data, total, lr=lr, momentum=momentum)
     return {
         "example": example,
         "estimator": None,

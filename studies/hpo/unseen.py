@@ -38,11 +38,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from lightning_hypergrad.callbacks import StepTimer
 from studies.common import machine_description, quiet, write_json, write_text
-from studies.hpo.comparison import GRID, build, evaluate, plain_grid_run, shipped
+from studies.hpo.comparison import GRID, build, evaluate, final_hyperparameters, plain_grid_run, plain_sgd, shipped
 
 EXAMPLES = ("lr_schedule", "weight_decay", "hypercleaning")
 SEEDS = tuple(range(10, 20))
@@ -104,13 +103,7 @@ def fit(example: str, seed: int, variant: str, extra: Sequence[str] = ()) -> dic
         "seconds_per_step": statistics.median(timer.durations[1:]) if len(timer.durations) > 1 else None,
         "skipped_steps": model.skipped_steps,
     }
-    if hasattr(model, "learning_rates"):
-        record["final_lr"] = model.learning_rates().tolist()
-        if model.learn_momentum:
-            record["final_momentum"] = float(torch.sigmoid(model.logit_momentum.detach()))
-    if hasattr(model, "weight_decays"):
-        record["final_weight_decay"] = [float(d.mean()) for d in model.weight_decays()]
-    return record
+    return record | final_hyperparameters(model)
 
 
 def plain_no_decay(seed: int, steps: Sequence[str]) -> dict:
@@ -118,27 +111,11 @@ def plain_no_decay(seed: int, steps: Sequence[str]) -> dict:
     built = build("weight_decay", seed, ["--model.estimator", "fo", *steps])
     model, data = built.model, built.datamodule
     data.setup()
-    task = data.task("train")
     inner = model.inner_optimizer
     total = built.trainer.max_steps * model.inner_steps
-    start = time.perf_counter()
-    w = [p.clone().requires_grad_() for p in model.init_params(task)]
-    opt = torch.optim.SGD(w, lr=inner.lr, momentum=inner.momentum, dampening=inner.dampening, nesterov=inner.nesterov)
-    for _ in range(total):
-        opt.zero_grad()
-        F.cross_entropy(model.logits(w, task["x_train"]), task["y_train"]).backward()
-        opt.step()
-    wall = time.perf_counter() - start
-    record = {"example": "weight_decay", "seed": seed, "variant": "plain_no_decay", "fit_seconds": wall}
-    for stage in ("val", "test"):
-        t = data.task(stage)
-        with torch.no_grad():
-            logits = model.logits(w, t["x_val"])
-        record[stage] = {
-            "loss": float(F.cross_entropy(logits, t["y_val"])),
-            "acc": float((logits.argmax(-1) == t["y_val"]).float().mean()),
-        }
-    return record
+    sgd = dict(lr=inner.lr, momentum=inner.momentum, dampening=inner.dampening, nesterov=inner.nesterov)
+    out, wall = plain_sgd(model, data, total, **sgd)
+    return {"example": "weight_decay", "seed": seed, "variant": "plain_no_decay", "fit_seconds": wall} | out
 
 
 def measure(args: argparse.Namespace) -> list[dict]:

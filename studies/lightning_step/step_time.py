@@ -16,6 +16,7 @@ T = 10, inner SGD 0.1 with momentum 0.9, a 3 x 32 conv backbone.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ import torch
 
 import lightning_hypergrad as lh
 from lightning_hypergrad.callbacks import StepTimer
-from studies.common import machine_description, omniglot_root, quiet, quiet_trainer, require_positive
+from studies.common import log, machine_description, omniglot_root, quiet, quiet_trainer, require_positive
 
 
 def spec(text: str) -> str:
@@ -33,6 +34,46 @@ def spec(text: str) -> str:
         return str(lh.get_estimator(text))
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+Config = tuple[str, int, bool]
+"""A timed configuration: ``(estimator spec, T, tasks batched)``."""
+
+
+def time_configs(
+    data: lh.FewShotDataModule,
+    configs: Sequence[Config],
+    steps: int,
+    rounds: int,
+    device: torch.device | None = None,
+) -> tuple[dict[Config, list[float]], dict[Config, int | None]]:
+    """Train a fresh ``FewShotClassifier`` (same seed) per configuration for ``steps + 1`` steps, in ``rounds``
+    interleaved rounds: the timed steps of each (the first of each fit excluded) and its peak CUDA memory in bytes
+    (``None`` off CUDA)."""
+    cuda = device is not None and device.type == "cuda"
+    times: dict[Config, list[float]] = {config: [] for config in configs}
+    peaks: dict[Config, int | None] = {config: None for config in configs}
+    for round_ in range(rounds):
+        for config in configs:
+            name, inner_steps, batched = config
+            gc.collect()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            torch.manual_seed(0)
+            model = lh.FewShotClassifier(estimator=name, inner_steps=inner_steps, batch_tasks=batched)
+            timer = StepTimer()
+            trainer = quiet_trainer(
+                accelerator="gpu" if cuda else "cpu", max_steps=steps + 1, limit_val_batches=0, callbacks=[timer]
+            )
+            trainer.fit(model, data)
+            if cuda:
+                torch.cuda.synchronize(device)
+                peaks[config] = max(torch.cuda.max_memory_allocated(device), peaks[config] or 0)
+            times[config] += timer.durations[1:]  # the first step warms up
+            log(f"round {round_ + 1}/{rounds}: {name}, T = {inner_steps}, {'batched' if batched else 'one by one'}: "
+                f"{statistics.median(timer.durations[1:]):.4f} s/step")  # fmt: skip
+            del model, trainer, timer
+    return times, peaks
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -64,21 +105,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     estimators = list(dict.fromkeys(args.estimators))
     modes = {"batched": [True], "one-by-one": [False], "both": [True, False]}[args.tasks]
     configs = [(name, t, batched) for t in dict.fromkeys(args.inner_steps) for batched in modes for name in estimators]
-    times: dict[tuple[str, int, bool], list[float]] = {config: [] for config in configs}
     with quiet():
         data = lh.FewShotDataModule(
             dataset=dataset, root=root if dataset == "omniglot" else None, ways=5, shots=shots, queries=shots,
             meta_batch_size=10, train_batches=args.steps + 1, val_tasks=1,
         )  # fmt: skip
         data.setup("fit")
-        for _ in range(args.rounds):
-            for name, steps, batched in configs:
-                torch.manual_seed(0)
-                model = lh.FewShotClassifier(estimator=name, inner_steps=steps, batch_tasks=batched)
-                timer = StepTimer()
-                trainer = quiet_trainer(max_steps=args.steps + 1, limit_val_batches=0, callbacks=[timer])
-                trainer.fit(model, data)
-                times[(name, steps, batched)] += timer.durations[1:]  # the first step warms up
+        times, _ = time_configs(data, configs, args.steps, args.rounds)
     medians = {config: statistics.median(seconds) for config, seconds in times.items()}
     print(f"\n{dataset}, 5-way {shots}-shot, meta-batch 10; {machine_description()}; "
           f"median of {args.rounds} x {args.steps} steps\n")  # fmt: skip
