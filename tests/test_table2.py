@@ -498,3 +498,37 @@ def test_paired_differences_to_fo_by_seed_with_students_interval(tmp_path: Path)
     markdown = (tmp_path / "table2.md").read_text(encoding="utf-8")
     assert "(c) paired difference to fo" in markdown and "(c) paired difference to t1t2" in markdown
     assert (tmp_path / "table2_vs_fo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cost_is_the_median_of_each_runs_median_step_and_its_ratio_to_fo(tmp_path: Path) -> None:
+    """A paused run (mean step 8 s, median 0.52 s) must not move the cost; ratios to FO are per setting."""
+    steps = {  # (ways, method): per seed (mean, median) step time
+        (5, "fo"): [(0.50, 0.50), (0.70, 0.60), (0.40, 0.40)],
+        (5, "greedy(0.5)"): [(0.55, 0.54), (8.30, 0.52), (0.66, 0.66)],
+        (10, "fo"): [(1.00, 1.00), (1.20, 1.10)],
+        (10, "greedy(0.5)"): [(1.50, 1.40), (1.70, 1.60)],
+    }
+    (tmp_path / "runs").mkdir()
+    for (ways, method), times in steps.items():
+        for seed, (mean, median) in enumerate(times):
+            record = make_record(ways, method, seed, 0.5, 0.5) | {
+                "seconds_per_step": mean,
+                "seconds_per_step_median": median,
+            }
+            if (ways, method, seed) == (10, "fo", 1):
+                del record["seconds_per_step_median"]  # older records have the mean only: it is used
+            (tmp_path / "runs" / record_name("omniglot", ways, method, seed)).write_text(json.dumps(record))
+    assert report(tmp_path) == 0
+    markdown = (tmp_path / "table2.md").read_text(encoding="utf-8")
+    cost = markdown.split("(d) cost")[1].split("Total compute")[0]
+    # 5-way: fo median of (0.50, 0.60, 0.40) = 0.50; greedy median of (0.54, 0.52, 0.66) = 0.54 -> 1.08x
+    # 10-way: fo median of (1.00, 1.20) = 1.10; greedy median of (1.40, 1.60) = 1.50 -> 1.36x
+    assert "| fo | n/a | n/a | 0.500 (n=3), 1.00x fo | 1.100 (n=2), 1.00x fo |" in cost
+    assert "| greedy(0.5) | n/a | n/a | 0.540 (n=3), 1.08x fo | 1.500 (n=2), 1.36x fo |" in cost
+    # the tables' s/step column: the median over all of the row's runs (both settings)
+    assert "| greedy(0.5) | 10 | 0.660 |" in markdown  # median of 0.54, 0.52, 0.66, 1.40, 1.60
+    assert "| fo | 0 | 0.600 |" in markdown  # median of 0.50, 0.60, 0.40, 1.00, 1.20
+    with (tmp_path / "table2.csv").open(newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["method"] == "greedy(0.5)" and r["protocol"] == "clean"]
+    assert {int(r["ways"]): r["seconds_per_step"] for r in rows} == {3: "", 4: "", 5: "0.54", 10: "1.5"}
+    assert "step_times" not in rows[0]

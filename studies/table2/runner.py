@@ -889,6 +889,8 @@ class Entry:
     ci95: float | None
     n: int
     seconds_per_step: float | None
+    step_times: tuple[float, ...] = ()
+    """Each run's median training step time (the cell's ``seconds_per_step`` is their median); not in the CSV."""
 
     def text(self) -> str:
         """The markdown cell: ``mean ± ci95 (n=...)``, ``mean (n=1)`` or ``n/a``."""
@@ -947,9 +949,14 @@ def choose_gammas(records: Sequence[dict[str, Any]]) -> dict[tuple[str, int], fl
     return chosen
 
 
-def _mean_or_none(values: Sequence[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.fmean(present) if present else None
+def run_step_time(record: dict[str, Any]) -> float | None:
+    """A run's training step time: the median over its steps (robust to a pause), else the recorded mean."""
+    median = record.get("seconds_per_step_median")
+    return median if _is_number(median) else record.get("seconds_per_step")
+
+
+def _step_times(runs: Sequence[dict[str, Any]]) -> tuple[float, ...]:
+    return tuple(t for t in (run_step_time(r) for r in runs) if t is not None)
 
 
 def _row_jvps(method: str, runs: Sequence[dict[str, Any]]) -> int | None:
@@ -992,6 +999,7 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[Entry]:
                         key = (dataset, ways, greedy[row_gamma]) if row_gamma is not None else key
                     runs = groups.get(key, []) if key[2] != CHOSEN else []
                     mean, ci95 = mean_ci95([100 * r[field] for r in runs])
+                    times = _step_times(runs)
                     entries.append(
                         Entry(
                             dataset=dataset,
@@ -1005,7 +1013,8 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[Entry]:
                             mean=mean,
                             ci95=ci95,
                             n=len(runs),
-                            seconds_per_step=_mean_or_none([r.get("seconds_per_step") for r in runs]),
+                            seconds_per_step=statistics.median(times) if times else None,
+                            step_times=times,
                         )
                     )
     return entries
@@ -1119,12 +1128,29 @@ def _markdown_table(entries: Sequence[Entry], ways_shown: Sequence[int], rows: S
     for name in rows:
         cells = {e.ways: e for e in entries if e.method == name}
         first = next(iter(cells.values()))
-        timed = [e for e in cells.values() if e.seconds_per_step is not None and e.n]
-        runs = sum(e.n for e in timed)
-        sps = f"{sum(e.seconds_per_step * e.n for e in timed) / runs:.3f}" if runs else "n/a"
+        times = [t for e in cells.values() for t in e.step_times]
+        sps = f"{statistics.median(times):.3f}" if times else "n/a"
         texts = [cells[w].text() if w in cells else "n/a" for w in ways_shown]
         count = "n/a" if first.jvps is None else first.jvps
         lines.append(f"| {first.label} | {count} | {sps} | " + " | ".join(texts) + " |")
+    return lines
+
+
+def _cost_table(entries: Sequence[Entry], ways_shown: Sequence[int], rows: Sequence[str]) -> list[str]:
+    """Per setting: each row's median step time over its runs (n) and its ratio to FO's in the same setting."""
+    lines = ["| method | " + " | ".join(f"{w}-way" for w in ways_shown) + " |", "|---|" + "---:|" * len(ways_shown)]
+    fo = {e.ways: e.seconds_per_step for e in entries if e.method == "fo"}
+    for name in rows:
+        cells = {e.ways: e for e in entries if e.method == name}
+        texts = []
+        for w in ways_shown:
+            cell = cells.get(w)
+            if cell is None or cell.seconds_per_step is None:
+                texts.append("n/a")
+                continue
+            ratio = f", {cell.seconds_per_step / fo[w]:.2f}x fo" if fo.get(w) else ""
+            texts.append(f"{cell.seconds_per_step:.3f} (n={len(cell.step_times)}){ratio}")
+        lines.append(f"| {next(iter(cells.values())).label} | " + " | ".join(texts) + " |")
     return lines
 
 
@@ -1195,8 +1221,8 @@ def render_markdown(records: Sequence[dict[str, Any]], entries: Sequence[Entry])
             *_model_text(mine),
             "",
             "Cells: accuracy in percent, mean ± 1.96 · std / √n over n seeds (sample std; one seed: no interval). "
-            "s/step: mean training step time over the row's runs. γ is chosen per setting by the best mean "
-            "meta-validation accuracy over seeds.",
+            "s/step: training step time, the median over the row's runs of each run's median step (per setting: "
+            "(d) below). γ is chosen per setting by the best mean meta-validation accuracy over seeds.",
             "",
             "γ chosen: "
             + (", ".join(f"{w}-way {chosen[(dataset, w)]:g}" for w in ways_shown if (dataset, w) in chosen) or "n/a"),
@@ -1219,7 +1245,19 @@ def render_markdown(records: Sequence[dict[str, Any]], entries: Sequence[Entry])
                 *_paired_table(differences, ways_shown),
                 "",
             ]
-        lines += [f"Total compute: {_format_duration(compute)} ({compute / 3600:.2f} h), runs' wall time summed.", ""]
+        clean = [e for e in entries if e.dataset == dataset and e.protocol == "clean"]
+        lines += [
+            "### (d) cost: seconds per training step",
+            "",
+            "Cells: the median over the runs of each run's median step time (one outer step: the meta-batch's inner "
+            "loops and hypergradients), n runs, and its ratio to fo's in the same setting. Measured in the runs "
+            "above, so only as comparable as the conditions they ran under (other jobs on the cores inflate them).",
+            "",
+            *_cost_table(clean, ways_shown, rows),
+            "",
+            f"Total compute: {_format_duration(compute)} ({compute / 3600:.2f} h), runs' wall time summed.",
+            "",
+        ]
     lines += [
         "## The paper's Table 2 (CIFAR-100, not this dataset)",
         "",
@@ -1235,13 +1273,13 @@ def render_markdown(records: Sequence[dict[str, Any]], entries: Sequence[Entry])
 
 def write_csv(path: Path, entries: Sequence[Entry]) -> None:
     """``table2.csv``: one row per dataset x protocol x method x setting."""
-    fields = list(Entry.__dataclass_fields__)
+    fields = [name for name in Entry.__dataclass_fields__ if name != "step_times"]
     with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for entry in entries:
             row = asdict(entry)
-            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+            writer.writerow({k: "" if row[k] is None else row[k] for k in fields})
 
 
 def plot(path: Path, entries: Sequence[Entry]) -> None:
