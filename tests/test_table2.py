@@ -26,6 +26,7 @@ from studies.table2 import (
     canonical,
     choose_gammas,
     default_methods,
+    gamma_of,
     jvps,
     main,
     mean_ci95,
@@ -248,8 +249,9 @@ def test_gamma_ties_and_statistics() -> None:
 def test_method_names() -> None:
     assert canonical("greedy(0.99)") == canonical("Greedy(0.990)") == str(lh.Greedy(0.99)) == "greedy(0.99)"
     assert canonical("greedy(0.999)") == "greedy(0.999)" and canonical("greedy(.9)") == "greedy(0.9)"
-    estimators = [lh.get_estimator(n) for n in ("fo", "t1t2", NEUMANN, "greedy(0.9)")]
-    assert [jvps(e, 10) for e in estimators] == [0, 1, 11, 10]
+    names = ("fo", "t1t2", NEUMANN, "greedy(0.9)", "greedy_tail(0.9, 5)", "momentum_greedy(0.9)", "rmd")
+    assert [jvps(lh.get_estimator(n), 10) for n in names] == [0, 1, 11, 10, 10, 10, 10]
+    assert gamma_of("greedy_tail(0.9, 5)") is None and gamma_of("momentum_greedy(0.9)") is None  # rows of their own
     assert canonical("neumann(10,scale=0.1)") == NEUMANN and canonical("T1T2") == "t1t2"
     assert record_name("omniglot", 3, NEUMANN, 0) == "omniglot-3way-neumann(10,scale=0.1)-seed0.json"
     for bad in ("greedy0.99", "greedy_0.99", "greedy(1.5)", "greedy(0)", "ift"):  # the old forms are gone

@@ -63,7 +63,9 @@ from lightning_hypergrad.estimators import (
     T1T2,
     ConjugateGradient,
     Greedy,
+    GreedyTail,
     HypergradEstimator,
+    MomentumGreedy,
     Neumann,
     TruncatedRMD,
     get_estimator,
@@ -258,7 +260,7 @@ def jvps(estimator: HypergradEstimator, inner_steps: int | None) -> int | None:
         return 0
     if isinstance(estimator, T1T2):
         return 1
-    if isinstance(estimator, (Greedy, RMD)):
+    if isinstance(estimator, (Greedy, RMD, MomentumGreedy, GreedyTail)):  # one product per inner step
         return inner_steps
     if isinstance(estimator, TruncatedRMD):
         return estimator.truncate if inner_steps is None else min(estimator.truncate, inner_steps)
