@@ -1346,7 +1346,8 @@ def plot_differences(path: Path, records: Sequence[dict[str, Any]], reference: s
     if not panels:
         return False
     methods = list(dict.fromkeys(d.method for d in differences))
-    figure = Figure(figsize=(4.2 * len(panels), 0.45 * len(methods) + 1.6), layout="constrained")
+    # wide enough for the title and the method names when there is a single panel
+    figure = Figure(figsize=(max(4.2 * len(panels), 7.5), 0.45 * len(methods) + 1.8), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(panels), squeeze=False, sharey=True)[0]
     for ax, (dataset, ways) in zip(axes, panels):
@@ -1380,7 +1381,7 @@ def plot_differences(path: Path, records: Sequence[dict[str, Any]], reference: s
         ax.set_title(f"{dataset} {ways}-way (n = {', '.join(map(str, n))} seeds)", fontsize=9)
         ax.set_xlabel("points")
     figure.suptitle(
-        f"Meta-test accuracy minus {reference}'s, paired by seed, with its 95% interval "
+        f"Meta-test accuracy minus {reference}'s, paired by seed, with its 95% interval\n"
         "(green: better, red: worse beyond the interval)",
         fontsize=10,
     )
