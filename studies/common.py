@@ -421,3 +421,8 @@ def require_positive(parser: Any, args: Any, *names: str) -> None:
         smallest = min(value) if isinstance(value, (list, tuple)) else value
         if smallest is not None and smallest < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {smallest}")
+
+
+def tasks_label(batched: bool) -> str:
+    """How a meta-batch's tasks ran, as the step-time tables and logs name it."""
+    return "batched" if batched else "one by one"

@@ -48,6 +48,7 @@ from studies.common import (
     omniglot_root,
     quiet,
     require_positive,
+    tasks_label,
     write_json,
     write_text,
 )
@@ -107,10 +108,6 @@ def canonical_specs(parser: argparse.ArgumentParser, names: Sequence[str]) -> li
 
 
 # ------------------------------------------------------------------------------------------------ 1-2: the steps
-
-
-def tasks_label(batched: bool) -> str:
-    return "batched" if batched else "one by one"
 
 
 def step_rows(

@@ -25,7 +25,15 @@ import torch
 
 import lightning_hypergrad as lh
 from lightning_hypergrad.callbacks import StepTimer
-from studies.common import log, machine_description, omniglot_root, quiet, quiet_trainer, require_positive
+from studies.common import (
+    log,
+    machine_description,
+    omniglot_root,
+    quiet,
+    quiet_trainer,
+    require_positive,
+    tasks_label,
+)
 
 
 def spec(text: str) -> str:
@@ -70,7 +78,7 @@ def time_configs(
                 torch.cuda.synchronize(device)
                 peaks[config] = max(torch.cuda.max_memory_allocated(device), peaks[config] or 0)
             times[config] += timer.durations[1:]  # the first step warms up
-            log(f"round {round_ + 1}/{rounds}: {name}, T = {inner_steps}, {'batched' if batched else 'one by one'}: "
+            log(f"round {round_ + 1}/{rounds}: {name}, T = {inner_steps}, {tasks_label(batched)}: "
                 f"{statistics.median(timer.durations[1:]):.4f} s/step")  # fmt: skip
             del model, trainer, timer
     return times, peaks
@@ -120,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     print("|---|---:|---|---:|---:|" + ("---:|" if both else ""))
     for (name, steps, batched), median in medians.items():
         fo = medians.get(("fo", steps, batched))
-        row = f"| {name} | {steps} | {'batched' if batched else 'one by one'} | {median:.4f} | "
+        row = f"| {name} | {steps} | {tasks_label(batched)} | {median:.4f} | "
         row += f"{median / fo:.2f} |" if fo else " |"
         if both:
             row += f" {medians[(name, steps, False)] / medians[(name, steps, True)]:.2f} |" if batched else " |"
