@@ -22,7 +22,7 @@ import lightning_hypergrad as lh
 from studies.common import atomic_path, quiet_trainer, quiet_trainer_args, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDIES = ("table2", "cost", "quality", "hpo", "ddp", "lightning_step")
+STUDIES = ("table2", "cost", "quality", "hpo", "ddp", "lightning_step", "trace")
 
 
 def results_snapshot() -> dict[str, tuple[int, int]]:
@@ -209,3 +209,31 @@ def test_lightning_step(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureF
                "--estimators", "fo", "Greedy(0.99)", "--inner-steps", "2", "--tasks", "both")  # fmt: skip
     printed = capsys.readouterr().out
     assert "| fo | 2 | batched |" in printed and "| greedy(0.99) | 2 | one by one |" in printed and "digits" in printed
+
+
+TRACE_TINY = ["--dataset", "digits", "--shots", "2", "--queries", "2", "--meta-batch", "2", "--eval-tasks", "4"]
+
+
+def test_trace_run_records_every_step_and_applies_its_changes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    run_module(monkeypatch, "trace", "run", *TRACE_TINY, "--steps", "3", "--method", "neumann(10)", "--clip", "5",
+               "--freeze-last-norm", "--out", str(tmp_path))  # fmt: skip
+    run_module(monkeypatch, "trace", "run", *TRACE_TINY, "--steps", "3", "--method", "fo", "--out", str(tmp_path))
+    frozen = json.loads((tmp_path / "run-digits-3way-2shot-neumann(10)-seed0-3steps-clip5-frozen.json").read_text())
+    free = json.loads((tmp_path / "run-digits-3way-2shot-fo-seed0-3steps.json").read_text())
+    assert [row["step"] for row in frozen["trace"]] == [0, 1, 2] and 0.0 <= frozen["test_acc"] <= 1.0
+    assert all(row["hypergrad_norm"] <= 5.0 * (1 + 1e-5) for row in frozen["trace"])
+    # frozen: the last batch norm keeps its initial scale 1 and shift 0; trained by Adam, it moves at once
+    assert {(row["last_norm_scale"], row["last_norm_shift"]) for row in frozen["trace"]} == {(1.0, 0.0)}
+    assert free["trace"][0]["last_norm_scale"] != 1.0 and free["trace"][0]["adam_second_moment_max"] > 0
+
+
+def test_trace_init_compares_the_hypergradients(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    run_module(monkeypatch, "trace", "init", *TRACE_TINY, "--seeds", "2", "--methods", "t1t2", "--out", str(tmp_path))
+    record = json.loads((tmp_path / "init-digits-3way-2shot-2seeds.json").read_text())
+    assert sorted(record["seeds"]) == ["0", "1"]
+    for cells in record["seeds"].values():
+        assert sorted(cells) == ["fo", "rmd", "t1t2"]
+        assert cells["fo"]["cos_fo"] == pytest.approx(1.0) and cells["rmd"]["cos_rmd"] == pytest.approx(1.0)
+        assert cells["fo"]["correction_cos_fo"] == 0.0
+        assert cells["rmd"]["cos_fo"] == pytest.approx(cells["fo"]["cos_rmd"])
+        assert all(cell["norm"] > 0 for cell in cells.values())

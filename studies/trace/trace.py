@@ -1,0 +1,271 @@
+"""One Table 2 training run traced step by step, and the estimators' hypergradients compared at initialization.
+
+Built to find out why some estimators stall on Omniglot 10-shot (results.md, section 1): the same data, model and
+settings as :mod:`studies.table2` (read from ``configs/paper/<dataset>.yaml``), with one change at a time.
+
+- ``run``: trains one (setting, method, seed) and records, at every outer step, the hypergradient's norm, the
+  meta-batch's adapted query accuracy and loss, the mean scale and shift of the backbone's last batch norm and the
+  largest entry of Adam's second moment; then the meta-test accuracy. Changes: ``--clip`` (the hypergradient's
+  norm), ``--inner-weight-decay`` (the inner SGD's; pair it with ``"neumann(10, damping=...)"`` so that the series
+  inverts the regularized problem's Hessian) and ``--freeze-last-norm`` (the last batch norm's scale and shift are
+  no hyperparameters, so the features' scale cannot change).
+- ``init``: on the first meta-batch of each seed, at initialization, every method's hypergradient: its norm, its
+  cosine to FO's and to RMD's, and its correction to FO (the hypergradient minus FO's) as a cosine to FO.
+
+Records go to ``studies/trace/results/`` (``--out``), one JSON file per command, named by its settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from lightning_hypergrad import SGD, FewShotClassifier, get_estimator
+from studies.common import quiet, quiet_trainer, write_json
+from studies.table2.runner import (
+    CachedFewShotDataModule,
+    PaperSettings,
+    default_config,
+    file_stem,
+    resolve_root,
+)
+
+OUT = "studies/trace/results"
+
+
+def _last_norm(model: FewShotClassifier) -> nn.BatchNorm2d:
+    return [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)][-1]
+
+
+class Trace(L.Callback):
+    """Records every outer step (see the module's docstring); freezes the last batch norm if asked."""
+
+    def __init__(self, freeze_last_norm: bool) -> None:
+        self.freeze_last_norm = freeze_last_norm
+        self.steps: list[dict[str, float]] = []
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: FewShotClassifier) -> None:
+        if self.freeze_last_norm:  # no .grad reaches them: Adam leaves them as they are
+            for p in _last_norm(pl_module).parameters():
+                p.requires_grad_(False)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        hypergrad = outputs["hypergrad"]
+        metrics = trainer.callback_metrics
+        optimizer = trainer.optimizers[0]
+        second = [optimizer.state[p]["exp_avg_sq"] for p in pl_module.hyperparameters() if p in optimizer.state]
+        norm = _last_norm(pl_module)
+        self.steps.append(
+            {
+                "step": batch_idx,
+                "hypergrad_norm": float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in hypergrad]))),
+                "query_acc": float(metrics["train/acc"]),
+                "outer_loss": float(metrics["train/outer_loss"]),
+                "last_norm_scale": float(norm.weight.detach().mean()),
+                "last_norm_shift": float(norm.bias.detach().mean()),
+                "adam_second_moment_max": max((float(v.max()) for v in second), default=0.0),
+            }
+        )
+
+
+def _setup(args: argparse.Namespace, seed: int, steps: int) -> tuple[PaperSettings, CachedFewShotDataModule]:
+    paper = PaperSettings.from_config(default_config(args.dataset))
+    L.seed_everything(seed, verbose=False)
+    data = CachedFewShotDataModule(
+        dataset=args.dataset,
+        root=resolve_root(args.dataset, args.root, paper),
+        ways=args.ways,
+        shots=args.shots,
+        queries=args.queries,
+        meta_batch_size=args.meta_batch,
+        train_batches=steps,
+        val_tasks=args.eval_tasks,
+        test_tasks=args.eval_tasks,
+        split_seed=0,
+        seed=seed,
+    )
+    return paper, data
+
+
+def _model(args: argparse.Namespace, paper: PaperSettings, data, method: str, **kwargs: Any) -> FewShotClassifier:
+    return FewShotClassifier(
+        ways=args.ways,
+        image_shape=data.image_shape,
+        depth=paper.depth,
+        width=paper.width,
+        estimator=get_estimator(method),
+        inner_steps=paper.inner_steps,
+        meta_batch_size=args.meta_batch,
+        outer_lr=paper.outer_lr,
+        **kwargs,
+    )
+
+
+def _setting_name(args: argparse.Namespace) -> str:
+    return f"{args.dataset}-{args.ways}way-{args.shots}shot"
+
+
+def command_run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    changes = []
+    if args.clip is not None:
+        changes.append(f"clip{args.clip:g}")
+    if args.inner_weight_decay:
+        changes.append(f"wd{args.inner_weight_decay:g}")
+    if args.freeze_last_norm:
+        changes.append("frozen")
+    trace = Trace(args.freeze_last_norm)
+    with quiet():
+        paper, data = _setup(args, args.seed, args.steps)
+        inner = paper.optimizer()
+        if args.inner_weight_decay:
+            settings = dict(paper.inner_optimizer[1])
+            inner = SGD(lr=settings["lr"], momentum=settings.get("momentum", 0.0), weight_decay=args.inner_weight_decay)
+        model = _model(args, paper, data, args.method, inner_optimizer=inner, gradient_clip_val=args.clip)
+        fit = quiet_trainer(
+            max_epochs=1, max_steps=args.steps, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[trace]
+        )
+        fit.fit(model, datamodule=data)
+        test = quiet_trainer().test(model, datamodule=data, verbose=False)[0]
+    record = {
+        "dataset": args.dataset,
+        "ways": args.ways,
+        "shots": args.shots,
+        "queries": args.queries,
+        "method": str(model.estimator),
+        "seed": args.seed,
+        "steps": args.steps,
+        "meta_batch": args.meta_batch,
+        "eval_tasks": args.eval_tasks,
+        "clip": args.clip,
+        "inner_weight_decay": args.inner_weight_decay,
+        "freeze_last_norm": args.freeze_last_norm,
+        "test_acc": float(test["test/acc"]),
+        "test_ci95": float(test["test/acc_ci95"]),
+        "trace": trace.steps,
+    }
+    name = "-".join([_setting_name(args), file_stem(args.method), f"seed{args.seed}", f"{args.steps}steps", *changes])
+    write_json(Path(args.out) / f"run-{name}.json", record)
+    for row in trace.steps[:: max(1, len(trace.steps) // 10)]:
+        print(
+            f"step {row['step']:4d}: |hypergrad| {row['hypergrad_norm']:9.3f}  query acc {row['query_acc']:.3f}  "
+            f"outer loss {row['outer_loss']:7.3f}  last norm scale {row['last_norm_scale']:.4f} "
+            f"shift {row['last_norm_shift']:+.4f}  Adam v max {row['adam_second_moment_max']:.3g}"
+        )
+    norms = [row["hypergrad_norm"] for row in trace.steps]
+    print(
+        f"{record['method']} {' '.join(changes) or '(no change)'}: meta-test {100 * record['test_acc']:.2f}% on "
+        f"{args.eval_tasks} tasks; |hypergrad| median {statistics.median(norms):.3g}, max {max(norms):.3g}"
+    )
+    return record
+
+
+def _cosine(a: Tensor, b: Tensor) -> float:
+    denominator = float(a.norm() * b.norm())
+    return float(a @ b) / denominator if denominator > 0 else 0.0
+
+
+def command_init(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    methods = list(dict.fromkeys(["fo", "rmd", *args.methods]))
+    seeds: dict[str, Any] = {}
+    for seed in range(args.seeds):
+        with quiet():
+            paper, data = _setup(args, seed, 1)
+            model = _model(args, paper, data, "fo", inner_optimizer=paper.optimizer())
+            data.setup("fit")
+            tasks = model.split_tasks(next(iter(data.train_dataloader())))
+            flat = {}
+            for method in methods:
+                grads = model.meta_gradient(tasks, get_estimator(method)).hypergrads
+                flat[str(get_estimator(method))] = torch.cat([g.flatten() for g in grads])
+        fo, rmd = flat["fo"], flat["rmd"]
+        seeds[str(seed)] = {
+            name: {
+                "norm": float(g.norm()),
+                "cos_fo": _cosine(g, fo),
+                "cos_rmd": _cosine(g, rmd),
+                "correction_cos_fo": _cosine(g - fo, fo),
+            }
+            for name, g in flat.items()
+        }
+    record = {
+        "dataset": args.dataset,
+        "ways": args.ways,
+        "shots": args.shots,
+        "queries": args.queries,
+        "meta_batch": args.meta_batch,
+        "seeds": seeds,
+    }
+    write_json(Path(args.out) / f"init-{_setting_name(args)}-{args.seeds}seeds.json", record)
+    print("method: norm / cosine to FO / cosine to RMD / correction's cosine to FO, seed by seed")
+    for name in seeds["0"]:
+        cells = [seeds[s][name] for s in seeds]
+        texts = [
+            f"{c['norm']:.1f} / {c['cos_fo']:+.2f} / {c['cos_rmd']:+.2f} / {c['correction_cos_fo']:+.2f}" for c in cells
+        ]
+        print(f"{name:24s} " + "  ".join(texts))
+    return record
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m studies.trace", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="train one (setting, method, seed) and record every step")
+    init = commands.add_parser("init", help="compare the estimators' hypergradients at initialization")
+    for sub in (run, init):
+        sub.add_argument("--dataset", default="omniglot", help="omniglot, cifar100 or digits (default omniglot)")
+        sub.add_argument("--root", default=None, help="the data folder (default: as studies.table2 finds it)")
+        sub.add_argument("--ways", type=_positive_int, default=3)
+        sub.add_argument("--shots", type=_positive_int, default=10)
+        sub.add_argument("--queries", type=_positive_int, default=10)
+        sub.add_argument("--meta-batch", type=_positive_int, default=10)
+        sub.add_argument("--eval-tasks", type=_positive_int, default=100)
+        sub.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
+        sub.add_argument("--out", default=OUT, help=f"where the record goes (default {OUT})")
+    run.add_argument("--method", default="neumann(10)", help='an estimator spec string (default "neumann(10)")')
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--steps", type=_positive_int, default=100, help="outer steps (default 100)")
+    run.add_argument("--clip", type=_positive_float, default=None, help="clip the hypergradient's norm at this value")
+    run.add_argument("--inner-weight-decay", type=_positive_float, default=None, help="the inner SGD's weight decay")
+    run.add_argument("--freeze-last-norm", action="store_true", help="the last batch norm's affine stays fixed")
+    init.add_argument("--seeds", type=_positive_int, default=3, help="seeds 0..N-1, one meta-batch each (default 3)")
+    init.add_argument("--methods", nargs="+", default=["t1t2", "greedy(0.5)", "greedy(0.99)", "neumann(10)"])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        for method in [args.method] if args.command == "run" else args.methods:
+            get_estimator(method)
+    except ValueError as error:
+        print(f"python -m studies.trace: {error}", file=sys.stderr)
+        return 2
+    if args.command == "run":
+        command_run(args)
+    else:
+        command_init(args)
+    return 0
