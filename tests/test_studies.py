@@ -217,9 +217,11 @@ TRACE_TINY = ["--dataset", "digits", "--shots", "2", "--queries", "2", "--meta-b
 def test_trace_run_records_every_step_and_applies_its_changes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     run_module(monkeypatch, "trace", "run", *TRACE_TINY, "--steps", "3", "--method", "neumann(10)", "--clip", "5",
                "--freeze-last-norm", "--out", str(tmp_path))  # fmt: skip
-    run_module(monkeypatch, "trace", "run", *TRACE_TINY, "--steps", "3", "--method", "fo", "--out", str(tmp_path))
+    run_module(monkeypatch, "trace", "run", *TRACE_TINY, "--steps", "3", "--method", "fo", "--precision", "64",
+               "--out", str(tmp_path))  # fmt: skip
     frozen = json.loads((tmp_path / "run-digits-3way-2shot-neumann(10)-seed0-3steps-clip5-frozen.json").read_text())
-    free = json.loads((tmp_path / "run-digits-3way-2shot-fo-seed0-3steps.json").read_text())
+    free = json.loads((tmp_path / "run-digits-3way-2shot-fo-seed0-3steps-float64.json").read_text())
+    assert (frozen["dtype"], free["dtype"]) == ("float32", "float64")
     assert [row["step"] for row in frozen["trace"]] == [0, 1, 2] and 0.0 <= frozen["test_acc"] <= 1.0
     assert all(row["hypergrad_norm"] <= 5.0 * (1 + 1e-5) for row in frozen["trace"])
     # frozen: the last batch norm keeps its initial scale 1 and shift 0; trained by Adam, it moves at once

@@ -122,6 +122,9 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
         changes.append(f"wd{args.inner_weight_decay:g}")
     if args.freeze_last_norm:
         changes.append("frozen")
+    if args.precision == 64:
+        changes.append("float64")
+    precision = {32: "32-true", 64: "64-true"}[args.precision]
     trace = Trace(args.freeze_last_norm)
     with quiet():
         paper, data = _setup(args, args.seed, args.steps)
@@ -131,10 +134,15 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
             inner = SGD(lr=settings["lr"], momentum=settings.get("momentum", 0.0), weight_decay=args.inner_weight_decay)
         model = _model(args, paper, data, args.method, inner_optimizer=inner, gradient_clip_val=args.clip)
         fit = quiet_trainer(
-            max_epochs=1, max_steps=args.steps, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[trace]
+            max_epochs=1,
+            max_steps=args.steps,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            callbacks=[trace],
+            precision=precision,
         )
         fit.fit(model, datamodule=data)
-        test = quiet_trainer().test(model, datamodule=data, verbose=False)[0]
+        test = quiet_trainer(precision=precision).test(model, datamodule=data, verbose=False)[0]
     record = {
         "dataset": args.dataset,
         "ways": args.ways,
@@ -148,6 +156,8 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
         "clip": args.clip,
         "inner_weight_decay": args.inner_weight_decay,
         "freeze_last_norm": args.freeze_last_norm,
+        "precision": args.precision,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "test_acc": float(test["test/acc"]),
         "test_ci95": float(test["test/acc_ci95"]),
         "trace": trace.steps,
@@ -251,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--clip", type=_positive_float, default=None, help="clip the hypergradient's norm at this value")
     run.add_argument("--inner-weight-decay", type=_positive_float, default=None, help="the inner SGD's weight decay")
     run.add_argument("--freeze-last-norm", action="store_true", help="the last batch norm's affine stays fixed")
+    run.add_argument("--precision", type=int, choices=(32, 64), default=32, help="float32 (default) or float64")
     init.add_argument("--seeds", type=_positive_int, default=3, help="seeds 0..N-1, one meta-batch each (default 3)")
     init.add_argument("--methods", nargs="+", default=["t1t2", "greedy(0.5)", "greedy(0.99)", "neumann(10)"])
     return parser
