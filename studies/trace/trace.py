@@ -130,6 +130,11 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
         paper, data = _setup(args, args.seed, args.steps)
         inner = paper.optimizer()
         if args.inner_weight_decay:
+            if not isinstance(inner, SGD):
+                raise SystemExit(
+                    f"python -m studies.trace: --inner-weight-decay sets the inner SGD's weight decay, but "
+                    f"{paper.config} trains the head with {type(inner).__name__}"
+                )
             settings = dict(paper.inner_optimizer[1])
             inner = SGD(lr=settings["lr"], momentum=settings.get("momentum", 0.0), weight_decay=args.inner_weight_decay)
         model = _model(args, paper, data, args.method, inner_optimizer=inner, gradient_clip_val=args.clip)
