@@ -239,3 +239,7 @@ def test_trace_init_compares_the_hypergradients(monkeypatch: pytest.MonkeyPatch,
         assert cells["fo"]["correction_cos_fo"] == 0.0
         assert cells["rmd"]["cos_fo"] == pytest.approx(cells["fo"]["cos_rmd"])
         assert all(cell["norm"] > 0 for cell in cells.values())
+    # the meta-batch and the initialization are those of a training run's first step (computed through Lightning)
+    run_module(monkeypatch, "trace", "run", *TRACE_TINY, "--steps", "1", "--method", "fo", "--out", str(tmp_path))
+    (first,) = json.loads((tmp_path / "run-digits-3way-2shot-fo-seed0-1steps.json").read_text())["trace"]
+    assert record["seeds"]["0"]["fo"]["norm"] == pytest.approx(first["hypergrad_norm"], rel=1e-5)
