@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_hypergrad import SGD, FewShotClassifier, get_estimator
-from studies.common import quiet, quiet_trainer, write_json
+from studies.common import quiet, quiet_trainer, require_positive, write_json
 from studies.table2.runner import (
     CachedFewShotDataModule,
     PaperSettings,
@@ -231,20 +231,6 @@ def command_init(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m studies.trace", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -253,27 +239,34 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (run, init):
         sub.add_argument("--dataset", default="omniglot", help="omniglot, cifar100 or digits (default omniglot)")
         sub.add_argument("--root", default=None, help="the data folder (default: as studies.table2 finds it)")
-        sub.add_argument("--ways", type=_positive_int, default=3)
-        sub.add_argument("--shots", type=_positive_int, default=10)
-        sub.add_argument("--queries", type=_positive_int, default=10)
-        sub.add_argument("--meta-batch", type=_positive_int, default=10)
-        sub.add_argument("--eval-tasks", type=_positive_int, default=100)
-        sub.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
+        sub.add_argument("--ways", type=int, default=3)
+        sub.add_argument("--shots", type=int, default=10)
+        sub.add_argument("--queries", type=int, default=10)
+        sub.add_argument("--meta-batch", type=int, default=10)
+        sub.add_argument("--eval-tasks", type=int, default=100)
+        sub.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
         sub.add_argument("--out", default=OUT, help=f"where the record goes (default {OUT})")
     run.add_argument("--method", default="neumann(10)", help='an estimator spec string (default "neumann(10)")')
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--steps", type=_positive_int, default=100, help="outer steps (default 100)")
-    run.add_argument("--clip", type=_positive_float, default=None, help="clip the hypergradient's norm at this value")
-    run.add_argument("--inner-weight-decay", type=_positive_float, default=None, help="the inner SGD's weight decay")
+    run.add_argument("--steps", type=int, default=100, help="outer steps (default 100)")
+    run.add_argument("--clip", type=float, default=None, help="clip the hypergradient's norm at this value")
+    run.add_argument("--inner-weight-decay", type=float, default=None, help="the inner SGD's weight decay")
     run.add_argument("--freeze-last-norm", action="store_true", help="the last batch norm's affine stays fixed")
     run.add_argument("--precision", type=int, choices=(32, 64), default=32, help="float32 (default) or float64")
-    init.add_argument("--seeds", type=_positive_int, default=3, help="seeds 0..N-1, one meta-batch each (default 3)")
+    init.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, one meta-batch each (default 3)")
     init.add_argument("--methods", nargs="+", default=["t1t2", "greedy(0.5)", "greedy(0.99)", "neumann(10)"])
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    ints = ("ways", "shots", "queries", "meta_batch", "eval_tasks", "threads")
+    require_positive(parser, args, *ints, *(("steps",) if args.command == "run" else ("seeds",)))
+    for name in ("clip", "inner_weight_decay"):
+        value = getattr(args, name, None)
+        if value is not None and not value > 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
     try:
         for method in [args.method] if args.command == "run" else args.methods:
             get_estimator(method)
