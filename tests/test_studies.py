@@ -7,6 +7,7 @@ cost study in a subprocess, as it tunes glibc's allocator for the whole process)
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import runpy
@@ -243,3 +244,22 @@ def test_trace_init_compares_the_hypergradients(monkeypatch: pytest.MonkeyPatch,
     run_module(monkeypatch, "trace", "run", *TRACE_TINY, "--steps", "1", "--method", "fo", "--out", str(tmp_path))
     (first,) = json.loads((tmp_path / "run-digits-3way-2shot-fo-seed0-1steps.json").read_text())["trace"]
     assert record["seeds"]["0"]["fo"]["norm"] == pytest.approx(first["hypergrad_norm"], rel=1e-5)
+
+
+def test_trace_correction_scale_trains_with_fo_plus_the_scaled_correction(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    s = 3.0
+    run_module(monkeypatch, "trace", "run", *TRACE_TINY, "--steps", "1", "--method", "t1t2", "--correction-scale",
+               str(s), "--out", str(tmp_path))  # fmt: skip
+    record = json.loads((tmp_path / "run-digits-3way-2shot-t1t2-seed0-1steps-correction3.json").read_text())
+    assert (record["method"], record["correction_scale"]) == ("t1t2", s)
+    # init computes FO and T1-T2 separately on the same first meta-batch: |FO + s (T1T2 - FO)| from their norms
+    # and cosine, |f|^2 (1 - s)^2 + 2 s (1 - s) f.t + s^2 |t|^2
+    run_module(monkeypatch, "trace", "init", *TRACE_TINY, "--seeds", "1", "--methods", "t1t2", "--out", str(tmp_path))
+    cells = json.loads((tmp_path / "init-digits-3way-2shot-1seeds.json").read_text())["seeds"]["0"]
+    f, t = cells["fo"]["norm"], cells["t1t2"]["norm"]
+    dot = f * t * cells["t1t2"]["cos_fo"]
+    expected = math.sqrt(f**2 * (1 - s) ** 2 + 2 * s * (1 - s) * dot + s**2 * t**2)
+    assert abs(expected - t) > 0.01 * t  # the scale changes the norm here, so the check can tell
+    assert record["trace"][0]["hypergrad_norm"] == pytest.approx(expected, rel=1e-4)

@@ -8,7 +8,8 @@ settings as :mod:`studies.table2` (read from ``configs/paper/<dataset>.yaml``), 
   largest entry of Adam's second moment; then the meta-test accuracy. Changes: ``--clip`` (the hypergradient's
   norm), ``--inner-weight-decay`` (the inner SGD's; pair it with ``"neumann(10, damping=...)"`` so that the series
   inverts the regularized problem's Hessian) and ``--freeze-last-norm`` (the last batch norm's scale and shift are
-  no hyperparameters, so the features' scale cannot change).
+  no hyperparameters, so the features' scale cannot change) and ``--correction-scale s`` (the hypergradient is
+  ``FO + s * (method - FO)``: the method's correction to FO scaled, its direct term kept).
 - ``init``: on the first meta-batch of each seed, at initialization, every method's hypergradient: its norm, its
   cosine to FO's and to RMD's, and its correction to FO (the hypergradient minus FO's) as a cosine to FO.
 
@@ -18,6 +19,7 @@ Records go to ``studies/trace/results/`` (``--out``), one JSON file per command,
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 from collections.abc import Sequence
@@ -28,7 +30,8 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from lightning_hypergrad import SGD, FewShotClassifier, get_estimator
+from lightning_hypergrad import SGD, FewShotClassifier, HypergradEstimator, get_estimator
+from lightning_hypergrad.estimators.base import Estimate
 from studies.common import quiet, quiet_trainer, require_positive, write_json
 from studies.table2.runner import (
     CachedFewShotDataModule,
@@ -43,6 +46,43 @@ OUT = "studies/trace/results"
 
 def _last_norm(model: FewShotClassifier) -> nn.BatchNorm2d:
     return [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)][-1]
+
+
+class ScaledCorrection(HypergradEstimator):
+    """``FO + scale * (estimator - FO)``: the estimator's correction to the direct term, scaled.
+
+    A diagnostic, not an estimator to train with: it runs the inner loop twice (once for ``estimator``, once for
+    FO). ``scale = 0`` is FO and ``scale = 1`` the estimator itself.
+    """
+
+    def __init__(self, estimator: HypergradEstimator, scale: float) -> None:
+        super().__init__()
+        self.estimator, self.scale = estimator, scale
+        self.batchable = estimator.batchable
+        self.fo = get_estimator("fo")
+
+    def __str__(self) -> str:
+        return f"{self.estimator} with its correction x {self.scale:g}"
+
+    def validate(self, problem) -> None:
+        self.estimator.validate(problem)
+
+    def _estimate(self, problem, h) -> Estimate:
+        full = self.estimator._estimate(problem, h)
+        direct = self.fo._estimate(problem, h)
+        grads = []
+        for g, d in zip(full.grads, direct.grads):
+            if g is None and d is None:
+                grads.append(None)
+            else:
+                d = torch.zeros_like(g) if d is None else d
+                grads.append(d + self.scale * ((torch.zeros_like(d) if g is None else g) - d))
+        return Estimate(grads, full.trajectory, full.outer_loss)
+
+
+def _estimator(method: str, correction_scale: float | None = None) -> HypergradEstimator:
+    estimator = get_estimator(method)
+    return estimator if correction_scale is None else ScaledCorrection(estimator, correction_scale)
 
 
 class Trace(L.Callback):
@@ -95,13 +135,15 @@ def _setup(args: argparse.Namespace, seed: int, steps: int) -> tuple[PaperSettin
     return paper, data
 
 
-def _model(args: argparse.Namespace, paper: PaperSettings, data, method: str, **kwargs: Any) -> FewShotClassifier:
+def _model(
+    args: argparse.Namespace, paper: PaperSettings, data, estimator: HypergradEstimator, **kwargs: Any
+) -> FewShotClassifier:
     return FewShotClassifier(
         ways=args.ways,
         image_shape=data.image_shape,
         depth=paper.depth,
         width=paper.width,
-        estimator=get_estimator(method),
+        estimator=estimator,
         inner_steps=paper.inner_steps,
         meta_batch_size=args.meta_batch,
         outer_lr=paper.outer_lr,
@@ -124,6 +166,8 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
         changes.append("frozen")
     if args.precision == 64:
         changes.append("float64")
+    if args.correction_scale is not None:
+        changes.append(f"correction{args.correction_scale:g}")
     precision = {32: "32-true", 64: "64-true"}[args.precision]
     trace = Trace(args.freeze_last_norm)
     with quiet():
@@ -137,7 +181,8 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
                 )
             settings = dict(paper.inner_optimizer[1])
             inner = SGD(lr=settings["lr"], momentum=settings.get("momentum", 0.0), weight_decay=args.inner_weight_decay)
-        model = _model(args, paper, data, args.method, inner_optimizer=inner, gradient_clip_val=args.clip)
+        estimator = _estimator(args.method, args.correction_scale)
+        model = _model(args, paper, data, estimator, inner_optimizer=inner, gradient_clip_val=args.clip)
         fit = quiet_trainer(
             max_epochs=1,
             max_steps=args.steps,
@@ -153,7 +198,8 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
         "ways": args.ways,
         "shots": args.shots,
         "queries": args.queries,
-        "method": str(model.estimator),
+        "method": str(get_estimator(args.method)),
+        "correction_scale": args.correction_scale,
         "seed": args.seed,
         "steps": args.steps,
         "meta_batch": args.meta_batch,
@@ -177,7 +223,7 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
         )
     norms = [row["hypergrad_norm"] for row in trace.steps]
     print(
-        f"{record['method']} {' '.join(changes) or '(no change)'}: meta-test {100 * record['test_acc']:.2f}% on "
+        f"{model.estimator} {' '.join(changes) or '(no change)'}: meta-test {100 * record['test_acc']:.2f}% on "
         f"{args.eval_tasks} tasks; |hypergrad| median {statistics.median(norms):.3g}, max {max(norms):.3g}"
     )
     return record
@@ -195,7 +241,7 @@ def command_init(args: argparse.Namespace) -> dict[str, Any]:
     for seed in range(args.seeds):
         with quiet():
             paper, data = _setup(args, seed, 1)
-            model = _model(args, paper, data, "fo", inner_optimizer=paper.optimizer())
+            model = _model(args, paper, data, get_estimator("fo"), inner_optimizer=paper.optimizer())
             data.setup("fit")
             tasks = model.split_tasks(next(iter(data.train_dataloader())))
             flat = {}
@@ -253,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--inner-weight-decay", type=float, default=None, help="the inner SGD's weight decay")
     run.add_argument("--freeze-last-norm", action="store_true", help="the last batch norm's affine stays fixed")
     run.add_argument("--precision", type=int, choices=(32, 64), default=32, help="float32 (default) or float64")
+    run.add_argument(
+        "--correction-scale", type=float, default=None, help="train with FO + s * (method - FO) (default: the method)"
+    )
     init.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, one meta-batch each (default 3)")
     init.add_argument("--methods", nargs="+", default=["t1t2", "greedy(0.5)", "greedy(0.99)", "neumann(10)"])
     return parser
@@ -267,6 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         value = getattr(args, name, None)
         if value is not None and not value > 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    scale = getattr(args, "correction_scale", None)
+    if scale is not None and not (scale >= 0 and math.isfinite(scale)):
+        parser.error(f"--correction-scale must be a finite number >= 0, got {scale}")
     try:
         for method in [args.method] if args.command == "run" else args.methods:
             get_estimator(method)
