@@ -263,3 +263,15 @@ def test_trace_correction_scale_trains_with_fo_plus_the_scaled_correction(
     expected = math.sqrt(f**2 * (1 - s) ** 2 + 2 * s * (1 - s) * dot + s**2 * t**2)
     assert abs(expected - t) > 0.01 * t  # the scale changes the norm here, so the check can tell
     assert record["trace"][0]["hypergrad_norm"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_trace_rejects_bad_changes_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from studies.trace.trace import main
+
+    out = ["--out", str(tmp_path)]
+    assert main(["run", *TRACE_TINY, "--method", "fmd", "--correction-scale", "2", *out]) == 2
+    assert "--correction-scale" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", *TRACE_TINY, "--method", "t1t2", "--correction-scale", "-1", *out])
+    assert "--correction-scale must be" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

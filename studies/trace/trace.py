@@ -57,6 +57,11 @@ class ScaledCorrection(HypergradEstimator):
 
     def __init__(self, estimator: HypergradEstimator, scale: float) -> None:
         super().__init__()
+        if type(estimator)._hypergrads is not HypergradEstimator._hypergrads:
+            raise ValueError(
+                f"--correction-scale combines gradients with respect to the features, which {estimator} does not "
+                "compute (it maps to the hyperparameters itself); use a reverse-mode, greedy or implicit estimator"
+            )
         self.estimator, self.scale = estimator, scale
         self.batchable = estimator.batchable
         self.fo = get_estimator("fo")
@@ -321,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--correction-scale must be a finite number >= 0, got {scale}")
     try:
         for method in [args.method] if args.command == "run" else args.methods:
-            get_estimator(method)
+            _estimator(method, getattr(args, "correction_scale", None))
     except ValueError as error:
         print(f"python -m studies.trace: {error}", file=sys.stderr)
         return 2
