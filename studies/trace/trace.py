@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_hypergrad import SGD, FewShotClassifier, HypergradEstimator, get_estimator
-from lightning_hypergrad.estimators.base import Estimate
+from lightning_hypergrad.estimators.base import Estimate, add_grads
 from studies.common import quiet, quiet_trainer, require_positive, write_json
 from studies.table2.runner import (
     CachedFewShotDataModule,
@@ -75,13 +75,9 @@ class ScaledCorrection(HypergradEstimator):
     def _estimate(self, problem, h) -> Estimate:
         full = self.estimator._estimate(problem, h)
         direct = self.fo._estimate(problem, h)
-        grads = []
-        for g, d in zip(full.grads, direct.grads):
-            if g is None and d is None:
-                grads.append(None)
-            else:
-                d = torch.zeros_like(g) if d is None else d
-                grads.append(d + self.scale * ((torch.zeros_like(d) if g is None else g) - d))
+        grads: list = [None] * len(full.grads)  # (1 - s) FO + s method, None standing for zero
+        add_grads(grads, direct.grads, 1.0 - self.scale)
+        add_grads(grads, full.grads, self.scale)
         return Estimate(grads, full.trajectory, full.outer_loss)
 
 
