@@ -18,7 +18,17 @@ from lightning_hypergrad.estimators.reverse import RMD, TruncatedRMD
 ESTIMATORS: dict[str, type[HypergradEstimator]] = {
     cls.name: cls
     for cls in (
-        FO, T1T2, Greedy, RMD, TruncatedRMD, Neumann, ConjugateGradient, FMD, MomentumGreedy, GreedyTail, AutoGreedy
+        FO,
+        T1T2,
+        Greedy,
+        RMD,
+        TruncatedRMD,
+        Neumann,
+        ConjugateGradient,
+        FMD,
+        MomentumGreedy,
+        GreedyTail,
+        AutoGreedy,
     )
 }
 

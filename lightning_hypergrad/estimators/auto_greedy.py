@@ -82,9 +82,7 @@ class AutoGreedy(Greedy):
             return super()._hypergrads(problem, h, h_leaf)
         gammas = [*self.grid, self.gamma]
         sums, estimate = self._grid_estimate(problem, h_leaf, gammas)
-        mapped = [
-            self._to_hyperparameters(problem, h, s, retain_graph=i < len(sums) - 1) for i, s in enumerate(sums)
-        ]
+        mapped = [self._to_hyperparameters(problem, h, s, retain_graph=i < len(sums) - 1) for i, s in enumerate(sums)]
         for total, m in zip(self._sums, mapped[:-1]):
             if total:
                 for t, x in zip(total, m):

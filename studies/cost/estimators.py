@@ -234,9 +234,7 @@ def make_fewshot_step(spec: str, steps: int, meta_batch: int, device: torch.devi
     return outer_step
 
 
-def make_fewshot_batched_step(
-    spec: str, steps: int, meta_batch: int, device: torch.device, seed: int = 0
-) -> OuterStep:
+def make_fewshot_batched_step(spec: str, steps: int, meta_batch: int, device: torch.device, seed: int = 0) -> OuterStep:
     """The ``fewshot`` outer step through :meth:`FewShotClassifier.meta_gradient` with the tasks batched.
 
     Same backbone, tasks, inner optimizer and Adam step as :func:`make_fewshot_step`; the meta-batch's inner loops
@@ -254,8 +252,7 @@ def make_fewshot_batched_step(
     ).to(device)
     tasks = [random_task(generator, device) for _ in range(meta_batch)]
     tasks = [
-        {"support_x": t.x_support, "support_y": t.y_support, "query_x": t.x_query, "query_y": t.y_query}
-        for t in tasks
+        {"support_x": t.x_support, "support_y": t.y_support, "query_x": t.x_query, "query_y": t.y_query} for t in tasks
     ]
     outer_opt = torch.optim.Adam(model.parameters(), lr=OUTER_LR)
 
