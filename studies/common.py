@@ -6,9 +6,11 @@
   folder, then ``os.replace``), so that an interrupted study never leaves a half-written record;
 - :class:`PeakMemory` and :func:`memory_meter`: the peak memory that a call adds, on CUDA, from the allocator's
   events, from the resident set size, or from the tensors saved for backward;
-- :func:`device_name` and :func:`machine_description`: what a report says about the machine it ran on.
+- :func:`device_name` and :func:`machine_description`: what a report says about the machine it ran on;
+- :func:`estimator_spec` and :func:`require_positive`: the command lines' checks of estimator specs and counts.
 
-Lightning is imported on first use, so that importing this module (e.g. from ``tests/test_memory.py``) is cheap.
+Lightning (and the package) is imported on first use, so that importing this module (e.g. from ``tests/test_memory.py``)
+is cheap.
 """
 
 from __future__ import annotations
@@ -412,6 +414,23 @@ def memory_meter(device: torch.device, method: str = "auto") -> PeakMemory:
             )
         return RssPeak()
     return SavedTensorsPeak()
+
+
+def estimator_spec(text: str) -> str:
+    """The canonical spec string of ``text`` (``Greedy(0.90)`` -> ``greedy(0.9)``), as an argparse ``type``.
+
+    Raises:
+        argparse.ArgumentTypeError: ``text`` is not an estimator spec (the message lists the known names), so that
+            the parser stops with exit 2 naming the option before any work starts.
+    """
+    import argparse
+
+    from lightning_hypergrad import get_estimator
+
+    try:
+        return str(get_estimator(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def require_positive(parser: Any, args: Any, *names: str) -> None:

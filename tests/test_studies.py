@@ -115,15 +115,16 @@ def test_cost(tmp_path: Path) -> None:
 
 def test_cost_backbone_is_the_library_one() -> None:
     from lightning_hypergrad.fewshot import ConvBackbone
-    from studies.cost.estimators import DEFAULT_ESTIMATORS, fewshot_backbone, select_estimators
+    from studies.cost.estimators import DEFAULT_ESTIMATORS, fewshot_backbone, parse_args, select_estimators
 
     backbone = fewshot_backbone()
     assert isinstance(backbone, ConvBackbone) and backbone.out_features == 512
     assert all(m.bias is None for m in backbone.modules() if isinstance(m, torch.nn.Conv2d))
     assert select_estimators(None) == list(DEFAULT_ESTIMATORS) and spec_strings(set(DEFAULT_ESTIMATORS))
-    assert select_estimators(["Greedy(0.990)", "greedy(0.99)"]) == ["greedy(0.99)"]
-    with pytest.raises(SystemExit, match="--estimators"):
-        select_estimators(["greedy0.99"])
+    given = parse_args(["--estimators", "Greedy(0.990)", "greedy(0.99)"]).estimators
+    assert select_estimators(given) == ["greedy(0.99)"]
+    with pytest.raises(SystemExit):
+        parse_args(["--estimators", "greedy0.99"])
 
 
 def test_cost_checkpointed_rmd(tmp_path: Path) -> None:
@@ -274,4 +275,8 @@ def test_trace_rejects_bad_changes_before_any_work(tmp_path: Path, capsys: pytes
     with pytest.raises(SystemExit):
         main(["run", *TRACE_TINY, "--method", "t1t2", "--correction-scale", "-1", *out])
     assert "--correction-scale must be" in capsys.readouterr().err
+    for command, option in (("run", "--method"), ("init", "--methods")):
+        with pytest.raises(SystemExit):
+            main([command, *TRACE_TINY, option, "greedy0.99", *out])
+        assert f"argument {option}: unknown estimator 'greedy0.99'" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())

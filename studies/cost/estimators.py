@@ -109,6 +109,7 @@ from studies.common import (
     MEMORY_METHODS,
     PeakMemory,
     arm_rss_measurement,
+    estimator_spec,
     heap_reuse_for_timing,
     log,
     machine_description,
@@ -131,15 +132,9 @@ DEFAULT_ESTIMATORS = ("fo", "t1t2", "greedy(0.99)", "rmd", "truncated_rmd(5)", "
 
 
 def select_estimators(specs: Sequence[str] | None) -> list[str]:
-    """The canonical spec strings of ``specs`` (default :data:`DEFAULT_ESTIMATORS`), without repeats.
-
-    Raises:
-        SystemExit: a spec that :func:`lightning_hypergrad.get_estimator` does not know (its message says why).
-    """
-    try:
-        return list(dict.fromkeys(str(lh.get_estimator(spec)) for spec in (specs or DEFAULT_ESTIMATORS)))
-    except ValueError as error:
-        raise SystemExit(f"--estimators: {error}") from None
+    """``specs``, canonical spec strings as ``--estimators`` gives them (default :data:`DEFAULT_ESTIMATORS`), without
+    repeats."""
+    return list(dict.fromkeys(specs or DEFAULT_ESTIMATORS))
 
 
 # ------------------------------------------------------------------------------------------------------ problems
@@ -565,6 +560,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--estimators",
         nargs="+",
+        type=estimator_spec,
         metavar="SPEC",
         help=f"estimator spec strings (default: {' '.join(DEFAULT_ESTIMATORS)}); quote those with parentheses",
     )

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from studies.common import (
+    estimator_spec,
     log,
     machine_description,
     omniglot_root,
@@ -96,13 +97,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
 
 def canonical_specs(parser: argparse.ArgumentParser, names: Sequence[str]) -> list[str]:
     """The canonical spec strings of ``names`` (see :func:`lightning_hypergrad.get_estimator`), each once."""
-    import lightning_hypergrad as lh
-
     specs = []
     for name in names:
         try:
-            specs.append(str(lh.get_estimator(name)))
-        except ValueError as error:
+            specs.append(estimator_spec(name))
+        except argparse.ArgumentTypeError as error:
             parser.error(f"argument --estimators: {error}")
     return list(dict.fromkeys(specs))
 

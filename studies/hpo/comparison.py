@@ -40,13 +40,13 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-import lightning_hypergrad as lh
 from lightning_hypergrad.callbacks import StepTimer
 from lightning_hypergrad.cli import cli
 from lightning_hypergrad.hpo import HyperCleaner
 from studies.common import (
     REPOSITORY,
     AllocatorPeak,
+    estimator_spec,
     machine_description,
     quiet,
     quiet_trainer_args,
@@ -69,18 +69,6 @@ def shipped(example: str) -> dict:
     """The model's ``init_args`` of ``configs/hpo/<example>.yaml``."""
     config = yaml.safe_load((REPOSITORY / "configs" / "hpo" / f"{example}.yaml").read_text())
     return config["model"]["init_args"]
-
-
-def canonical(spec: str) -> str:
-    """The canonical spec string of ``spec`` (``Greedy(0.90)`` -> ``greedy(0.9)``).
-
-    Raises:
-        argparse.ArgumentTypeError: ``spec`` is not an estimator spec; the message says why.
-    """
-    try:
-        return str(lh.get_estimator(spec))
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 @functools.cache
@@ -304,7 +292,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--estimators",
         nargs="+",
-        type=canonical,
+        type=estimator_spec,
         default=list(ESTIMATORS),
         metavar="SPEC",
         help=f"estimator spec strings (default: {' '.join(ESTIMATORS)})",

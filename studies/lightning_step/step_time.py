@@ -26,6 +26,7 @@ import torch
 import lightning_hypergrad as lh
 from lightning_hypergrad.callbacks import StepTimer
 from studies.common import (
+    estimator_spec,
     log,
     machine_description,
     omniglot_root,
@@ -34,15 +35,6 @@ from studies.common import (
     require_positive,
     tasks_label,
 )
-
-
-def spec(text: str) -> str:
-    """The canonical spec string of ``text`` (an argparse type)."""
-    try:
-        return str(lh.get_estimator(text))
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
 
 Config = tuple[str, int, bool]
 """A timed configuration: ``(estimator spec, T, tasks batched)``."""
@@ -93,7 +85,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     )
     parser.add_argument("--dataset", choices=("omniglot", "digits"), default=None, help="default: omniglot if found")
     parser.add_argument("--root", default=None, help="the Omniglot folder (default: $OMNIGLOT_ROOT, else the usual)")
-    parser.add_argument("--estimators", nargs="+", type=spec, default=["fo", "t1t2", "greedy(0.99)"], metavar="SPEC")
+    parser.add_argument(
+        "--estimators", nargs="+", type=estimator_spec, default=["fo", "t1t2", "greedy(0.99)"], metavar="SPEC"
+    )
     parser.add_argument("--steps", type=int, default=6, help="timed steps per round (after one warm-up step)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)

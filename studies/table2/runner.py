@@ -71,7 +71,16 @@ from lightning_hypergrad.estimators import (
     get_estimator,
 )
 from lightning_hypergrad.fewshot import FewShotClassifier
-from studies.common import REPOSITORY, atomic_path, omniglot_root, quiet, quiet_trainer, write_json, write_text
+from studies.common import (
+    REPOSITORY,
+    atomic_path,
+    estimator_spec,
+    omniglot_root,
+    quiet,
+    quiet_trainer,
+    write_json,
+    write_text,
+)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the paper's protocol
@@ -1416,13 +1425,6 @@ def report(out: Path) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _method_arg(text: str) -> str:
-    try:
-        return canonical(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m studies.table2`` parser with its ``run`` and ``report`` subcommands."""
     parser = argparse.ArgumentParser(
@@ -1457,7 +1459,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ways", type=int, nargs="+", default=list(PAPER_WAYS), help="settings (default: 3 4 5)")
     run.add_argument(
         "--methods",
-        type=_method_arg,
+        type=estimator_spec,
         nargs="+",
         default=None,
         metavar="SPEC",

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from lightning_hypergrad import SGD, FewShotClassifier, HypergradEstimator, get_estimator
 from lightning_hypergrad.estimators.base import Estimate, add_grads
-from studies.common import quiet, quiet_trainer, require_positive, write_json
+from studies.common import estimator_spec, quiet, quiet_trainer, require_positive, write_json
 from studies.table2.runner import (
     CachedFewShotDataModule,
     PaperSettings,
@@ -199,7 +199,7 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
         "ways": args.ways,
         "shots": args.shots,
         "queries": args.queries,
-        "method": str(get_estimator(args.method)),
+        "method": args.method,
         "correction_scale": args.correction_scale,
         "seed": args.seed,
         "steps": args.steps,
@@ -248,7 +248,7 @@ def command_init(args: argparse.Namespace) -> dict[str, Any]:
             flat = {}
             for method in methods:
                 grads = model.meta_gradient(tasks, get_estimator(method)).hypergrads
-                flat[str(get_estimator(method))] = torch.cat([g.flatten() for g in grads])
+                flat[method] = torch.cat([g.flatten() for g in grads])
         fo, rmd = flat["fo"], flat["rmd"]
         seeds[str(seed)] = {
             name: {
@@ -293,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--eval-tasks", type=int, default=100)
         sub.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
         sub.add_argument("--out", default=OUT, help=f"where the record goes (default {OUT})")
-    run.add_argument("--method", default="neumann(10)", help='an estimator spec string (default "neumann(10)")')
+    run.add_argument(
+        "--method", type=estimator_spec, default="neumann(10)", help='an estimator spec string (default "neumann(10)")'
+    )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--steps", type=int, default=100, help="outer steps (default 100)")
     run.add_argument("--clip", type=float, default=None, help="clip the hypergradient's norm at this value")
@@ -304,7 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--correction-scale", type=float, default=None, help="train with FO + s * (method - FO) (default: the method)"
     )
     init.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, one meta-batch each (default 3)")
-    init.add_argument("--methods", nargs="+", default=["t1t2", "greedy(0.5)", "greedy(0.99)", "neumann(10)"])
+    init.add_argument(
+        "--methods", nargs="+", type=estimator_spec, default=["t1t2", "greedy(0.5)", "greedy(0.99)", "neumann(10)"]
+    )
     return parser
 
 
