@@ -71,6 +71,7 @@ from lightning_hypergrad.estimators import (
     get_estimator,
 )
 from lightning_hypergrad.fewshot import FewShotClassifier
+from lightning_hypergrad.optim import DifferentiableOptimizer
 from studies.common import (
     REPOSITORY,
     atomic_path,
@@ -345,6 +346,63 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def seeded_data(
+    dataset: str,
+    root: str | None,
+    *,
+    ways: int,
+    shots: int,
+    queries: int,
+    meta_batch: int,
+    steps: int,
+    eval_tasks: int,
+    seed: int,
+) -> CachedFewShotDataModule:
+    """Seeds Lightning with ``seed`` (hence the backbone built next), then the data of one run: ``steps`` training
+    meta-batches and ``eval_tasks`` meta-validation and meta-test tasks drawn with ``seed`` from a fixed class split
+    (``split_seed=0``)."""
+    L.seed_everything(seed, verbose=False)
+    return CachedFewShotDataModule(
+        dataset=dataset,
+        root=root,
+        ways=ways,
+        shots=shots,
+        queries=queries,
+        meta_batch_size=meta_batch,
+        train_batches=steps,
+        val_tasks=eval_tasks,
+        test_tasks=eval_tasks,
+        split_seed=0,
+        seed=seed,
+    )
+
+
+def paper_model(
+    paper: PaperSettings,
+    data: FewShotDataModule,
+    *,
+    ways: int,
+    meta_batch: int,
+    estimator: HypergradEstimator,
+    inner_optimizer: DifferentiableOptimizer | None = None,
+    **kwargs: Any,
+) -> FewShotClassifier:
+    """The paper's few-shot model for ``data``'s images (its backbone, inner steps and outer lr; the inner optimizer
+    is the paper's unless one is given); ``kwargs`` go to :class:`FewShotClassifier`."""
+    return FewShotClassifier(
+        ways=ways,
+        image_shape=data.image_shape,
+        depth=paper.depth,
+        width=paper.width,
+        estimator=estimator,
+        inner_optimizer=inner_optimizer if inner_optimizer is not None else paper.optimizer(),
+        inner_steps=paper.inner_steps,
+        meta_batch_size=meta_batch,
+        outer_lr=paper.outer_lr,
+        **kwargs,
+    )
+
+
 def run_one(config: RunConfig, runs_dir: str | Path) -> dict[str, Any]:
     """Trains and evaluates one (setting, method, seed), writes its record to ``runs_dir`` and returns it.
 
@@ -356,31 +414,18 @@ def run_one(config: RunConfig, runs_dir: str | Path) -> dict[str, Any]:
     estimator = get_estimator(config.method)
     start = time.perf_counter()
     with quiet():
-        L.seed_everything(config.seed, verbose=False)
-        data = CachedFewShotDataModule(
-            dataset=config.dataset,
-            root=config.root,
+        data = seeded_data(
+            config.dataset,
+            config.root,
             ways=config.ways,
             shots=config.shots,
             queries=config.queries,
-            meta_batch_size=config.meta_batch,
-            train_batches=config.steps,
-            val_tasks=config.eval_tasks,
-            test_tasks=config.eval_tasks,
-            split_seed=0,
+            meta_batch=config.meta_batch,
+            steps=config.steps,
+            eval_tasks=config.eval_tasks,
             seed=config.seed,
         )
-        model = FewShotClassifier(
-            ways=config.ways,
-            image_shape=data.image_shape,
-            depth=paper.depth,
-            width=paper.width,
-            estimator=estimator,
-            inner_optimizer=paper.optimizer(),
-            inner_steps=paper.inner_steps,
-            meta_batch_size=config.meta_batch,
-            outer_lr=paper.outer_lr,
-        )
+        model = paper_model(paper, data, ways=config.ways, meta_batch=config.meta_batch, estimator=estimator)
         timer = StepTimer()
         fit = quiet_trainer(
             max_epochs=1, max_steps=config.steps, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer]

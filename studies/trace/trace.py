@@ -38,7 +38,9 @@ from studies.table2.runner import (
     PaperSettings,
     default_config,
     file_stem,
+    paper_model,
     resolve_root,
+    seeded_data,
 )
 
 OUT = "studies/trace/results"
@@ -118,38 +120,18 @@ class Trace(L.Callback):
 
 
 def _setup(args: argparse.Namespace, seed: int, steps: int) -> tuple[PaperSettings, CachedFewShotDataModule]:
+    """The Table 2 runner's settings and data for ``args`` (the same tasks as its run with this seed)."""
     paper = PaperSettings.from_config(default_config(args.dataset))
-    L.seed_everything(seed, verbose=False)
-    data = CachedFewShotDataModule(
-        dataset=args.dataset,
-        root=resolve_root(args.dataset, args.root, paper),
-        ways=args.ways,
-        shots=args.shots,
-        queries=args.queries,
-        meta_batch_size=args.meta_batch,
-        train_batches=steps,
-        val_tasks=args.eval_tasks,
-        test_tasks=args.eval_tasks,
-        split_seed=0,
-        seed=seed,
-    )
-    return paper, data
+    sizes = {"ways": args.ways, "shots": args.shots, "queries": args.queries, "meta_batch": args.meta_batch}
+    root = resolve_root(args.dataset, args.root, paper)
+    return paper, seeded_data(args.dataset, root, **sizes, steps=steps, eval_tasks=args.eval_tasks, seed=seed)
 
 
 def _model(
     args: argparse.Namespace, paper: PaperSettings, data, estimator: HypergradEstimator, **kwargs: Any
 ) -> FewShotClassifier:
-    return FewShotClassifier(
-        ways=args.ways,
-        image_shape=data.image_shape,
-        depth=paper.depth,
-        width=paper.width,
-        estimator=estimator,
-        inner_steps=paper.inner_steps,
-        meta_batch_size=args.meta_batch,
-        outer_lr=paper.outer_lr,
-        **kwargs,
-    )
+    """The Table 2 runner's model (:func:`studies.table2.runner.paper_model`) for ``args``."""
+    return paper_model(paper, data, ways=args.ways, meta_batch=args.meta_batch, estimator=estimator, **kwargs)
 
 
 def _setting_name(args: argparse.Namespace) -> str:
@@ -242,7 +224,7 @@ def command_init(args: argparse.Namespace) -> dict[str, Any]:
     for seed in range(args.seeds):
         with quiet():
             paper, data = _setup(args, seed, 1)
-            model = _model(args, paper, data, get_estimator("fo"), inner_optimizer=paper.optimizer())
+            model = _model(args, paper, data, get_estimator("fo"))
             data.setup("fit")
             tasks = model.split_tasks(next(iter(data.train_dataloader())))
             flat = {}
