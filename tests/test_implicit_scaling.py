@@ -229,6 +229,32 @@ def test_damped_neumann_solves_the_damped_system_without_warning():
     assert estimator.last_stats.min_curvature > 0
 
 
+@pytest.mark.parametrize("spec", ["neumann(300, power_iterations=50, damping='1/lr')", "cg(12, damping='1/lr')"])
+def test_damping_one_over_lr_solves_the_system_damped_by_the_inner_sgds_rate(spec):
+    quad = indefinite()  # eigenvalue -1.2: undamped, both solves fail; damped by 1 / 0.4 = 2.5, H is positive definite
+    estimator = lh.get_estimator(spec)
+    assert str(estimator) == spec and estimator.damping == "1/lr"
+    result = no_warnings(lambda: estimator(quad.problem(2, lr=0.4)))
+    expected = quad.implicit_hypergrad(result.params[0], damping=2.5)
+    assert relative_error(result.hypergrads[0], expected) < 1e-9
+
+
+def test_damping_one_over_lr_needs_an_sgd_rate_and_says_so_before_any_work():
+    quad = indefinite()
+    calls = []
+
+    def inner_loss(w, h):
+        calls.append(1)
+        return quad.inner_loss(w, h)
+
+    problem = lh.BilevelProblem(inner_loss, quad.outer_loss, [quad.a], [quad.w0], lh.Adam(lr=0.01), 2)
+    with pytest.raises(ValueError, match=r"damping='1/lr' takes 1 / the inner SGD's learning rate.*give damping as"):
+        lh.Neumann(damping="1/lr")(problem)
+    assert not calls  # refused before the inner loop ran
+    with pytest.raises(ValueError, match=r"damping must be a finite number >= 0 or '1/lr', got 'lr'"):
+        lh.get_estimator("cg(10, damping='lr')")
+
+
 @pytest.mark.parametrize("damping", [0.0, 0.5, 3.0])
 def test_conjugate_gradient_with_damping_solves_the_damped_system(damping):
     quad = stiff()

@@ -254,6 +254,8 @@ def test_method_names() -> None:
     assert gamma_of("greedy_tail(0.9, 5)") is None and gamma_of("momentum_greedy(0.9)") is None  # rows of their own
     assert canonical("neumann(10,scale=0.1)") == NEUMANN and canonical("T1T2") == "t1t2"
     assert record_name("omniglot", 3, NEUMANN, 0) == "omniglot-3way-neumann(10,scale=0.1)-seed0.json"
+    damped = record_name("omniglot", 3, canonical("neumann(10, damping='1/lr')"), 0)
+    assert damped == "omniglot-3way-neumann(10,damping='1%2Flr')-seed0.json"  # a file, not a folder
     for bad in ("greedy0.99", "greedy_0.99", "greedy(1.5)", "greedy(0)", "ift"):  # the old forms are gone
         with pytest.raises(ValueError, match="greedy|gamma"):
             canonical(bad)

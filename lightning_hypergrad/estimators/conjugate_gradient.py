@@ -26,10 +26,12 @@ class ConjugateGradient(ImplicitEstimator):
     Args:
         iterations: ``K``, the most conjugate-gradient steps (one Hessian-vector product each).
         tol: relative residual at which to stop (``0``: run all K steps unless the residual vanishes).
-        damping: Tikhonov damping: CG solves ``(H + damping I) x = g_T``.
+        damping: Tikhonov damping: CG solves ``(H + damping I) x = g_T``; a number >= 0, or ``"1/lr"`` for ``1 /``
+            the inner SGD's learning rate (see :class:`ImplicitEstimator`).
 
     Raises:
-        ValueError: ``iterations`` < 1, ``tol`` < 0 or ``damping`` < 0.
+        ValueError: ``iterations`` < 1, ``tol`` < 0 or ``damping`` < 0 (or a string other than ``"1/lr"``);
+            ``damping="1/lr"`` with no numeric SGD learning rate, when a problem is checked.
     """
 
     name = "cg"
@@ -37,7 +39,9 @@ class ConjugateGradient(ImplicitEstimator):
     spec_args = ("iterations",)
     spec_options = ("tol", "damping", "nonfinite")
 
-    def __init__(self, iterations: int = 10, tol: float = 1e-12, damping: float = 0.0, nonfinite: str = "warn") -> None:
+    def __init__(
+        self, iterations: int = 10, tol: float = 1e-12, damping: float | str = 0.0, nonfinite: str = "warn"
+    ) -> None:
         super().__init__(iterations, damping, nonfinite)
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
             raise ValueError(f"ConjugateGradient tol must be a finite number >= 0, got {tol!r}")

@@ -16,8 +16,8 @@ from lightning_hypergrad.estimators.implicit import (
     dot,
     negative_curvature_tolerance,
     power_iteration,
+    sgd_rate,
 )
-from lightning_hypergrad.optim.sgd import SGD
 
 SCALE_CHOICES = ("auto", "lr")
 
@@ -62,11 +62,13 @@ class Neumann(ImplicitEstimator):
         scale: ``"auto"`` (``1 / lambda_max`` of the damped Hessian, estimated per problem), ``"lr"`` (the inner
             SGD's learning rate, which must be a number; ``None`` means the same), or a number > 0.
         power_iterations: the power-iteration steps (Hessian-vector products) of ``scale="auto"``.
-        damping: Tikhonov damping, added to the Hessian: the series inverts ``H + damping I``.
+        damping: Tikhonov damping, added to the Hessian: the series inverts ``H + damping I``; a number >= 0, or
+            ``"1/lr"`` for ``1 /`` the inner SGD's learning rate (see :class:`ImplicitEstimator`).
 
     Raises:
         ValueError: ``iterations`` or ``power_iterations`` < 1, ``scale`` neither ``"auto"``, ``"lr"`` nor a
-            number > 0, ``damping`` < 0, or ``scale="lr"`` with no numeric SGD learning rate.
+            number > 0, ``damping`` < 0 (or a string other than ``"1/lr"``), or ``scale="lr"`` (``damping="1/lr"``)
+            with no numeric SGD learning rate.
     """
 
     name = "neumann"
@@ -78,7 +80,7 @@ class Neumann(ImplicitEstimator):
         iterations: int = 10,
         scale: float | Literal["auto", "lr"] | None = "auto",
         power_iterations: int = 10,
-        damping: float = 0.0,
+        damping: float | str = 0.0,
         nonfinite: str = "warn",
     ) -> None:
         super().__init__(iterations, damping, nonfinite)
@@ -110,12 +112,13 @@ class Neumann(ImplicitEstimator):
     def _fixed_scale(self, problem) -> float:
         if not isinstance(self.scale, str):
             return self.scale
-        opt = problem.optimizer
-        if isinstance(opt, SGD) and not callable(opt.lr):
-            return float(opt.lr)
+        lr = sgd_rate(problem)
+        if lr is not None:
+            return lr
         raise ValueError(
             "Neumann scale='lr' takes the inner SGD's learning rate, but the inner optimizer is "
-            f"{type(opt).__name__}; use scale='auto' or a number below 2 / the largest eigenvalue of the inner Hessian"
+            f"{type(problem.optimizer).__name__}; use scale='auto' or a number below 2 / the largest eigenvalue of the "
+            "inner Hessian"
         )
 
     def validate(self, problem) -> None:

@@ -286,8 +286,9 @@ def gamma_of(method: str) -> float | None:
 
 
 def file_stem(method: str) -> str:
-    """The method's spec as it appears in file names: without spaces (``neumann(10,scale=0.1)``)."""
-    return method.replace(" ", "")
+    """The method's spec as it appears in file names: without spaces (``neumann(10,scale=0.1)``), and with ``/``
+    (``damping='1/lr'``), which would name a folder, as ``%2F``."""
+    return method.replace(" ", "").replace("/", "%2F")
 
 
 def record_name(dataset: str, ways: int, method: str, seed: int) -> str:
