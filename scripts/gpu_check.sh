@@ -5,8 +5,10 @@
 # under 5 minutes on an H100 (not yet timed on one). Options go to python -m studies.gpu_check (--help lists them):
 #     bash scripts/gpu_check.sh --steps 3 --rounds 2
 #     bash scripts/gpu_check.sh --device cpu --dataset digits --steps 1 --rounds 1 --inner-steps 2   # no GPU
-# Installs nothing beyond the README's install command, and runs that only when .venv is missing.
+# Installs nothing beyond the README's install command, and runs that only when the environment ($VENV, default
+# .venv) is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || bash scripts/install.sh
-exec .venv/bin/python -m studies.gpu_check "$@"
+export VENV="${VENV:-.venv}"
+[ -x "$VENV/bin/python" ] || bash scripts/install.sh
+exec "$VENV/bin/python" -m studies.gpu_check "$@"

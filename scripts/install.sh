@@ -9,11 +9,17 @@ VENV="${VENV:-.venv}"
 # torch and torchvision (a CUDA build) take about 5.6 GB in the environment, all of it about 6.2 GB: stop at once,
 # naming the fix, when the disk cannot hold that, rather than failing midway with "No space left on device".
 NEED_GB="${HYPERGRAD_INSTALL_NEED_GB:-7}"
+if ! [[ "$NEED_GB" =~ ^[0-9]+$ ]]; then
+    echo "install.sh: HYPERGRAD_INSTALL_NEED_GB must be a whole number of GB, got '$NEED_GB'" >&2
+    exit 1
+fi
 if ! { [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; }; then
-    mkdir -p "$VENV"
-    FREE_KB=$(df -Pk "$VENV" | awk 'NR == 2 {print $4}')
+    WHERE="$VENV"  # the environment's folder, or the nearest folder above it that exists
+    while [ ! -e "$WHERE" ]; do WHERE="$(dirname "$WHERE")"; done
+    FREE_KB=$(df -Pk "$WHERE" | awk 'NR == 2 {print $4}')
     if [ "$FREE_KB" -lt $((NEED_GB * 1024 * 1024)) ]; then
-        echo "install.sh: $((FREE_KB / 1024 / 1024)) GB free where $VENV goes; the install needs about $NEED_GB GB." >&2
+        FREE_GB=$(awk -v kb="$FREE_KB" 'BEGIN {printf "%.1f", kb / 1024 / 1024}')
+        echo "install.sh: $FREE_GB GB free where $VENV goes; the install needs about $NEED_GB GB." >&2
         echo "install.sh: free disk space, or set VENV to a path on a larger disk (VENV=/big/disk/venv bash scripts/install.sh)." >&2
         exit 1
     fi

@@ -80,8 +80,9 @@ def test_the_script_is_bash_and_runs_the_check() -> None:
     assert commands == [  # installs nothing but through the README's install command, and that only without .venv
         "set -euo pipefail",
         'cd "$(dirname "$0")/.."',
-        "[ -x .venv/bin/python ] || bash scripts/install.sh",
-        'exec .venv/bin/python -m studies.gpu_check "$@"',
+        'export VENV="${VENV:-.venv}"',
+        '[ -x "$VENV/bin/python" ] || bash scripts/install.sh',
+        'exec "$VENV/bin/python" -m studies.gpu_check "$@"',
     ]
     assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
 

@@ -77,12 +77,14 @@ def test_callback_logs_a_cosine_below_one_for_greedy():
 def test_callback_compares_other_estimators_side_by_side():
     torch.manual_seed(0)
     model = FewShotClassifier(ways=3, image_shape=(1, 8, 8), estimator=lh.Greedy(0.99), inner_steps=4)
-    callback = HypergradCallback(every_n_steps=2, compare=[lh.T1T2(), lh.RMD()])
+    damped = lh.get_estimator("cg(3, damping='1/lr')")
+    callback = HypergradCallback(every_n_steps=2, compare=[lh.T1T2(), lh.RMD(), damped])
     trainer = quiet_trainer(max_steps=3, callbacks=[callback])
     trainer.fit(model, loader(*[random_meta_batch(seed=s) for s in range(3)]))
     logged = trainer.logged_metrics
     assert float(logged["hypergrad/rmd/cosine"]) == pytest.approx(1.0, abs=1e-6)
     assert -1.0 <= float(logged["hypergrad/t1t2/cosine"]) <= 1.0
+    assert -1.0 <= float(logged["hypergrad/cg(3, damping='1%2Flr')/cosine"]) <= 1.0  # one key group per estimator
 
 
 def test_validation_logs_accuracy_with_a_confidence_interval():

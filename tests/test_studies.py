@@ -113,7 +113,7 @@ def test_cost(tmp_path: Path) -> None:
     assert "(19488 entries)" in done.stdout  # FewShotClassifier's backbone: no convolution bias
 
 
-def test_cost_backbone_is_the_library_one() -> None:
+def test_cost_backbone_is_the_library_one(capsys: pytest.CaptureFixture[str]) -> None:
     from lightning_hypergrad.fewshot import ConvBackbone
     from studies.cost.estimators import DEFAULT_ESTIMATORS, fewshot_backbone, parse_args, select_estimators
 
@@ -125,6 +125,7 @@ def test_cost_backbone_is_the_library_one() -> None:
     assert select_estimators(given) == ["greedy(0.99)"]
     with pytest.raises(SystemExit):
         parse_args(["--estimators", "greedy0.99"])
+    assert "argument --estimators: unknown estimator 'greedy0.99'" in capsys.readouterr().err
 
 
 def test_cost_checkpointed_rmd(tmp_path: Path) -> None:

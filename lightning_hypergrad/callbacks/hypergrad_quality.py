@@ -34,8 +34,8 @@ class HypergradCallback(L.Callback):
     ``hypergrad/cosine`` and ``hypergrad/norm_ratio`` of the hypergradient that the module's ``training_step``
     returns (``outputs["hypergrad"]``). With ``compare``, it also logs ``hypergrad/<spec>/cosine`` and
     ``hypergrad/<spec>/norm_ratio`` for each of those estimators side by side, ``<spec>`` being the estimator's
-    spec string (``greedy(0.9)``). When the module's estimator is an :class:`~lightning_hypergrad.AutoGreedy`, the
-    same reference chooses its discount (``hypergrad/auto_gamma``).
+    spec string (``greedy(0.9)``; a ``/`` in it written ``%2F``). When the module's estimator is an
+    :class:`~lightning_hypergrad.AutoGreedy`, the same reference chooses its discount (``hypergrad/auto_gamma``).
     The cost (one reference computation, plus one per compared estimator) is paid only on the steps it runs;
     batch-norm running statistics are restored afterwards, so the extra computations leave no trace.
 
@@ -76,7 +76,8 @@ class HypergradCallback(L.Callback):
             self._compared = {}
             for estimator in self.compare:
                 hypergrad = pl_module.meta_gradient(tasks, estimator).hypergrads
-                self._compared[str(estimator)] = cosine_and_norm_ratio(hypergrad, self._reference)
+                label = str(estimator).replace("/", "%2F")  # a '/' would split the key's group
+                self._compared[label] = cosine_and_norm_ratio(hypergrad, self._reference)
         finally:
             with torch.no_grad():
                 for name, buffer in pl_module.named_buffers():

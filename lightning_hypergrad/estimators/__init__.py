@@ -82,7 +82,7 @@ def _parse_spec(spec: str) -> tuple[str, list[object], dict[str, object]]:
     except (SyntaxError, ValueError):
         raise ValueError(
             f"cannot parse the estimator spec {spec!r}: write a name with optional literal arguments, e.g. "
-            "'greedy(0.99)' or 'neumann(10, scale=0.05)'"
+            "'greedy(0.99)' or 'neumann(10, scale=0.05)', with string values quoted: 'neumann(10, damping=\"1/lr\")'"
         ) from None
     return name, args, options
 

@@ -5,13 +5,14 @@ in 3, 4, 5), every method (an estimator spec string, see :func:`lightning_hyperg
 then evaluates it on held-out meta-validation and meta-test tasks. The paper's settings (backbone, inner optimizer,
 T, outer learning rate, meta-batch, outer steps, shots, queries, evaluation tasks, data folder) are read from the
 same config as the command line's, ``configs/paper/<dataset>.yaml`` (``--config``), and the baselines' settings from
-``configs/estimators/{fo,t1t2,neumann}.yaml``; the command-line flags override them. Each finished run is written
-at once to its own JSON record, ``<out>/runs/<dataset>-<ways>way-<method>-seed<k>.json`` (the method's spec without
-spaces, e.g. ``greedy(0.99)``); a later ``run`` with the same arguments skips the runs that have a record, so an
-interrupted run resumes where it stopped. Ctrl-C stops ``run`` within seconds, with ``--workers`` too: the runs under
-way are abandoned without a record, and no worker process is left behind; workers whose runner is killed (even with
-``SIGKILL``) exit by themselves. A record file that cannot be used (not JSON, ``{}``, an accuracy ``null`` ...) is named
-with what is wrong: ``run`` refuses to start until it is deleted (the run is then redone), ``report`` skips it.
+``configs/estimators/{fo,t1t2,neumann}.yaml``; the command-line flags override them. Each finished run is written at
+once to its own JSON record, ``<out>/runs/<dataset>-<ways>way-<method>-seed<k>.json`` (the method's spec without
+spaces, e.g. ``greedy(0.99)``, and ``/`` written ``%2F``); a later ``run`` with the same arguments skips the runs that
+have a record, so an interrupted run resumes where it stopped. Ctrl-C stops ``run`` within seconds, with ``--workers``
+too: the runs under way are abandoned without a record, and no worker process is left behind; workers whose runner is
+killed (even with ``SIGKILL``) exit by themselves. A record file that cannot be used (not JSON, ``{}``, an accuracy
+``null`` ...) is named with what is wrong: ``run`` refuses to start until it is deleted (the run is then redone),
+``report`` skips it.
 
 ``python -m studies.table2 report`` (also called at the end of ``run``) reads the records and writes
 ``<out>/table2.md``, ``<out>/table2.csv`` and ``<out>/table2.png`` with two protocols:
