@@ -9,8 +9,8 @@
 - :func:`device_name` and :func:`machine_description`: what a report says about the machine it ran on;
 - :func:`estimator_spec` and :func:`require_positive`: the command lines' checks of estimator specs and counts.
 
-Lightning (and the package) is imported on first use, so that importing this module (e.g. from ``tests/test_memory.py``)
-is cheap.
+Lightning (and the package) is imported on first use, so that importing this module (e.g. from
+``tests/test_memory.py``) is cheap.
 """
 
 from __future__ import annotations

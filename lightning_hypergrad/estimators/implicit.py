@@ -137,8 +137,8 @@ class ImplicitEstimator(HypergradEstimator):
     non-convex inner loss away from a minimum) positive definite and bounds the inverse, at the price of a bias.
     ``damping="1/lr"`` takes ``1 /`` the inner SGD's learning rate: it bounds the inverse's norm by the learning
     rate, the size of one plain (momentum-free) inner step, so that the implicit correction weighs about as much as
-    T1-T2's (what makes IFT train on Omniglot 10-shot, where
-    the head fits the support set and ``H`` is nearly zero; docs/results.md).
+    T1-T2's (what makes IFT train on Omniglot 10-shot, where the head fits the support set and ``H`` is nearly zero;
+    docs/results.md).
 
     After each call, :attr:`last_stats` (:class:`SolveStats`) holds what the solve of that problem saw (the
     number of HVPs, a lower bound of ``lambda_max``, the smallest curvature met, and the Neumann scale or the CG

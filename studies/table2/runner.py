@@ -348,7 +348,7 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def seeded_data(
+def run_data(
     dataset: str,
     root: str | None,
     *,
@@ -358,12 +358,11 @@ def seeded_data(
     meta_batch: int,
     steps: int,
     eval_tasks: int,
-    seed: int,
+    seed: int = 0,
 ) -> CachedFewShotDataModule:
-    """Seeds Lightning with ``seed`` (hence the backbone built next), then the data of one run: ``steps`` training
-    meta-batches and ``eval_tasks`` meta-validation and meta-test tasks drawn with ``seed`` from a fixed class split
-    (``split_seed=0``)."""
-    L.seed_everything(seed, verbose=False)
+    """The data of one run: ``steps`` training meta-batches and ``eval_tasks`` meta-validation and meta-test tasks
+    drawn with ``seed`` from a fixed class split (``split_seed=0``). Building it checks the settings and the data
+    folder (``ValueError``, ``FileNotFoundError``); the images load at ``setup``."""
     return CachedFewShotDataModule(
         dataset=dataset,
         root=root,
@@ -416,7 +415,8 @@ def run_one(config: RunConfig, runs_dir: str | Path) -> dict[str, Any]:
     estimator = get_estimator(config.method)
     start = time.perf_counter()
     with quiet():
-        data = seeded_data(
+        L.seed_everything(config.seed, verbose=False)  # the backbone's initialization; the tasks follow the data's seed
+        data = run_data(
             config.dataset,
             config.root,
             ways=config.ways,
@@ -851,16 +851,15 @@ def command_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     ways = list(dict.fromkeys(args.ways))
     for w in ways:  # check the data and the settings here, before any worker starts
         try:
-            FewShotDataModule(
-                dataset=args.dataset,
-                root=root,
+            run_data(
+                args.dataset,
+                root,
                 ways=w,
                 shots=shots,
                 queries=queries,
-                meta_batch_size=meta_batch,
-                train_batches=steps,
-                val_tasks=eval_tasks,
-                test_tasks=eval_tasks,
+                meta_batch=meta_batch,
+                steps=steps,
+                eval_tasks=eval_tasks,
             )
         except (ValueError, FileNotFoundError) as error:
             parser.error(str(error))

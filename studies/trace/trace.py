@@ -40,7 +40,7 @@ from studies.table2.runner import (
     file_stem,
     paper_model,
     resolve_root,
-    seeded_data,
+    run_data,
 )
 
 OUT = "studies/trace/results"
@@ -124,7 +124,8 @@ def _setup(args: argparse.Namespace, seed: int, steps: int) -> tuple[PaperSettin
     paper = PaperSettings.from_config(default_config(args.dataset))
     sizes = {"ways": args.ways, "shots": args.shots, "queries": args.queries, "meta_batch": args.meta_batch}
     root = resolve_root(args.dataset, args.root, paper)
-    return paper, seeded_data(args.dataset, root, **sizes, steps=steps, eval_tasks=args.eval_tasks, seed=seed)
+    L.seed_everything(seed, verbose=False)  # as the runner's run_one: the backbone built next takes this seed
+    return paper, run_data(args.dataset, root, **sizes, steps=steps, eval_tasks=args.eval_tasks, seed=seed)
 
 
 def _model(
