@@ -85,7 +85,8 @@ def unroll(
             differentiates with respect to the state; the other estimators need not pay for it).
         start: ``(t0, w_t0, s_t0)``: start after step ``t0`` from these parameters and state, taken as they are
             (leaves that require grad stay connected, so that a gradient can be taken with respect to them);
-            ``None``: from ``problem``'s initial parameters and state, ``t0 = 0``.
+            ``None``: from ``problem``'s initial parameters and state, ``t0 = 0``. A learned ``w_0``
+            (``problem.learned_init``) is computed from ``h`` and stays connected to it where step 1 is ``CHAIN``.
         stop: the last step run (default T). The trajectory's ``inner_losses`` are those of steps ``t0 + 1`` to
             ``stop``.
     """
@@ -93,8 +94,10 @@ def unroll(
     h_const = [x.detach() for x in h]
     if start is None:
         first = 1
-        w: list[Tensor] = [p.detach() for p in problem.init_params]
-        state = problem.init_state.detached() if problem.init_state is not None else opt.init(w)
+        # a learned w_0 stays connected to h where the first step is chained (reverse mode differentiates it)
+        connect = problem.learned_init and mode(1) is StepMode.CHAIN
+        w: list[Tensor] = [p if connect else p.detach() for p in problem.initial(h if connect else h_const)]
+        state = problem.init_state.detached() if problem.init_state is not None else opt.init(w).detached()
     else:
         first, w, state = start[0] + 1, list(start[1]), start[2]
     losses: list[Tensor] = []

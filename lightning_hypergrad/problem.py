@@ -25,7 +25,10 @@ class BilevelProblem:
         inner_loss: ``L_train(w, h)``, the loss the inner optimizer minimizes.
         outer_loss: ``L_val(w, h)``, the loss whose hypergradient is computed.
         hyperparameters: the hyperparameter tensors ``alpha`` (leaves that require grad, e.g. a module's parameters).
-        init_params: the initial inner parameters ``w_0`` (not modified).
+        init_params: the initial inner parameters ``w_0`` (not modified): tensors, constants of the problem; or a
+            function ``init_params(h) -> tensors`` of the tensors ``h`` the losses receive, for an initialization that
+            is learned (MAML's ``w_0``, see :meth:`initial`). Each estimator states what it computes for it
+            (``supports_learned_init``); the others refuse such a problem before any work.
         optimizer: the differentiable inner optimizer ``Phi``.
         steps: the number of inner steps ``T``.
         features: optional; the part of the problem that depends on the hyperparameters alone (in meta-learning:
@@ -41,7 +44,7 @@ class BilevelProblem:
     inner_loss: LossFn
     outer_loss: LossFn
     hyperparameters: Sequence[Tensor]
-    init_params: Sequence[Tensor]
+    init_params: Sequence[Tensor] | Callable[[Sequence[Tensor]], Sequence[Tensor]]
     optimizer: DifferentiableOptimizer
     steps: int
     features: Callable[[], Sequence[Tensor]] | None = None
@@ -52,11 +55,11 @@ class BilevelProblem:
         self.outer_loss = _scalar_loss("outer_loss", self.outer_loss)
         check_int("steps (T, the number of inner steps)", self.steps)
         self.hyperparameters = list(self.hyperparameters)
-        self.init_params = list(self.init_params)
         if not self.hyperparameters:
             raise ValueError("hyperparameters is empty: give at least one hyperparameter tensor")
-        if not self.init_params:
-            raise ValueError("init_params is empty: give at least one inner parameter tensor")
+        if not callable(self.init_params):
+            self.init_params = list(self.init_params)
+            _check_init("init_params", self.init_params)
         for i, a in enumerate(self.hyperparameters):
             if not isinstance(a, Tensor) or not a.requires_grad:
                 raise ValueError(
@@ -64,15 +67,33 @@ class BilevelProblem:
                     f"torch.tensor(..., requires_grad=True)), got {type(a).__name__}"
                     + (" without requires_grad" if isinstance(a, Tensor) else "")
                 )
-        for i, w in enumerate(self.init_params):
-            if not isinstance(w, Tensor) or not w.is_floating_point():
-                raise ValueError(f"init_params[{i}] must be a floating-point tensor, got {type(w).__name__}")
         if not isinstance(self.optimizer, DifferentiableOptimizer):
             raise TypeError(
                 "optimizer must be a differentiable inner optimizer such as lightning_hypergrad.SGD or "
                 f"lightning_hypergrad.Adam, got {type(self.optimizer).__name__} (torch.optim optimizers update in "
                 "place and cannot be differentiated)"
             )
+
+    @property
+    def learned_init(self) -> bool:
+        """Whether ``w_0`` is a function of the hyperparameters (``init_params`` is callable)."""
+        return callable(self.init_params)
+
+    def initial(self, h: Sequence[Tensor]) -> list[Tensor]:
+        """``w_0``: ``init_params``, or ``init_params(h)`` (connected to ``h``) for a learned initialization."""
+        if not callable(self.init_params):
+            return list(self.init_params)
+        w0 = list(self.init_params(h))
+        _check_init("init_params(h)", w0)
+        return w0
+
+
+def _check_init(name: str, tensors: Sequence[Tensor]) -> None:
+    if not tensors:
+        raise ValueError(f"{name} is empty: give at least one inner parameter tensor")
+    for i, w in enumerate(tensors):
+        if not isinstance(w, Tensor) or not w.is_floating_point():
+            raise ValueError(f"{name}[{i}] must be a floating-point tensor, got {type(w).__name__}")
 
 
 def _scalar_loss(name: str, loss: LossFn) -> LossFn:

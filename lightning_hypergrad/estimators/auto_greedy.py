@@ -39,6 +39,8 @@ class AutoGreedy(Greedy):
     """
 
     name = "auto_greedy"
+    supports_learned_init = False
+    learned_init_refusal = "the grid's sums are mapped without the initialization's term"
     spec_args = ("gamma",)
     spec_options = ("grid", "nonfinite")
 

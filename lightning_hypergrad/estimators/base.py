@@ -48,6 +48,9 @@ class Estimate:
     grads: list[Tensor | None]
     trajectory: Trajectory
     outer_loss: Tensor
+    #: for a learned initialization: the estimator's adjoint of ``w_0`` (``dL_val / dw_0`` as the estimator takes
+    #: it), which the base class maps through ``init_params(h)``; ``None`` where ``grads`` already hold that term
+    init_adjoint: list[Tensor] | None = None
 
 
 def outer_grads(
@@ -72,6 +75,18 @@ def add_grads(total: list[Tensor | None], new: Sequence[Tensor | None], scale: f
             continue
         g = g if scale == 1.0 else g * scale
         total[i] = g if total[i] is None else total[i] + g
+
+
+def add_init_term(problem: BilevelProblem, h: Sequence[Tensor], estimate: Estimate) -> None:
+    """``estimate.grads += init_adjoint . d init_params(h) / dh`` for a learned initialization (one VJP)."""
+    if not problem.learned_init or estimate.init_adjoint is None:
+        return
+    with torch.enable_grad():
+        w0 = problem.initial(h)
+    pairs = [(w, g) for w, g in zip(w0, estimate.init_adjoint) if w.requires_grad and g is not None]
+    if pairs:
+        found = torch.autograd.grad([w for w, _ in pairs], h, [g for _, g in pairs], allow_unused=True)
+        add_grads(estimate.grads, found)
 
 
 def _reachable_leaves(roots: Sequence[Tensor]) -> set[int]:
@@ -108,9 +123,12 @@ def _flatten_settings(values: object) -> list[Tensor]:
 
 def check_dependence(problem: BilevelProblem, h: Sequence[Tensor], h_leaf: Sequence[Tensor]) -> None:
     """Raise if a hyperparameter reaches no loss and no optimizer setting, or a loss captures one directly."""
-    w = leaves(problem.init_params)
     with torch.enable_grad():
+        w0 = problem.initial(h_leaf)
+        w = leaves(w0)
         roots = [problem.inner_loss(w, h_leaf), problem.outer_loss(w, h_leaf)]
+        if problem.learned_init:
+            roots += w0
         for name in problem.optimizer.hyper_settings():
             roots += _flatten_settings(getattr(problem.optimizer, name)(h_leaf))
     reached = _reachable_leaves(roots)
@@ -126,8 +144,8 @@ def check_dependence(problem: BilevelProblem, h: Sequence[Tensor], h_leaf: Seque
     unused = [i for i, a in enumerate(problem.hyperparameters) if id(a) not in used]
     if unused:
         raise ValueError(
-            f"hyperparameters{unused} affect neither the inner loss, the outer loss nor the inner optimizer's "
-            "settings, so their hypergradient is undefined; remove them from `hyperparameters` or make the losses "
+            f"hyperparameters{unused} affect neither the inner loss, the outer loss, the inner optimizer's "
+            "settings nor the initialization, so their hypergradient is undefined; remove them from `hyperparameters` or make the losses "
             "depend on them"
         )
 
@@ -156,6 +174,10 @@ class HypergradEstimator:
     #: whether the hypergradient of a sum of independent problems is the sum of their hypergradients, so that
     #: the tasks of a meta-batch can run as one stacked problem (``BilevelModule(batch_tasks=True)``)
     batchable: ClassVar[bool] = True
+    #: whether the estimator defines a hypergradient for a learned initialization (``problem.learned_init``)
+    supports_learned_init: ClassVar[bool] = False
+    #: why not, where it does not (completes the refusal's message)
+    learned_init_refusal: ClassVar[str] = "it defines no term for the initialization"
 
     def __init__(self, nonfinite: Literal["warn", "raise"] = "warn") -> None:
         if nonfinite not in ("warn", "raise"):
@@ -183,6 +205,12 @@ class HypergradEstimator:
 
     def validate(self, problem: BilevelProblem) -> None:
         """Raise ``ValueError`` if this estimator cannot handle ``problem``."""
+        if problem.learned_init and not self.supports_learned_init:
+            raise ValueError(
+                f"{type(self).__name__} cannot differentiate a learned initialization (init_params that depend on the "
+                f"hyperparameters, as in MAML): {self.learned_init_refusal}. Use rmd, "
+                "rmd(checkpoint_every='sqrt'), truncated_rmd(K), fmd, fo (first-order MAML), t1t2 or greedy(gamma)"
+            )
         settings = problem.optimizer.hyper_settings()
         if settings and not self.supports_optimizer_settings:
             raise ValueError(
@@ -232,6 +260,7 @@ class HypergradEstimator:
         self, problem: BilevelProblem, h: Sequence[Tensor], h_leaf: list[Tensor]
     ) -> tuple[list[Tensor], Estimate]:
         estimate = self._estimate(problem, h_leaf)
+        add_init_term(problem, h_leaf, estimate)
         return self._to_hyperparameters(problem, h, estimate.grads), estimate
 
     @staticmethod

@@ -12,11 +12,15 @@ class FO(HypergradEstimator):
 
     Costs the inner loop and one outer gradient. Identically zero for hyperparameters that the outer loss
     does not use directly (weight decay, learning rate).
+
+    With a learned initialization ``w_0(alpha)`` (MAML), FO adds ``g_T dw_0/dalpha`` (``g_T = grad_w L_val(w_T)``):
+    the Jacobians ``A_t`` of every step taken as the identity, which is first-order MAML (Finn et al., 2017).
     """
 
     name = "fo"
+    supports_learned_init = True
 
     def _estimate(self, problem: BilevelProblem, h):
         trajectory = unroll(problem, h, lambda t: StepMode.CONSTANT)
-        loss, _, g_h = outer_grads(problem, trajectory.params, h)
-        return Estimate(g_h, trajectory, loss)
+        loss, g_w, g_h = outer_grads(problem, trajectory.params, h)
+        return Estimate(g_h, trajectory, loss, init_adjoint=g_w)

@@ -49,11 +49,14 @@ class FMD(HypergradEstimator):
     Args:
         max_entries: the largest number of hyperparameter entries accepted; above it, use RMD.
 
+    A learned initialization ``w_0(alpha)`` is differentiated exactly: the tangents start at ``Z_0 = dw_0/dalpha``.
+
     Raises:
         ValueError: the hyperparameters have more than ``max_entries`` entries.
     """
 
     name = "fmd"
+    supports_learned_init = True
     spec_options = ("max_entries", "nonfinite")
 
     def __init__(self, max_entries: int = 64, nonfinite: str = "warn") -> None:
@@ -84,7 +87,11 @@ class FMD(HypergradEstimator):
     def _hypergrads(self, problem: BilevelProblem, h, h_leaf):
         h_tangents = self._feature_tangents(problem, h, h_leaf)
         n = len(h_tangents)
-        z_w: list[list[Tensor]] = [[torch.zeros_like(p) for p in problem.init_params] for _ in range(n)]
+        if problem.learned_init:  # Z_0 = dw_0 / d alpha_j
+            with torch.enable_grad():
+                z_w = [[x.detach() for x in z] for z in jvp(problem.initial(h_leaf), h_leaf, h_tangents)]
+        else:
+            z_w = [[torch.zeros_like(p) for p in problem.init_params] for _ in range(n)]
         z_s: list[list[Tensor]] | None = None
 
         def on_step(step: InnerStep) -> None:

@@ -15,7 +15,15 @@ class _WeightedGreedy(HypergradEstimator):
     ``g_t = grad_w L_val(w_t, alpha)`` and ``B_t = dPhi(w_{t-1}, s_{t-1}, alpha) / d alpha`` with ``w_{t-1}`` and
     ``s_{t-1}`` held constant, so ``g_t B_t`` is one vector-Jacobian product of the step alone: no graph lives
     from one inner step to the next and the memory does not grow with T.
+
+    A learned initialization ``w_0(alpha)`` (MAML) adds ``g_T B_0`` with ``B_0 = dw_0 / d alpha``. The exact
+    hypergradient holds it as ``g_T A_T ... A_1 B_0``; eq. 6 is FO's direct term plus one term per step of ``Phi``,
+    and ``w_0`` is not a step, so it keeps FO's reading of that term (every ``A_t`` taken as the identity: first-order
+    MAML) rather than the greedy one ``gamma^T g_0 B_0``, which would judge the initialization by the validation loss
+    at ``w_0`` itself. With ``alpha`` entering through ``w_0`` alone, every member of the family is first-order MAML.
     """
+
+    supports_learned_init = True
 
     def weight(self, t: int, steps: int) -> float:
         raise NotImplementedError
@@ -34,15 +42,19 @@ class _WeightedGreedy(HypergradEstimator):
             last = step.t == steps
             loss = problem.outer_loss(step.params, h if last else h_const)
             c = self.weight(step.t, steps)
-            add_grads(total, torch.autograd.grad(loss if c == 1 else c * loss, h, allow_unused=True))
+            wrt = [*h, *step.params] if last and problem.learned_init else h
+            found = torch.autograd.grad(loss if c == 1 else c * loss, wrt, allow_unused=True)
+            add_grads(total, found[: len(h)])
             if last:
                 final["loss"] = loss.detach()
+                if problem.learned_init:  # g_T, for the initialization's term (c = 1 at t = T)
+                    final["g_T"] = [torch.zeros_like(w) if g is None else g for w, g in zip(step.params, found[len(h) :])]
 
         def mode(t: int) -> StepMode:
             return StepMode.LOCAL if self.weight(t, steps) != 0 else StepMode.CONSTANT
 
         trajectory = unroll(problem, h, mode, on_step)
-        return Estimate(total, trajectory, final["loss"])
+        return Estimate(total, trajectory, final["loss"], init_adjoint=final.get("g_T"))
 
 
 class Greedy(_WeightedGreedy):

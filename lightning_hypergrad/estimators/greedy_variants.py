@@ -93,6 +93,8 @@ class MomentumGreedy(HypergradEstimator):
         ValueError: ``gamma`` outside (0, 1]; at call time, an inner optimizer other than :class:`SGD`.
     """
 
+    learned_init_refusal = "its momentum-following terms are derived for a constant initialization"
+
     name = "momentum_greedy"
     spec_args = ("gamma",)
 
@@ -188,6 +190,8 @@ class GreedyTail(HypergradEstimator):
     Raises:
         ValueError: ``gamma`` outside (0, 1], ``tail`` not an integer >= 0, or (at call time) larger than T.
     """
+
+    learned_init_refusal = "its greedy head and exact tail are derived for a constant initialization"
 
     name = "greedy_tail"
     spec_args = ("gamma", "tail")

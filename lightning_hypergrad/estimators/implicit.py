@@ -147,6 +147,11 @@ class ImplicitEstimator(HypergradEstimator):
     The optimizer's own settings cannot be hyperparameters here: the stationary point does not depend on them.
     """
 
+    learned_init_refusal = (
+        "the implicit function theorem takes w_T as an inner optimum, which does not depend on where the inner loop "
+        "started, so the initialization's hypergradient is zero by construction"
+    )
+
     supports_optimizer_settings = False
 
     def __init__(self, iterations: int = 10, damping: float | str = 0.0, nonfinite: str = "warn") -> None:

@@ -23,12 +23,25 @@ class _ReverseMode(HypergradEstimator):
         super().validate(problem)
         self._first_differentiated_step(problem)
 
+    supports_learned_init = True
+
     def _estimate(self, problem: BilevelProblem, h):
         start = self._first_differentiated_step(problem)
-        trajectory = unroll(problem, h, lambda t: StepMode.CHAIN if t >= start else StepMode.CONSTANT)
-        loss = problem.outer_loss(trajectory.params, h)
-        grads = torch.autograd.grad(loss, h, allow_unused=True)
-        return Estimate(list(grads), trajectory, loss.detach())
+        if start == 1 or not problem.learned_init:
+            # from step 1, a learned w_0 is part of the chain (unroll keeps it connected to h)
+            trajectory = unroll(problem, h, lambda t: StepMode.CHAIN if t >= start else StepMode.CONSTANT)
+            loss = problem.outer_loss(trajectory.params, h)
+            grads = torch.autograd.grad(loss, h, allow_unused=True)
+            return Estimate(list(grads), trajectory, loss.detach())
+        # truncated with a learned w_0: the adjoint of w_{T-K} stands for that of w_0 (the steps before as identity)
+        head = unroll(problem, h, lambda t: StepMode.CONSTANT, stop=start - 1)
+        w_start = leaves(head.params)
+        tail = unroll(problem, h, lambda t: StepMode.CHAIN, start=(start - 1, w_start, head.state.detached()))
+        loss = problem.outer_loss(tail.params, h)
+        found = torch.autograd.grad(loss, [*h, *w_start], allow_unused=True)
+        adjoint = [torch.zeros_like(w) if g is None else g for w, g in zip(w_start, found[len(h) :])]
+        trajectory = Trajectory(tail.params, tail.state, torch.cat([head.inner_losses, tail.inner_losses]))
+        return Estimate(list(found[: len(h)]), trajectory, loss.detach(), init_adjoint=adjoint)
 
 
 class TruncatedRMD(_ReverseMode):
@@ -38,6 +51,11 @@ class TruncatedRMD(_ReverseMode):
 
     The first ``T - K`` steps run without a graph. Memory O(P K). ``K = T`` is exact RMD; ``K = 1`` is T1-T2.
     Spec string: ``truncated_rmd(K)``.
+
+    With a learned initialization ``w_0(alpha)`` and ``K < T``, the initialization's term is
+    ``lambda_{T-K} dw_0/dalpha``, where ``lambda_{T-K} = g_T A_T ... A_{T-K+1}`` is the exact adjoint of
+    ``w_{T-K}``: the Jacobians of the first ``T - K`` steps taken as the identity, as FO takes them all (the adjoint
+    of the optimizer's state at ``T - K`` is dropped). ``K = T`` is RMD's exact term.
 
     Args:
         truncate: ``K``, the number of last steps differentiated (at most T).
@@ -78,6 +96,9 @@ class RMD(_ReverseMode):
     extra pass of the inner loop without a graph (the steps before the last segment): about 1.5x plain RMD's time.
     ``K >= T`` is one segment, plain RMD. Spec strings: ``rmd(checkpoint_every=5)``,
     ``rmd(checkpoint_every='sqrt')``.
+
+    A learned initialization ``w_0(alpha)`` (MAML) is differentiated exactly, in both forms: the term
+    ``g_T A_T ... A_1 dw_0/dalpha`` comes from the same backward pass (from the first segment's, when checkpointed).
 
     Args:
         checkpoint_every: ``None`` (plain RMD), the segment length ``K`` (an integer >= 1), or ``"sqrt"``:

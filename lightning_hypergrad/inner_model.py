@@ -1,0 +1,195 @@
+"""An ``nn.Module`` as the inner model: the adapter between a module and the engine's flat list of tensors.
+
+The engine (:func:`~lightning_hypergrad.inner_loop.unroll` and the estimators) works on a list of tensors ``w``.
+:class:`InnerModel` names the entries of that list by the module's parameter names and calls the module with any
+values of them (``torch.func.functional_call``), so that a loss is written with the model called as usual::
+
+    inner = InnerModel(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
+    loss = lambda w, h: F.cross_entropy(inner(w, x), y)        # w: one tensor per name, in inner.names
+    problem = BilevelProblem(loss, ..., init_params=inner.init_params(hyperparameters), ...)
+
+Buffers (batch norm's running statistics): every call of the inner model normalizes with the statistics of the
+batch it is given, in training, validation and test alike, and never reads or updates the running statistics, as
+MAML's reference implementation does. So an inner step is a pure function of ``(w, h)`` (which reverse mode,
+checkpointed replays, forward mode and ``vmap`` need), validation sees the function that training differentiated,
+and the buffers keep their initial values: checkpoints hold them unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+INITS = ("learned", "fixed", "zeros")
+V = TypeVar("V")
+_MISSING: Any = object()
+
+
+class InnerModel(nn.Module):
+    """An ``nn.Module`` whose parameters are the inner parameters ``w``, addressed by name.
+
+    Args:
+        module: the inner model (any architecture; batch norm is handled as the module docstring says).
+        init: where the inner loop starts:
+
+            - ``"fixed"`` (default): at the module's parameters as they are now, a constant (they stop requiring
+              grad, so a :class:`~lightning_hypergrad.BilevelModule` does not take them for hyperparameters; they
+              are saved in its checkpoints).
+            - ``"zeros"``: at zero (the paper's linear head).
+            - ``"learned"``: at the module's parameters, which are hyperparameters (MAML learns ``w_0``): the
+              estimators differentiate the initialization (each says how; the others refuse it).
+        params: the names (or glob patterns, ``"head.*"``) of the parameters that are inner parameters; default all.
+            The module's other parameters must be constants (not require grad): they are used as they are.
+
+    Raises:
+        ValueError: ``init`` unknown, a name of ``params`` that matches nothing, or another parameter that requires
+            grad.
+    """
+
+    def __init__(self, module: nn.Module, init: str = "fixed", params: Sequence[str] | None = None) -> None:
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"InnerModel takes an nn.Module, got {type(module).__name__}")
+        if init not in INITS:
+            raise ValueError(f"InnerModel init={init!r} is not one of {', '.join(map(repr, INITS))}")
+        self.module = module
+        self.init = init
+        every = [name for name, _ in module.named_parameters()]
+        if params is None:
+            names = every
+        else:
+            if isinstance(params, str):
+                params = [params]
+            for pattern in params:
+                if not fnmatch.filter(every, pattern):
+                    raise ValueError(
+                        f"InnerModel params: {pattern!r} matches no parameter of the module; its parameters are "
+                        f"{', '.join(every)}"
+                    )
+            names = [n for n in every if any(fnmatch.fnmatchcase(n, p) for p in params)]
+        if not names:
+            raise ValueError("InnerModel: the module has no parameters to train in the inner loop")
+        self.names: tuple[str, ...] = tuple(names)
+        own = dict(module.named_parameters())
+        if init != "learned":
+            for name in self.names:
+                own[name].requires_grad_(False)
+        others = [n for n in every if n not in self.names and own[n].requires_grad]
+        if others:
+            raise ValueError(
+                f"InnerModel: the parameters {', '.join(others)} are not inner parameters but require grad; a loss "
+                "would use them directly, where the estimators cannot see them. Freeze them (requires_grad_(False)), "
+                "add them to params, or compute them in a separate module whose output the losses receive"
+            )
+
+    # ------------------------------------------------------------------ the inner parameters
+    def parameter_tensors(self) -> list[Tensor]:
+        """The module's tensors of the inner parameters, in the order of :attr:`names` (the parameters themselves)."""
+        own = dict(self.module.named_parameters())
+        return [own[name] for name in self.names]
+
+    def initial(self) -> list[Tensor]:
+        """``w_0`` for a constant initialization (``"fixed"``: copies of the parameters, ``"zeros"``: zeros)."""
+        tensors = [p.detach() for p in self.parameter_tensors()]
+        if self.init == "zeros":
+            return [torch.zeros_like(p) for p in tensors]
+        return [p.clone() for p in tensors]
+
+    def init_params(self, hyperparameters: Sequence[Tensor]) -> list[Tensor] | Callable[[Sequence[Tensor]], list]:
+        """What :class:`~lightning_hypergrad.BilevelProblem` takes as ``init_params``.
+
+        A constant initialization gives :meth:`initial`. A learned one gives a function of ``h`` that picks the
+        module's parameters out of ``h``, where ``h`` is ``hyperparameters`` (the problem has no ``features``): each
+        inner parameter must be one of them.
+        """
+        if self.init != "learned":
+            return self.initial()
+        ids = {id(a): i for i, a in enumerate(hyperparameters)}
+        missing = [n for n, p in zip(self.names, self.parameter_tensors()) if id(p) not in ids]
+        if missing:
+            raise ValueError(
+                f"InnerModel(init='learned'): the parameters {', '.join(missing)} are not among the hyperparameters; "
+                "a learned initialization is a hyperparameter, so list them (e.g. hyperparameters=list(model."
+                "parameters()))"
+            )
+        index = [ids[id(p)] for p in self.parameter_tensors()]
+        return lambda h: [h[i] for i in index]
+
+    def named(self, params: Sequence[Tensor]) -> dict[str, Tensor]:
+        """``{name: tensor}`` for a list ``params`` of inner parameters."""
+        if len(params) != len(self.names):
+            raise ValueError(f"InnerModel: got {len(params)} tensors for {len(self.names)} inner parameters")
+        return dict(zip(self.names, params))
+
+    def select(self, values: Mapping[str, V], default: V = _MISSING) -> list[V]:
+        """One value per inner parameter, by name: for per-parameter (per-layer) optimizer settings.
+
+        ``values`` maps names or glob patterns (``"0.*"``, ``"*.bias"``) to values; the first matching key wins.
+        A parameter that no key matches takes ``default`` (an error without one). A key that matches nothing is an
+        error (a typo would otherwise be silent).
+        """
+        for key in values:
+            if not any(fnmatch.fnmatchcase(n, key) for n in self.names):
+                raise ValueError(f"InnerModel.select: {key!r} matches no inner parameter ({', '.join(self.names)})")
+        out = []
+        for name in self.names:
+            match = next((v for k, v in values.items() if fnmatch.fnmatchcase(name, k)), _MISSING)
+            if match is _MISSING:
+                if default is _MISSING:
+                    raise ValueError(f"InnerModel.select: no value for {name!r}; give one or a default")
+                match = default
+            out.append(match)
+        return out
+
+    # ------------------------------------------------------------------ calling the module
+    def forward(self, params: Sequence[Tensor], *args: Any, **kwargs: Any) -> Any:
+        """The module's output on ``args`` with its inner parameters set to ``params``."""
+        with batch_statistics(self.module):
+            return torch.func.functional_call(self.module, self.named(params), args, kwargs, strict=False)
+
+    def bind(self, params: Sequence[Tensor]) -> BoundModel:
+        """The module with its inner parameters set to ``params``, as a callable model."""
+        return BoundModel(self, list(params))
+
+
+class BoundModel:
+    """An inner model with given values of its inner parameters: ``model(x)`` runs the module with them.
+
+    Attributes:
+        params: the values, one tensor per name of :attr:`InnerModel.names`.
+    """
+
+    def __init__(self, inner: InnerModel, params: list[Tensor]) -> None:
+        self.inner = inner
+        self.params = params
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner(self.params, *args, **kwargs)
+
+    def named_parameters(self) -> Iterator[tuple[str, Tensor]]:
+        """``(name, value)`` of each inner parameter."""
+        return iter(zip(self.inner.names, self.params))
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.inner.named(self.params)[name]
+
+
+@contextlib.contextmanager
+def batch_statistics(module: nn.Module) -> Iterator[None]:
+    """Within the block, the normalization layers of ``module`` use the batch's statistics and update nothing."""
+    norms = [m for m in module.modules() if isinstance(m, (_BatchNorm, _InstanceNorm))]
+    saved = [(m.training, m.track_running_stats) for m in norms]
+    try:
+        for m in norms:
+            m.training, m.track_running_stats = True, False
+        yield
+    finally:
+        for m, (training, track) in zip(norms, saved):
+            m.training, m.track_running_stats = training, track
