@@ -1,48 +1,36 @@
-"""``FewShotClassifier``: the paper's meta-learning model (a conv backbone as hyperparameters, a linear head inside)."""
+"""Few-shot classifiers: ``FewShotClassifier`` (the paper's model: a backbone as hyperparameters, a head inside) and
+``MAML`` (the whole network inside, its initialization learned)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_hypergrad._checks import check_int
+from lightning_hypergrad._checks import check_choice, check_int
 from lightning_hypergrad.estimators import HypergradEstimator
+from lightning_hypergrad.inner_model import INITS, InnerModel
 from lightning_hypergrad.module import BilevelModule, Task
+from lightning_hypergrad.nets import BACKBONES, ConvBackbone, build_backbone  # noqa: F401 (ConvBackbone: public)
 from lightning_hypergrad.optim import DifferentiableOptimizer
 
-
-class ConvBackbone(nn.Sequential):
-    """``depth`` blocks of (3x3 convolution with ``width`` channels, batch norm, ReLU, 2x2 max pooling), flattened.
-
-    Pooling stops once the feature map is 1x1, so small images (8x8 digits) work at any depth.
-    """
-
-    def __init__(self, image_shape: Sequence[int], depth: int = 3, width: int = 32) -> None:
-        channels, height, width_px = image_shape
-        layers: list[nn.Module] = []
-        for _ in range(depth):
-            # no bias: batch norm removes it, and Adam would move it by rounding noise alone
-            layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
-            if min(height, width_px) >= 2:
-                layers.append(nn.MaxPool2d(2))
-                height, width_px = height // 2, width_px // 2
-            channels = width
-        layers.append(nn.Flatten())
-        super().__init__(*layers)
-        self.out_features = channels * height * width_px
+HeadFactory = Callable[[int, int], nn.Module]
+"""``head(in_features, ways) -> nn.Module``: a head class (``torch.nn.Linear``, ``lightning_hypergrad.nets.MLPHead``)
+or any function of the two; in a config, the class path and its other arguments."""
 
 
 class FewShotClassifier(BilevelModule):
-    """N-way few-shot classification as in the paper: the backbone is ``alpha``, the linear head is ``w``.
+    """N-way few-shot classification as in the paper: the backbone is ``alpha``, the head is ``w``.
 
-    For each task the head starts at zero and is trained for ``T`` inner steps on the support set's features;
-    the outer loss is the cross-entropy on the query set. The backbone's features of the support and query images
-    are computed once per task (:meth:`features`), so every estimator costs about one backbone forward and
-    backward per task. Batch norm uses the task's batch statistics in training (its running statistics are
-    updated once per task) and the running statistics in validation and test.
+    For each task the head starts at ``w_0`` (zero for the default linear head) and is trained for ``T`` inner steps
+    on the support set's features; the outer loss is the cross-entropy on the query set. The backbone's features of
+    the support and query images are computed once per task (:meth:`features`), so every estimator costs about one
+    backbone forward and backward per task. The backbone's batch norm uses the task's batch statistics in training
+    (its running statistics are updated once per task) and the running statistics in validation and test. The
+    head is an :class:`~lightning_hypergrad.inner_model.InnerModel`: batch norm inside it always uses the batch's
+    statistics.
 
     Validation and test run the inner loop on held-out tasks and log the query accuracy and its 95% confidence
     interval over the tasks (``val/acc``, ``val/acc_ci95``).
@@ -50,8 +38,15 @@ class FewShotClassifier(BilevelModule):
     Args:
         ways: classes per task; ``None`` takes the data module's ``ways`` when training starts.
         image_shape: ``(channels, height, width)``; ``None`` takes the data module's ``image_shape``.
-        depth: number of convolutional blocks of the backbone.
-        width: channels of each block.
+        depth: number of convolutional blocks of the ``"conv"`` backbone.
+        width: channels of each block of ``"conv"``; the base width of ``"resnet"``.
+        backbone: ``"conv"`` (the paper's, default), ``"conv4"`` (4 x 64) or ``"resnet"``
+            (see :mod:`lightning_hypergrad.nets`).
+        head: ``head(in_features, ways) -> nn.Module``; ``None``: a linear head (``torch.nn.Linear``). In a config:
+            ``head: {class_path: lightning_hypergrad.nets.MLPHead, init_args: {hidden: [64]}}``.
+        head_init: where each task's head starts: ``"zeros"``, ``"fixed"`` (the head's own random initialization,
+            drawn once) or ``"learned"`` (a hyperparameter beside the backbone, as ANIL learns it). ``None``:
+            ``"zeros"`` for the linear head (the paper's), ``"fixed"`` for any other.
         estimator, inner_optimizer, inner_steps, meta_batch_size, outer_lr, gradient_clip_val,
         gradient_clip_algorithm, nonfinite, batch_tasks: see :class:`BilevelModule`. The tasks of a meta-batch
             always share their shapes here, so ``batch_tasks=True`` runs them together; it is off by default, as it
@@ -59,7 +54,8 @@ class FewShotClassifier(BilevelModule):
             peak memory for 1.0-1.2x the speed; see docs/scale.md).
 
     Raises:
-        ValueError: ``depth`` or ``width`` < 1, or ``ways``/``image_shape`` disagreeing with the data module's.
+        ValueError: ``depth`` or ``width`` < 1, an unknown backbone or head_init, or ``ways``/``image_shape``
+            disagreeing with the data module's.
     """
 
     def __init__(
@@ -68,6 +64,9 @@ class FewShotClassifier(BilevelModule):
         image_shape: tuple[int, int, int] | None = None,
         depth: int = 3,
         width: int = 32,
+        backbone: str = "conv",
+        head: HeadFactory | None = None,
+        head_init: str | None = None,
         estimator: HypergradEstimator | str | None = None,
         inner_optimizer: DifferentiableOptimizer | None = None,
         inner_steps: int = 10,
@@ -89,25 +88,51 @@ class FewShotClassifier(BilevelModule):
             nonfinite=nonfinite,
             batch_tasks=batch_tasks,
         )
-        check_int("depth", depth, owner="FewShotClassifier")
-        check_int("width", width, owner="FewShotClassifier")
+        owner = type(self).__name__
+        check_int("depth", depth, owner=owner)
+        check_int("width", width, owner=owner)
+        check_choice("backbone", backbone, BACKBONES, owner=owner)
+        if head is not None and not callable(head):
+            raise TypeError(
+                f"{owner} head must be a function head(in_features, ways) -> nn.Module, such as a head class "
+                f"(torch.nn.Linear, lightning_hypergrad.nets.MLPHead), got {head!r}"
+            )
+        if head_init is not None:
+            check_choice("head_init", head_init, INITS, owner=owner)
         if ways is not None:
-            check_int("ways (or null to take the data module's)", ways, 2, owner="FewShotClassifier")
-        self.save_hyperparameters(ignore=["estimator", "inner_optimizer"])
-        self.depth, self.width = depth, width
+            check_int("ways (or null to take the data module's)", ways, 2, owner=owner)
+        self.save_hyperparameters(ignore=["estimator", "inner_optimizer", "head"])
+        self.depth, self.width, self.backbone_name = depth, width, backbone
+        self.head_factory = head
+        self.head_init = head_init if head_init is not None else ("zeros" if head is None else "fixed")
         self.ways = ways
         self.image_shape = tuple(image_shape) if image_shape is not None else None
-        self.backbone: ConvBackbone | None = None
-        if self.image_shape is not None:
+        self.backbone: nn.Module | None = None
+        self.inner_model: InnerModel | None = None
+        if self.image_shape is not None and self.ways is not None:
             self._build()
 
+    def _head(self, in_features: int) -> nn.Module:
+        if self.head_factory is None:
+            return nn.Linear(in_features, self.ways)
+        head = self.head_factory(in_features, self.ways)
+        if not isinstance(head, nn.Module):
+            raise TypeError(f"{type(self).__name__} head(in_features, ways) returned {type(head).__name__}, not a module")
+        return head
+
     def _build(self) -> None:
-        self.backbone = ConvBackbone(self.image_shape, self.depth, self.width)
+        self.backbone = build_backbone(self.backbone_name, self.image_shape, self.depth, self.width)
+        if self.head_init == "zeros":  # the head's random draw is discarded: keep the random stream as it was
+            with torch.random.fork_rng(devices=[]):
+                head = self._head(self.backbone.out_features)
+        else:
+            head = self._head(self.backbone.out_features)
+        self.inner_model = InnerModel(head, init=self.head_init)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
         self.settings_from_data("ways", "image_shape")
-        if self.backbone is None:
+        if self.inner_model is None:
             self._build()
 
     def features(self, task: Task) -> list[Tensor]:
@@ -116,20 +141,50 @@ class FewShotClassifier(BilevelModule):
         out = self.backbone(images)  # one pass: batch norm sees the support and query images together
         return [out[:n_support], out[n_support:]]
 
-    def init_params(self, task: Task) -> list[Tensor]:
-        d = self.backbone.out_features
-        ref = task["support_x"]
-        return [ref.new_zeros(self.ways, d), ref.new_zeros(self.ways)]
+    def inner_loss(self, model, h, task):
+        return F.cross_entropy(model(h[0]), task["support_y"])
 
-    @staticmethod
-    def logits(params: Sequence[Tensor], features: Tensor) -> Tensor:
-        return F.linear(features, params[0], params[1])
+    def outer_loss(self, model, h, task):
+        return F.cross_entropy(model(h[1]), task["query_y"])
 
-    def inner_loss(self, params, h, task):
-        return F.cross_entropy(self.logits(params, h[0]), task["support_y"])
+    def task_metrics(self, model, h, task):
+        return {"acc": (model(h[1]).argmax(-1) == task["query_y"]).float().mean()}
 
-    def outer_loss(self, params, h, task):
-        return F.cross_entropy(self.logits(params, h[1]), task["query_y"])
 
-    def task_metrics(self, params, h, task):
-        return {"acc": (self.logits(params, h[1]).argmax(-1) == task["query_y"]).float().mean()}
+class MAML(FewShotClassifier):
+    """Model-agnostic meta-learning (Finn et al., 2017): the whole network (backbone and head) is the inner model,
+    and its initialization ``w_0`` is what the outer loop learns.
+
+    Each task starts from the learned ``w_0`` and takes ``T`` inner steps on its support set; the outer loss is the
+    query cross-entropy after them. ``estimator="rmd"`` (or ``"rmd(checkpoint_every='sqrt')"``, ``"fmd"``) is
+    second-order MAML; ``"fo"`` (``"t1t2"``, ``"greedy(gamma)"`` with the initialization alone as hyperparameter)
+    is first-order MAML; the estimators that define no term for an initialization refuse it before any work (see
+    :class:`~lightning_hypergrad.BilevelProblem`). The network's batch norm uses each batch's statistics in the
+    inner loop, the outer loss, validation and test alike, as in MAML's reference implementation (see
+    :mod:`lightning_hypergrad.inner_model`). Validation and test adapt ``w_0`` to each held-out task.
+
+    Args: as :class:`FewShotClassifier`; ``head_init`` does not apply (the whole initialization is learned), and
+        the linear head starts from ``torch.nn.Linear``'s random initialization, as MAML's does.
+    """
+
+    features = BilevelModule.features  # no part outside the inner loop
+
+    def __init__(self, *args, **kwargs) -> None:
+        if kwargs.get("head_init") not in (None, "learned"):
+            raise ValueError("MAML learns the whole initialization; remove head_init (or set it to 'learned')")
+        kwargs["head_init"] = "learned"
+        super().__init__(*args, **kwargs)
+
+    def _build(self) -> None:
+        backbone = build_backbone(self.backbone_name, self.image_shape, self.depth, self.width)
+        network = nn.Sequential(backbone, self._head(backbone.out_features))
+        self.inner_model = InnerModel(network, init="learned")  # network.0 is the backbone, network.1 the head
+
+    def inner_loss(self, model, h, task):
+        return F.cross_entropy(model(task["support_x"]), task["support_y"])
+
+    def outer_loss(self, model, h, task):
+        return F.cross_entropy(model(task["query_x"]), task["query_y"])
+
+    def task_metrics(self, model, h, task):
+        return {"acc": (model(task["query_x"]).argmax(-1) == task["query_y"]).float().mean()}

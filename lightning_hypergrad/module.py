@@ -18,6 +18,7 @@ from lightning_hypergrad.distributed import average_across_processes
 from lightning_hypergrad.estimators import Greedy, HypergradEstimator, get_estimator
 from lightning_hypergrad.evaluation import TaskMetrics, clone_task
 from lightning_hypergrad.inner_loop import StepMode, unroll
+from lightning_hypergrad.inner_model import InnerModel
 from lightning_hypergrad.optim import SGD, DifferentiableOptimizer, OptimizerState
 from lightning_hypergrad.problem import BilevelProblem
 
@@ -118,7 +119,12 @@ class BilevelModule(L.LightningModule):
 
     A subclass writes what is specific to its problem:
 
-    - :meth:`init_params` (``w_0`` of a task), :meth:`inner_loss` and :meth:`outer_loss` (``L_train``, ``L_val``);
+    - the inner model: either an ``nn.Module`` assigned as ``self.inner_model = InnerModel(module, init=...)`` (the
+      losses then receive ``model``, the module bound to the current inner parameters: ``model(x)``; ``init`` says
+      where the inner loop starts, ``"learned"`` making ``w_0`` a hyperparameter as in MAML; see
+      :class:`~lightning_hypergrad.inner_model.InnerModel`), or a flat list of tensors, with :meth:`init_params`
+      (``w_0`` of a task; the losses then receive that list as ``params``);
+    - :meth:`inner_loss` and :meth:`outer_loss` (``L_train``, ``L_val``);
     - optionally :meth:`features`, the part that depends on the hyperparameters alone (computed once per task,
       e.g. a backbone's features of the task's images); the losses then receive it as ``h``;
     - optionally :meth:`task_metrics` (per-task numbers to log, e.g. query accuracy).
@@ -159,7 +165,7 @@ class BilevelModule(L.LightningModule):
             they cannot be stacked, where the estimator's result is not a sum over the tasks
             (``estimator.batchable`` is false: ``ConjugateGradient`` and ``Neumann(scale="auto")``, whose steps
             or scale depend on the whole problem), in online mode, and where the inner optimizer's settings are
-            hyperparameters. The losses and metrics must be written with operations ``vmap`` supports (no
+            hyperparameters, and with a learned initialization. The losses and metrics must be written with operations ``vmap`` supports (no
             ``.item()``, no data-dependent Python branches). :meth:`features` is still called once per task,
             and the graphs of all the tasks' features stay alive until the hypergradient's backward pass: the
             memory of that part grows with the meta-batch (one by one, each task's is freed after its
@@ -230,7 +236,12 @@ class BilevelModule(L.LightningModule):
         raise NotImplementedError(f"{type(self).__name__} must implement init_params(task)")
 
     def inner_loss(self, params: Sequence[Tensor], h: Sequence[Tensor], task: Task) -> Tensor:
-        """``L_train(w, h)`` on ``task``; ``h`` is :meth:`features` or the hyperparameters."""
+        """``L_train(w, h)`` on ``task``; ``h`` is :meth:`features` or the hyperparameters.
+
+        With an :class:`~lightning_hypergrad.inner_model.InnerModel` as ``self.inner_model``, ``params`` is the
+        model bound to the current inner parameters (call it: ``params(x)``); so in :meth:`outer_loss` and
+        :meth:`task_metrics`.
+        """
         raise NotImplementedError(f"{type(self).__name__} must implement inner_loss(params, h, task)")
 
     def outer_loss(self, params: Sequence[Tensor], h: Sequence[Tensor], task: Task) -> Tensor:
@@ -265,25 +276,54 @@ class BilevelModule(L.LightningModule):
     def _uses_features(self) -> bool:
         return type(self).features is not BilevelModule.features
 
+    def _inner_model(self) -> InnerModel | None:
+        inner = getattr(self, "inner_model", None)
+        return inner if isinstance(inner, InnerModel) else None
+
+    def _learned_init(self) -> bool:
+        inner = self._inner_model()
+        return inner is not None and inner.init == "learned"
+
+    def _bound(self, fn):
+        """``fn(w, h, task)`` for the flat list ``w``: ``fn`` itself, or ``fn`` given the inner model bound to ``w``."""
+        inner = self._inner_model()
+        if inner is None:
+            return fn
+        return lambda w, h, task: fn(inner.bind(w), h, task)
+
     def make_problem(self, task: Task, cache: dict | None = None) -> BilevelProblem:
         """The :class:`BilevelProblem` of one task; ``cache['h']`` receives the features when computed."""
         cache = {} if cache is None else cache
+        inner = self._inner_model()
+        carried = self.online and self.carried_params is not None
+        learned = self._learned_init() and not carried
+        # a learned w_0 with features: the problem's h is the features followed by the inner model's parameters,
+        # and the losses receive the features alone (``split``)
+        tail = inner.parameter_tensors() if learned and self._uses_features() else []
+        cache["split"] = split = (lambda h: list(h)[: len(h) - len(tail)]) if tail else list
         features = None
         if self._uses_features():
 
             def features():
                 cache["h"] = self.features(task)
-                return cache["h"]
+                return [*cache["h"], *tail]
 
-        carried = self.online and self.carried_params is not None
         if carried:  # a checkpoint restores them on the CPU
             self.carried_params = [p.to(self.device) for p in self.carried_params]
             self.carried_state = self.carried_state.replace([t.to(self.device) for t in self.carried_state.tensors()])
+            init = self.carried_params
+        elif tail:
+            init = lambda h: list(h)[len(h) - len(tail) :]  # noqa: E731
+        elif inner is not None:
+            init = inner.init_params(self.hyperparameters())
+        else:
+            init = self.init_params(task)
+        inner_loss, outer_loss = self._bound(self.inner_loss), self._bound(self.outer_loss)
         return BilevelProblem(
-            inner_loss=lambda w, h: self.inner_loss(w, h, task),
-            outer_loss=lambda w, h: self.outer_loss(w, h, task),
+            inner_loss=lambda w, h: inner_loss(w, split(h), task),
+            outer_loss=lambda w, h: outer_loss(w, split(h), task),
             hyperparameters=self.hyperparameters(),
-            init_params=self.carried_params if carried else self.init_params(task),
+            init_params=init,
             optimizer=self.inner_optimizer,
             steps=self.inner_steps,
             features=features,
@@ -321,7 +361,7 @@ class BilevelModule(L.LightningModule):
                 t.add_(g)
             h = [x.detach() for x in cache["h"]] if "h" in cache else [a.detach() for a in alpha]
             with torch.no_grad():
-                metrics = {"outer_loss": result.loss, **self.task_metrics(result.params, h, task)}
+                metrics = {"outer_loss": result.loss, **self._bound(self.task_metrics)(result.params, h, task)}
             for key, value in metrics.items():
                 value = _as_float(value).detach().to(self.device).reshape(())
                 sums[key] = value if key not in sums else sums[key] + value
@@ -336,7 +376,7 @@ class BilevelModule(L.LightningModule):
     def _stacked(self, tasks: Sequence[Task], estimator: HypergradEstimator) -> StackedTasks | None:
         if not self.batch_tasks or self.online or len(tasks) < 2 or not estimator.batchable:
             return None
-        if self.inner_optimizer.hyper_settings():
+        if self.inner_optimizer.hyper_settings() or self._learned_init():
             return None
         return self.stack_tasks(tasks)
 
@@ -356,13 +396,17 @@ class BilevelModule(L.LightningModule):
         h_dim = 0 if self._uses_features() else None
 
         def summed(fn):
+            fn = self._bound(fn)
+
             def per_task(w, h, tensors):
                 return fn(w, h, stacked.task(tensors)).reshape(())
 
             batched = torch.func.vmap(per_task, in_dims=(0, h_dim, 0))
             return lambda w, h: batched(list(w), list(h), stacked.tensors).sum()
 
-        init = [torch.stack(column) for column in zip(*(self.init_params(task) for task in tasks))]
+        inner = self._inner_model()
+        per_task_init = (inner.initial() if inner is not None else self.init_params(task) for task in tasks)
+        init = [torch.stack(column) for column in zip(*per_task_init)]
         problem = BilevelProblem(
             inner_loss=summed(self.inner_loss),
             outer_loss=summed(self.outer_loss),
@@ -378,7 +422,8 @@ class BilevelModule(L.LightningModule):
         h = [x.detach() for x in cache["h"]] if "h" in cache else [a.detach() for a in self.hyperparameters()]
         with torch.no_grad():
             metrics = torch.func.vmap(
-                lambda w, hh, tensors: self.task_metrics(w, hh, stacked.task(tensors)), in_dims=(0, h_dim, 0)
+                lambda w, hh, tensors: self._bound(self.task_metrics)(w, hh, stacked.task(tensors)),
+                in_dims=(0, h_dim, 0),
             )(result.params, h, stacked.tensors)
         means = {"outer_loss": result.loss / n}
         means.update({k: _as_float(v).detach().to(self.device).mean() for k, v in metrics.items()})
@@ -395,14 +440,15 @@ class BilevelModule(L.LightningModule):
         In online mode, once training has started, the inner model is the one being trained: its carried
         parameters are returned as they are, without further inner steps.
         """
+        cache: dict = {}
+        problem = self.make_problem(task, cache)
         with torch.no_grad():
-            h = self.features(task) if self._uses_features() else self.hyperparameters()
+            h = problem.features() if problem.features is not None else problem.hyperparameters
             h = [x.detach() for x in h]
         if self.online and self.carried_params is not None:
-            return [p.detach().to(self.device) for p in self.carried_params], h
-        problem = self.make_problem(task)
+            return [p.detach().to(self.device) for p in self.carried_params], cache["split"](h)
         trajectory = unroll(problem, h, lambda t: StepMode.CONSTANT)
-        return trajectory.params, h
+        return trajectory.params, cache["split"](h)
 
     # ----------------------------------------------------------------- Lightning hooks
     def setup(self, stage: str) -> None:
@@ -559,7 +605,8 @@ class BilevelModule(L.LightningModule):
             task = clone_task(task)
             params, h = self.adapt(task)
             with torch.no_grad():
-                return {"outer_loss": self.outer_loss(params, h, task), **self.task_metrics(params, h, task)}
+                outer_loss, task_metrics = self._bound(self.outer_loss), self._bound(self.task_metrics)
+                return {"outer_loss": outer_loss(params, h, task), **task_metrics(params, h, task)}
 
     def _evaluate(self, batch: Any, stage: str) -> None:
         for task in self.split_tasks(batch):
