@@ -134,6 +134,7 @@ class FewShotClassifier(BilevelModule):
         self.settings_from_data("ways", "image_shape")
         if self.inner_model is None:
             self._build()
+        self.check_inner_model()
 
     def features(self, task: Task) -> list[Tensor]:
         n_support = task["support_x"].shape[0]

@@ -39,9 +39,9 @@ class InnerModel(nn.Module):
         module: the inner model (any architecture; batch norm is handled as the module docstring says).
         init: where the inner loop starts:
 
-            - ``"fixed"`` (default): at the module's parameters as they are now, a constant (they stop requiring
-              grad, so a :class:`~lightning_hypergrad.BilevelModule` does not take them for hyperparameters; they
-              are saved in its checkpoints).
+            - ``"fixed"`` (default): at the module's parameters as they are now, a constant: they become buffers
+              of the module (so that its ``parameters()``, and a :class:`~lightning_hypergrad.BilevelModule`'s, are
+              hyperparameters only; they are saved in checkpoints and moved with the module).
             - ``"zeros"``: at zero (the paper's linear head).
             - ``"learned"``: at the module's parameters, which are hyperparameters (MAML learns ``w_0``): the
               estimators differentiate the initialization (each says how; the others refuse it).
@@ -78,9 +78,6 @@ class InnerModel(nn.Module):
             raise ValueError("InnerModel: the module has no parameters to train in the inner loop")
         self.names: tuple[str, ...] = tuple(names)
         own = dict(module.named_parameters())
-        if init != "learned":
-            for name in self.names:
-                own[name].requires_grad_(False)
         others = [n for n in every if n not in self.names and own[n].requires_grad]
         if others:
             raise ValueError(
@@ -88,12 +85,22 @@ class InnerModel(nn.Module):
                 "would use them directly, where the estimators cannot see them. Freeze them (requires_grad_(False)), "
                 "add them to params, or compute them in a separate module whose output the losses receive"
             )
+        if init != "learned":  # constants: buffers, so that the module's parameters() are hyperparameters only
+            for name in self.names:
+                owner, _, attr = name.rpartition(".")
+                sub = module.get_submodule(owner)
+                value = sub._parameters.pop(attr)
+                sub.register_buffer(attr, value.detach())
 
     # ------------------------------------------------------------------ the inner parameters
     def parameter_tensors(self) -> list[Tensor]:
-        """The module's tensors of the inner parameters, in the order of :attr:`names` (the parameters themselves)."""
-        own = dict(self.module.named_parameters())
-        return [own[name] for name in self.names]
+        """The module's tensors of the inner parameters, in the order of :attr:`names` (parameters when learned,
+        buffers otherwise)."""
+        out = []
+        for name in self.names:
+            owner, _, attr = name.rpartition(".")
+            out.append(getattr(self.module.get_submodule(owner), attr))
+        return out
 
     def initial(self) -> list[Tensor]:
         """``w_0`` for a constant initialization (``"fixed"``: copies of the parameters, ``"zeros"``: zeros)."""

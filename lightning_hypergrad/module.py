@@ -462,6 +462,19 @@ class BilevelModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if hasattr(datamodule, "meta_batch_size"):
             self.settings_from_data("meta_batch_size")
+        self.check_inner_model()
+
+    def check_inner_model(self) -> None:
+        """Refuse, before any work, an estimator that defines no hypergradient for a learned initialization.
+
+        :meth:`setup` calls it; a subclass that builds its inner model in ``setup`` calls it again after.
+        """
+        if self._learned_init() and not self.estimator.supports_learned_init:
+            raise ValueError(
+                f"estimator {self.estimator} cannot differentiate a learned initialization (the inner model's "
+                f"init='learned', as in MAML): {self.estimator.learned_init_refusal}. Choose rmd, "
+                "rmd(checkpoint_every='sqrt'), truncated_rmd(K), fmd, fo (first-order MAML), t1t2 or greedy(gamma)"
+            )
 
     def settings_from_data(self, *names: str) -> None:
         """Share the settings ``names`` with the data module: the one mechanism between a module and its data.

@@ -77,7 +77,7 @@ def test_module_path_equals_flat_list_for_every_estimator(spec):
             steps=4,
         )
 
-    w0 = [p.detach().clone() for p in inner.module.parameters()]
+    w0 = [p.detach() for p in _mlp().parameters()]  # the same draws (seed 0), as positional tensors
 
     def flat_problem():
         def inner_loss(w, h):
