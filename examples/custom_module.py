@@ -15,19 +15,17 @@ class WeightDecayTuner(lh.BilevelModule):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.log_wd = torch.nn.Parameter(torch.full((64,), -3.0))
+        self.inner_model = lh.InnerModel(torch.nn.Linear(64, 10), init="zeros")  # each task starts at w_0 = 0
 
-    def init_params(self, task):
-        return [torch.zeros(64, 10), torch.zeros(10)]
+    def inner_loss(self, model, h, task):  # model: the classifier with the current w; h: [log_wd]
+        penalty = 0.5 * (h[0].exp() * model["weight"] ** 2).sum()  # weight [10, 64]: a column per pixel
+        return F.cross_entropy(model(task["x_train"]), task["y_train"]) + penalty
 
-    def inner_loss(self, params, h, task):  # h holds the hyperparameters: [log_wd]
-        penalty = 0.5 * (h[0].exp()[:, None] * params[0] ** 2).sum()
-        return F.cross_entropy(task["x_train"] @ params[0] + params[1], task["y_train"]) + penalty
+    def outer_loss(self, model, h, task):
+        return F.cross_entropy(model(task["x_val"]), task["y_val"])
 
-    def outer_loss(self, params, h, task):
-        return F.cross_entropy(task["x_val"] @ params[0] + params[1], task["y_val"])
-
-    def task_metrics(self, params, h, task):
-        return {"acc": ((task["x_val"] @ params[0] + params[1]).argmax(-1) == task["y_val"]).float().mean()}
+    def task_metrics(self, model, h, task):
+        return {"acc": (model(task["x_val"]).argmax(-1) == task["y_val"]).float().mean()}
 
 
 def digits_task() -> dict:

@@ -22,6 +22,7 @@ from lightning_hypergrad.estimators import (
     TruncatedRMD,
     get_estimator,
 )
+from lightning_hypergrad.inner_model import InnerModel
 from lightning_hypergrad.optim import SGD, Adam, AdamW, DifferentiableOptimizer, OptimizerState
 from lightning_hypergrad.problem import BilevelProblem
 
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 _LIGHTNING_NAMES = {
     "BilevelModule": "lightning_hypergrad.module",
     "FewShotClassifier": "lightning_hypergrad.fewshot",
+    "MAML": "lightning_hypergrad.fewshot",
     "HypergradCallback": "lightning_hypergrad.callbacks",
     "FewShotDataModule": "lightning_hypergrad.data",
 }
@@ -65,6 +67,8 @@ __all__ = [
     "GreedyTail",
     "HypergradEstimator",
     "HypergradResult",
+    "InnerModel",
+    "MAML",
     "MomentumGreedy",
     "Neumann",
     "OptimizerState",

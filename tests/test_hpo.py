@@ -40,15 +40,16 @@ def from_config(example: str, *overrides: str, root: Path):
 
 def sgd_val_loss(model, task, training_loss, steps: int, optimizer) -> float:
     """Validation loss (``task``'s ``x_val``/``y_val``) after ``steps`` of the torch optimizer ``optimizer(w)`` on
-    ``training_loss(w)``, from the model's initial network: the independent run every reference here is made of."""
-    w = [p.clone().requires_grad_() for p in model.init_params(task)]
+    ``training_loss(w)``, from the model's initial network: the independent run every reference here is made of.
+    ``w`` is the flat list of the network's parameters (``model.inner_model.names``)."""
+    w = [p.clone().requires_grad_() for p in model.inner_model.initial()]
     opt = optimizer(w)
     for _ in range(steps):
         opt.zero_grad()
         training_loss(w).backward()
         opt.step()
     with torch.no_grad():
-        return float(F.cross_entropy(model.logits(w, task["x_val"]), task["y_val"]))
+        return float(F.cross_entropy(model.inner_model(w, task["x_val"]), task["y_val"]))
 
 
 def fixed_rate_val_loss(model, data, lr: float, momentum: float, steps: int, weight_decay=(0.0, 0.0)) -> float:
@@ -57,8 +58,9 @@ def fixed_rate_val_loss(model, data, lr: float, momentum: float, steps: int, wei
     task = data.task("train")
 
     def training_loss(w):
-        loss = F.cross_entropy(model.logits(w, task["x_train"]), task["y_train"])
-        return loss + sum(0.5 * d * (w[2 * i] ** 2).sum() for i, d in enumerate(weight_decay))
+        loss = F.cross_entropy(model.inner_model(w, task["x_train"]), task["y_train"])
+        weights = model.inner_model.named(w)
+        return loss + sum(0.5 * d * (weights[f"layer{i}.weight"] ** 2).sum() for i, d in enumerate(weight_decay))
 
     return sgd_val_loss(model, task, training_loss, steps, lambda w: torch.optim.SGD(w, lr=lr, momentum=momentum))
 
@@ -122,7 +124,7 @@ def test_a_too_strong_weight_decay_is_learned_down(tmp_path):
     decays = [float(d) for d in model.weight_decays()]
     assert all(d < 0.3 * 0.5 for d in decays), decays
     with torch.no_grad():
-        learned = float(model.outer_loss(model.carried_params, [], data.task("val")))
+        learned = float(model.outer_loss(model.inner_model.bind(model.carried_params), [], data.task("val")))
     assert learned < strong
 
 
@@ -165,11 +167,13 @@ def test_learning_rate_hypergradient_matches_finite_differences():
         log_lr, logit_momentum = values[:-1], float(values[-1])
 
         def optimizer(w):
-            groups = [{"params": w[2 * i : 2 * i + 2], "lr": float(log_lr[i].exp())} for i in range(len(log_lr))]
+            named = model.inner_model.named(w)
+            layer = [[named[f"layer{i}.weight"], named[f"layer{i}.bias"]] for i in range(len(log_lr))]
+            groups = [{"params": layer[i], "lr": float(log_lr[i].exp())} for i in range(len(log_lr))]
             return torch.optim.SGD(groups, momentum=1 / (1 + math.exp(-logit_momentum)))
 
         def training_loss(w):
-            return F.cross_entropy(model.logits(w, task["x_train"]), task["y_train"])
+            return F.cross_entropy(model.inner_model(w, task["x_train"]), task["y_train"])
 
         return sgd_val_loss(model, task, training_loss, model.inner_steps, optimizer)
 
@@ -192,7 +196,7 @@ def test_online_validation_measures_the_network_being_trained(tmp_path):
     trainer.fit(model, data)
     val = data.task("val")
     with torch.no_grad():
-        expected = F.cross_entropy(model.logits(model.carried_params, val["x_val"]), val["y_val"])
+        expected = F.cross_entropy(model.inner_model(model.carried_params, val["x_val"]), val["y_val"])
     assert float(trainer.callback_metrics["val/outer_loss"]) == pytest.approx(float(expected), rel=1e-6)
     assert model.carried_state.step == 5 * model.inner_steps
 
@@ -205,6 +209,28 @@ def test_hypercleaner_takes_the_training_size_from_the_data_and_refuses_a_mismat
     assert model.sample_logits.shape == (50,) and model.hparams["train_size"] == 50
     with pytest.raises(ValueError, match="train_size=40 disagrees.*set model train_size to 50"):
         L.Trainer(max_steps=1, logger=False, enable_progress_bar=False).fit(HyperCleaner(train_size=40), data)
+
+
+def test_the_network_is_an_nn_module_drawn_from_init_seed_alone():
+    """The network's initial weights are the uniform draws of a generator seeded with init_seed, per layer the weight
+    then the bias (the numbers of every published run); building the module leaves the global random state as it
+    was; the network's weights are constants, so the hyperparameters are the tuner's own parameters alone."""
+    state = torch.get_rng_state()
+    model = WeightDecayTuner(in_features=64, hidden=[5, 4], classes=10, init_seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert model.inner_model.names == tuple(f"layer{i}.{kind}" for i in range(3) for kind in ("weight", "bias"))
+    g = torch.Generator().manual_seed(3)
+    expected = []
+    for fan_in, fan_out in [(64, 5), (5, 4), (4, 10)]:
+        bound = 1 / math.sqrt(fan_in)
+        expected += [(torch.rand(fan_out, fan_in, generator=g) * 2 - 1) * bound]
+        expected += [(torch.rand(fan_out, generator=g) * 2 - 1) * bound]
+    assert all(torch.equal(a, b) for a, b in zip(model.inner_model.initial(), expected, strict=True))
+    x = torch.randn(7, 64)
+    plain = F.linear(torch.relu(F.linear(torch.relu(F.linear(x, *expected[:2])), *expected[2:4])), *expected[4:])
+    assert torch.equal(model.inner_model(expected, x), plain)
+    assert [p is a for p, a in zip(model.hyperparameters(), model.log_weight_decay)] == [True] * 3
+    assert len(list(model.parameters())) == 3
 
 
 def test_tuners_reject_bad_settings():
@@ -288,8 +314,9 @@ def test_weight_decay_hypergradient_matches_finite_differences(per):
             logs = [value if i == layer else d for i, d in enumerate(decays)]
 
             def training_loss(w):
-                penalty = sum(0.5 * (logs[i].exp() * w[2 * i] ** 2).sum() for i in range(2))
-                return F.cross_entropy(model.logits(w, task["x_train"]), task["y_train"]) + penalty
+                weights = model.inner_model.named(w)
+                penalty = sum(0.5 * (logs[i].exp() * weights[f"layer{i}.weight"] ** 2).sum() for i in range(2))
+                return F.cross_entropy(model.inner_model(w, task["x_train"]), task["y_train"]) + penalty
 
             return sgd_val_loss(model, task, training_loss, model.inner_steps, sgd)
 
@@ -309,7 +336,7 @@ def test_sample_weight_hypergradient_matches_finite_differences():
 
     def outer(c):
         def training_loss(w):
-            losses = F.cross_entropy(model.logits(w, task["x_train"]), task["y_train"], reduction="none")
+            losses = F.cross_entropy(model.inner_model(w, task["x_train"]), task["y_train"], reduction="none")
             return (torch.sigmoid(c) * losses).sum() / len(losses)
 
         return sgd_val_loss(model, task, training_loss, model.inner_steps, sgd)

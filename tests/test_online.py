@@ -40,11 +40,11 @@ def test_online_mode_continues_one_inner_trajectory_across_outer_steps():
     model = make_model()
     trainer(max_steps=OUTER_STEPS, enable_checkpointing=False).fit(model, DataLoader([[task]] * 10, batch_size=None))
     # the same trajectory, run by torch.optim.SGD in one piece of OUTER_STEPS * INNER_STEPS steps
-    w = [p.clone().requires_grad_() for p in model.init_params(task)]
+    w = [p.clone().requires_grad_() for p in model.inner_model.initial()]
     opt = torch.optim.SGD(w, lr=0.5, momentum=0.9)
     for _ in range(OUTER_STEPS * INNER_STEPS):
         opt.zero_grad()
-        model.inner_loss(w, [model.log_wd.detach()], task).backward()
+        model.inner_loss(model.inner_model.bind(w), [model.log_wd.detach()], task).backward()
         opt.step()
     for carried, expected in zip(model.carried_params, w):
         torch.testing.assert_close(carried, expected.detach(), rtol=1e-6, atol=1e-7)

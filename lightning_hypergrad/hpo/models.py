@@ -1,9 +1,12 @@
 """Hyperparameter optimization of one network's training: weight decay, learning rates, sample weights.
 
-Each module trains a small multilayer perceptron (the inner parameters ``w``) on a training set and measures the
-outer loss on a validation set; its own parameters are the hyperparameters. With ``online=True`` (the default of
-:class:`LearningRateTuner` and :class:`HyperCleaner`) the network keeps training from one outer step to the next,
-so a whole run is one training of the network during which the hyperparameters are tuned.
+Each module trains a small multilayer perceptron, an ``nn.Module`` whose parameters are the inner parameters ``w``
+(wrapped in an :class:`~lightning_hypergrad.InnerModel`), on a training set and measures the outer loss on a
+validation set; its own trainable parameters are the hyperparameters. The per-layer hyperparameters (weight decays,
+learning rates) address the network's parameters by name (``layer0.weight``, ``layer1.*``), never by their position
+in the flat list of inner parameters. With ``online=True`` (the default of :class:`LearningRateTuner` and
+:class:`HyperCleaner`) the network keeps training from one outer step to the next, so a whole run is one training
+of the network during which the hyperparameters are tuned.
 
 The outer optimizer is Adam (``outer_optimizer="adam"``, the default of :class:`WeightDecayTuner` and
 :class:`HyperCleaner`) or sign steps with adaptive sizes (``"rprop"``, the default of :class:`LearningRateTuner`;
@@ -13,6 +16,7 @@ see :class:`MLPProblem`).
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -20,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_hypergrad._checks import check_choice, check_int, check_positive_number
-from lightning_hypergrad.module import BilevelModule, Task
+from lightning_hypergrad.inner_model import InnerModel
+from lightning_hypergrad.module import BilevelModule
 from lightning_hypergrad.optim import SGD, DifferentiableOptimizer
 
 OUTER_OPTIMIZERS = ("adam", "rprop")
@@ -30,12 +35,40 @@ RPROP_MIN_FRACTION = 1e-3
 """The smallest Rprop step, as a fraction of ``max_outer_step``."""
 
 
+def mlp(sizes: Sequence[int], init_seed: int) -> nn.Sequential:
+    """The multilayer perceptron ``sizes[0] -> ... -> sizes[-1]``: ``layer{i}`` (``nn.Linear``), ReLU between them.
+
+    Its weights are drawn from a generator seeded with ``init_seed`` (uniform in ``+-1/sqrt(fan_in)``, as
+    ``nn.Linear`` initializes them; per layer the weight then the bias), not from the global random state: the
+    network depends on ``init_seed`` alone, and building a module leaves the global random state untouched.
+    """
+    generator = torch.Generator().manual_seed(init_seed)
+    modules: OrderedDict[str, nn.Module] = OrderedDict()
+    last = len(sizes) - 2
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        bound = 1.0 / math.sqrt(fan_in)
+        weight = (torch.rand(fan_out, fan_in, generator=generator) * 2 - 1) * bound
+        bias = (torch.rand(fan_out, generator=generator) * 2 - 1) * bound
+        layer = nn.utils.skip_init(nn.Linear, fan_in, fan_out)  # no draw of its own: the weights are set here
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            layer.bias.copy_(bias)
+        modules[f"layer{i}"] = layer
+        if i < last:
+            modules[f"relu{i}"] = nn.ReLU()
+    return nn.Sequential(modules)
+
+
 class MLPProblem(BilevelModule):
     """A multilayer perceptron trained on ``x_train``/``y_train`` and judged on ``x_val``/``y_val``.
 
-    The network's initial weights are drawn once from ``init_seed`` (as ``nn.Linear`` initializes them) and kept as
-    buffers, so every run, estimator and process starts the inner loop from the same network. A subclass adds
-    hyperparameters and uses them in :meth:`inner_loss` or in the inner optimizer's settings.
+    The network is :func:`mlp` (``nn.Linear`` layers ``layer0``, ``layer1``, ... with ReLU between), drawn once from
+    ``init_seed`` and wrapped as ``self.inner_model = InnerModel(network, init="fixed")``: its weights are the
+    inner loop's starting point, constants (buffers, saved in checkpoints), so every run, estimator and process
+    starts from the same network, and the module's parameters are its hyperparameters alone. The losses receive the
+    network bound to the current inner parameters (``model(x)``). A subclass adds hyperparameters and uses them in
+    :meth:`inner_loss` or in the inner optimizer's settings, addressing the network's parameters by name
+    (:attr:`layer_names`, :meth:`~lightning_hypergrad.InnerModel.select`).
 
     The outer optimizer steps the hyperparameters (all of them in log or logit form) with the hypergradient:
 
@@ -92,37 +125,27 @@ class MLPProblem(BilevelModule):
         for width in hidden:
             check_int("hidden width", width, owner=name)
         self.sizes = [in_features, *hidden, classes]
-        generator = torch.Generator().manual_seed(init_seed)
-        for i, (fan_in, fan_out) in enumerate(zip(self.sizes[:-1], self.sizes[1:])):
-            bound = 1.0 / math.sqrt(fan_in)
-            weight = (torch.rand(fan_out, fan_in, generator=generator) * 2 - 1) * bound
-            bias = (torch.rand(fan_out, generator=generator) * 2 - 1) * bound
-            self.register_buffer(f"init_weight{i}", weight)
-            self.register_buffer(f"init_bias{i}", bias)
+        self.inner_model = InnerModel(mlp(self.sizes, init_seed), init="fixed")
 
     @property
     def layers(self) -> int:
+        """The number of linear layers."""
         return len(self.sizes) - 1
 
-    def init_params(self, task: Task) -> list[Tensor]:
-        """``[weight0, bias0, weight1, bias1, ...]`` of the initial network."""
-        return [getattr(self, f"init_{kind}{i}").clone() for i in range(self.layers) for kind in ("weight", "bias")]
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        """The names of the linear layers in the network, input first (``("layer0", "layer1")``): the prefixes of
+        their parameters' names (``layer0.weight``, ``layer0.bias``) in :attr:`InnerModel.names`."""
+        return tuple(f"layer{i}" for i in range(self.layers))
 
-    def logits(self, params: Sequence[Tensor], x: Tensor) -> Tensor:
-        for i in range(self.layers):
-            x = F.linear(x, params[2 * i], params[2 * i + 1])
-            if i < self.layers - 1:
-                x = torch.relu(x)
-        return x
+    def inner_loss(self, model, h, task):
+        return F.cross_entropy(model(task["x_train"]), task["y_train"])
 
-    def inner_loss(self, params, h, task):
-        return F.cross_entropy(self.logits(params, task["x_train"]), task["y_train"])
+    def outer_loss(self, model, h, task):
+        return F.cross_entropy(model(task["x_val"]), task["y_val"])
 
-    def outer_loss(self, params, h, task):
-        return F.cross_entropy(self.logits(params, task["x_val"]), task["y_val"])
-
-    def task_metrics(self, params, h, task):
-        return {"acc": (self.logits(params, task["x_val"]).argmax(-1) == task["y_val"]).float().mean()}
+    def task_metrics(self, model, h, task):
+        return {"acc": (model(task["x_val"]).argmax(-1) == task["y_val"]).float().mean()}
 
     def configure_optimizers(self):
         if self.outer_optimizer == "adam":
@@ -134,9 +157,10 @@ class MLPProblem(BilevelModule):
 class WeightDecayTuner(MLPProblem):
     """Learns an L2 penalty per layer (or per weight) of a network trained on a small training set.
 
-    ``L_train(w) = CE(train) + sum_l exp(a_l) / 2 * ||W_l||^2`` over the weight matrices ``W_l`` (biases are not
-    penalized); ``a`` (the log weight decay) is the hyperparameter and ``L_val`` is the cross-entropy on the
-    validation set. The penalty is part of the inner loss, so every estimator applies, the implicit ones included.
+    ``L_train(w) = CE(train) + sum_l exp(a_l) / 2 * ||W_l||^2`` over the weight matrices ``W_l`` (the parameters
+    ``layer{l}.weight``; biases are not penalized); ``a`` (the log weight decay) is the hyperparameter and ``L_val``
+    is the cross-entropy on the validation set. The penalty is part of the inner loss, so every estimator applies,
+    the implicit ones included.
 
     Args:
         per: ``"layer"`` (one weight decay per weight matrix) or ``"weight"`` (one per entry of each matrix).
@@ -153,16 +177,19 @@ class WeightDecayTuner(MLPProblem):
         self.save_hyperparameters(ignore=["estimator", "inner_optimizer"])
         self.per = per
         start = math.log(init_weight_decay)
-        shapes = [() if per == "layer" else (o, i) for i, o in zip(self.sizes[:-1], self.sizes[1:])]
+        #: the names of the penalized parameters, one per entry of ``log_weight_decay``
+        self.penalized = tuple(f"{layer}.weight" for layer in self.layer_names)
+        initial = self.inner_model.named(self.inner_model.parameter_tensors())
+        shapes = [() if per == "layer" else initial[name].shape for name in self.penalized]
         self.log_weight_decay = nn.ParameterList([nn.Parameter(torch.full(s, start)) for s in shapes])
 
     def weight_decays(self) -> list[Tensor]:
         """The current weight decay of each layer (a scalar, or one per weight)."""
         return [a.detach().exp() for a in self.log_weight_decay]
 
-    def inner_loss(self, params, h, task):
-        penalty = sum(0.5 * (a.exp() * params[2 * i] ** 2).sum() for i, a in enumerate(h))
-        return super().inner_loss(params, h, task) + penalty
+    def inner_loss(self, model, h, task):
+        penalty = sum(0.5 * (a.exp() * model[name] ** 2).sum() for name, a in zip(self.penalized, h))
+        return super().inner_loss(model, h, task) + penalty
 
     def training_step(self, batch, batch_idx):
         out = super().training_step(batch, batch_idx)
@@ -174,7 +201,7 @@ class WeightDecayTuner(MLPProblem):
 class LearningRateTuner(MLPProblem):
     """Learns the inner SGD's learning rate of each layer, and optionally its momentum, during one training run.
 
-    The learning rate of layer ``l`` (its weight and its bias) is ``exp(a_l)`` and the momentum is
+    The learning rate of layer ``l`` (both its parameters, ``layer{l}.*``) is ``exp(a_l)`` and the momentum is
     ``sigmoid(b)``: the hyperparameters ``a`` and ``b`` are log and logit parametrized, so they stay in range whatever
     the outer optimizer does. In online mode (the default) the network trains on from one outer step to the next,
     and the learning rates used over the run form a schedule, learned from the validation loss. The implicit
@@ -228,10 +255,13 @@ class LearningRateTuner(MLPProblem):
         self.inner_optimizer = self._make_optimizer(momentum)
 
     def _make_optimizer(self, momentum: float) -> DifferentiableOptimizer:
-        # h is [log_lr] or [log_lr, logit_momentum], in the order the parameters were registered
-        def lr(h: Sequence[Tensor]) -> list[Tensor]:  # [weight0, bias0, weight1, ...] share their layer's rate
+        # h is [log_lr] or [log_lr, logit_momentum], in the order the parameters were registered; each inner
+        # parameter takes the rate of its layer, found by name (the entry of log_lr of each of InnerModel.names)
+        layer = self.inner_model.select({f"{name}.*": i for i, name in enumerate(self.layer_names)})
+
+        def lr(h: Sequence[Tensor]) -> list[Tensor]:
             rates = h[0].exp()
-            return [rates[i // 2] for i in range(2 * self.layers)]
+            return [rates[i] for i in layer]
 
         def learned_momentum(h: Sequence[Tensor]) -> Tensor:
             return torch.sigmoid(h[1])
@@ -301,16 +331,16 @@ class HyperCleaner(MLPProblem):
         """The current weight of each training example."""
         return torch.sigmoid(self.sample_logits.detach())
 
-    def inner_loss(self, params, h, task):
-        losses = F.cross_entropy(self.logits(params, task["x_train"]), task["y_train"], reduction="none")
+    def inner_loss(self, model, h, task):
+        losses = F.cross_entropy(model(task["x_train"]), task["y_train"], reduction="none")
         if losses.shape != h[0].shape:
             raise ValueError(
                 f"HyperCleaner has {h[0].numel()} sample weights but the task has {losses.numel()} training examples"
             )
         return (torch.sigmoid(h[0]) * losses).mean()
 
-    def task_metrics(self, params, h, task):
-        metrics = super().task_metrics(params, h, task)
+    def task_metrics(self, model, h, task):
+        metrics = super().task_metrics(model, h, task)
         if "corrupted" in task and bool(task["corrupted"].any()) and not bool(task["corrupted"].all()):
             metrics["auc"] = auc(torch.sigmoid(h[0]), ~task["corrupted"])
         return metrics

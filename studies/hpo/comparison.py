@@ -157,18 +157,18 @@ def plain_sgd(model, data, total: int, **sgd) -> tuple[dict[str, dict[str, float
     the training took."""
     task = data.task("train")
     start = time.perf_counter()
-    w = [p.clone().requires_grad_() for p in model.init_params(task)]
+    w = [p.clone().requires_grad_() for p in model.inner_model.initial()]  # the network's parameters, as a list
     opt = torch.optim.SGD(w, **sgd)
     for _ in range(total):
         opt.zero_grad()
-        F.cross_entropy(model.logits(w, task["x_train"]), task["y_train"]).backward()
+        F.cross_entropy(model.inner_model(w, task["x_train"]), task["y_train"]).backward()
         opt.step()
     wall = time.perf_counter() - start
     out = {}
     for stage in ("val", "test"):
         t = data.task(stage)
         with torch.no_grad():
-            logits = model.logits(w, t["x_val"])
+            logits = model.inner_model(w, t["x_val"])
             out[stage] = {
                 "loss": float(F.cross_entropy(logits, t["y_val"])),
                 "acc": float((logits.argmax(-1) == t["y_val"]).float().mean()),
