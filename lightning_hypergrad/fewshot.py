@@ -16,6 +16,9 @@ from lightning_hypergrad.module import BilevelModule, Task
 from lightning_hypergrad.nets import BACKBONES, ConvBackbone, build_backbone  # noqa: F401 (ConvBackbone: public)
 from lightning_hypergrad.optim import DifferentiableOptimizer
 
+BackboneFactory = Callable[[tuple[int, int, int]], nn.Module]
+"""``backbone(image_shape) -> nn.Module`` mapping images to flat features (its ``out_features``, where it has one,
+is their size; otherwise one forward pass of zeros finds it)."""
 HeadFactory = Callable[[int, int], nn.Module]
 """``head(in_features, ways) -> nn.Module``: a head class (``torch.nn.Linear``, ``lightning_hypergrad.nets.MLPHead``)
 or any function of the two; in a config, the class path and its other arguments."""
@@ -41,7 +44,8 @@ class FewShotClassifier(BilevelModule):
         depth: number of convolutional blocks of the ``"conv"`` backbone.
         width: channels of each block of ``"conv"``; the base width of ``"resnet"``.
         backbone: ``"conv"`` (the paper's, default), ``"conv4"`` (4 x 64) or ``"resnet"``
-            (see :mod:`lightning_hypergrad.nets`).
+            (see :mod:`lightning_hypergrad.nets`), or your own: ``backbone(image_shape) -> nn.Module`` returning
+            flat features.
         head: ``head(in_features, ways) -> nn.Module``; ``None``: a linear head (``torch.nn.Linear``). In a config:
             ``head: {class_path: lightning_hypergrad.nets.MLPHead, init_args: {hidden: [64]}}``.
         head_init: where each task's head starts: ``"zeros"``, ``"fixed"`` (the head's own random initialization,
@@ -64,7 +68,7 @@ class FewShotClassifier(BilevelModule):
         image_shape: tuple[int, int, int] | None = None,
         depth: int = 3,
         width: int = 32,
-        backbone: str = "conv",
+        backbone: str | BackboneFactory = "conv",
         head: HeadFactory | None = None,
         head_init: str | None = None,
         estimator: HypergradEstimator | str | None = None,
@@ -91,7 +95,8 @@ class FewShotClassifier(BilevelModule):
         owner = type(self).__name__
         check_int("depth", depth, owner=owner)
         check_int("width", width, owner=owner)
-        check_choice("backbone", backbone, BACKBONES, owner=owner)
+        if not callable(backbone):
+            check_choice("backbone", backbone, BACKBONES, owner=owner)
         if head is not None and not callable(head):
             raise TypeError(
                 f"{owner} head must be a function head(in_features, ways) -> nn.Module, such as a head class "
@@ -101,7 +106,7 @@ class FewShotClassifier(BilevelModule):
             check_choice("head_init", head_init, INITS, owner=owner)
         if ways is not None:
             check_int("ways (or null to take the data module's)", ways, 2, owner=owner)
-        self.save_hyperparameters(ignore=["estimator", "inner_optimizer", "head"])
+        self.save_hyperparameters(ignore=["estimator", "inner_optimizer", "head", *([] if isinstance(backbone, str) else ["backbone"])])
         self.depth, self.width, self.backbone_name = depth, width, backbone
         self.head_factory = head
         self.head_init = head_init if head_init is not None else ("zeros" if head is None else "fixed")
@@ -120,8 +125,26 @@ class FewShotClassifier(BilevelModule):
             raise TypeError(f"{type(self).__name__} head(in_features, ways) returned {type(head).__name__}, not a module")
         return head
 
+    def _backbone(self) -> nn.Module:
+        if not callable(self.backbone_name):
+            return build_backbone(self.backbone_name, self.image_shape, self.depth, self.width)
+        backbone = self.backbone_name(self.image_shape)
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(f"{type(self).__name__} backbone(image_shape) returned {type(backbone).__name__}, not a module")
+        if not isinstance(getattr(backbone, "out_features", None), int):
+            with torch.no_grad():
+                out = backbone.eval()(torch.zeros(2, *self.image_shape))
+            backbone.train()
+            if out.dim() != 2:
+                raise ValueError(
+                    f"{type(self).__name__} backbone returns features of shape {tuple(out.shape[1:])} per image; "
+                    "return flat features (end it with nn.Flatten())"
+                )
+            backbone.out_features = out.shape[1]
+        return backbone
+
     def _build(self) -> None:
-        self.backbone = build_backbone(self.backbone_name, self.image_shape, self.depth, self.width)
+        self.backbone = self._backbone()
         if self.head_init == "zeros":  # the head's random draw is discarded: keep the random stream as it was
             with torch.random.fork_rng(devices=[]):
                 head = self._head(self.backbone.out_features)
@@ -177,7 +200,7 @@ class MAML(FewShotClassifier):
         super().__init__(*args, **kwargs)
 
     def _build(self) -> None:
-        backbone = build_backbone(self.backbone_name, self.image_shape, self.depth, self.width)
+        backbone = self._backbone()
         network = nn.Sequential(backbone, self._head(backbone.out_features))
         self.inner_model = InnerModel(network, init="learned")  # network.0 is the backbone, network.1 the head
 
