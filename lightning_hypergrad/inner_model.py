@@ -184,8 +184,15 @@ class BoundModel:
         """``(name, value)`` of each inner parameter."""
         return iter(zip(self.inner.names, self.params))
 
-    def __getitem__(self, name: str) -> Tensor:
-        return self.inner.named(self.params)[name]
+    def __getitem__(self, key: str | int) -> Tensor:
+        """The value of the inner parameter ``key``: a name, or a position in :attr:`InnerModel.names` (the flat
+        list's, so that code written for ``params[i]`` keeps working)."""
+        if isinstance(key, int):
+            return self.params[key]
+        return self.inner.named(self.params)[key]
+
+    def __len__(self) -> int:
+        return len(self.params)
 
 
 @contextlib.contextmanager
