@@ -258,3 +258,33 @@ def test_learned_init_with_batch_norm_matches_the_independent_loop():
         assert torch.equal(before[k], after[k]), f"{k} changed"
     case.net.train()
     _close(got, case.exact())  # the reference runs the module in train mode (batch statistics)
+
+
+@pytest.mark.parametrize("spec", ["rmd", "rmd(checkpoint_every=2)", "fmd(max_entries=200)"])
+def test_meta_sgd_per_parameter_learning_rates_and_initialization_are_exact(spec):
+    """Meta-SGD (Li et al., 2017): w_0 and one learning rate per entry of every parameter, learned together."""
+    x, y, xv, yv = _data(2)
+    net = _mlp(2)
+    inner = InnerModel(net, init="learned")
+    log_lrs = [torch.full_like(p, -1.0).add_(0.1 * torch.randn_like(p)).requires_grad_() for p in net.parameters()]
+    alpha = [*net.parameters(), *log_lrs]
+    n = len(log_lrs)
+    problem = lh.BilevelProblem(
+        lambda w, h: F.cross_entropy(inner(w, x), y),
+        lambda w, h: F.cross_entropy(inner(w, xv), yv),
+        alpha,
+        inner.init_params(alpha),
+        lh.SGD(lr=lambda h: [v.exp() for v in h[-n:]]),
+        steps=3,
+    )
+    got = lh.get_estimator(spec)(problem).hypergrads
+
+    def call(w, data):
+        return torch.func.functional_call(net, dict(zip(inner.names, w)), (data,))
+
+    w = list(net.parameters())
+    for _ in range(3):
+        g = torch.autograd.grad(F.cross_entropy(call(w, x), y), w, create_graph=True)
+        w = [p - lr.exp() * gi for p, lr, gi in zip(w, log_lrs, g)]
+    want = torch.autograd.grad(F.cross_entropy(call(w, xv), yv), alpha)
+    _close(got, want)
