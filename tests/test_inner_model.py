@@ -288,3 +288,25 @@ def test_meta_sgd_per_parameter_learning_rates_and_initialization_are_exact(spec
         w = [p - lr.exp() * gi for p, lr, gi in zip(w, log_lrs, g)]
     want = torch.autograd.grad(F.cross_entropy(call(w, xv), yv), alpha)
     _close(got, want)
+
+
+def test_tied_weights_go_through_functional_call_and_equal_the_flat_form():
+    """A module that uses one layer twice (tied weights) is called through torch.func.functional_call."""
+    x, y, xv, yv = _data(3)
+    torch.manual_seed(3)
+    layer = nn.Linear(4, 4).to(D)
+    net = nn.Sequential(layer, nn.Tanh(), layer, nn.Tanh(), nn.Linear(4, 3).to(D))
+    inner = InnerModel(net)
+    assert inner.names == ("0.weight", "0.bias", "4.weight", "4.bias") and inner._call_plan()[0] is None
+    w0 = [p.clone() for p in inner.initial()]
+
+    def flat(w, data):
+        hidden = torch.tanh(F.linear(torch.tanh(F.linear(data, w[0], w[1])), w[0], w[1]))
+        return F.linear(hidden, w[2], w[3])
+
+    lr = torch.tensor(-1.0, dtype=D, requires_grad=True)
+    make = lambda call, init: lh.BilevelProblem(  # noqa: E731
+        lambda w, h: F.cross_entropy(call(w, x), y), lambda w, h: F.cross_entropy(call(w, xv), yv), [lr], init,
+        lh.SGD(lr=lambda h: h[0].exp()), steps=3,
+    )  # fmt: skip
+    _close(lh.RMD()(make(inner, inner.init_params([lr]))).hypergrads, lh.RMD()(make(flat, w0)).hypergrads)
