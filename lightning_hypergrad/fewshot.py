@@ -106,7 +106,9 @@ class FewShotClassifier(BilevelModule):
             check_choice("head_init", head_init, INITS, owner=owner)
         if ways is not None:
             check_int("ways (or null to take the data module's)", ways, 2, owner=owner)
-        self.save_hyperparameters(ignore=["estimator", "inner_optimizer", "head", *([] if isinstance(backbone, str) else ["backbone"])])
+        self.save_hyperparameters(
+            ignore=["estimator", "inner_optimizer", "head", *([] if isinstance(backbone, str) else ["backbone"])]
+        )
         self.depth, self.width, self.backbone_name = depth, width, backbone
         self.head_factory = head
         self.head_init = head_init if head_init is not None else ("zeros" if head is None else "fixed")
@@ -122,7 +124,9 @@ class FewShotClassifier(BilevelModule):
             return nn.Linear(in_features, self.ways)
         head = self.head_factory(in_features, self.ways)
         if not isinstance(head, nn.Module):
-            raise TypeError(f"{type(self).__name__} head(in_features, ways) returned {type(head).__name__}, not a module")
+            raise TypeError(
+                f"{type(self).__name__} head(in_features, ways) returned {type(head).__name__}, not a module"
+            )
         return head
 
     def _backbone(self) -> nn.Module:
@@ -130,7 +134,9 @@ class FewShotClassifier(BilevelModule):
             return build_backbone(self.backbone_name, self.image_shape, self.depth, self.width)
         backbone = self.backbone_name(self.image_shape)
         if not isinstance(backbone, nn.Module):
-            raise TypeError(f"{type(self).__name__} backbone(image_shape) returned {type(backbone).__name__}, not a module")
+            raise TypeError(
+                f"{type(self).__name__} backbone(image_shape) returned {type(backbone).__name__}, not a module"
+            )
         if not isinstance(getattr(backbone, "out_features", None), int):
             with torch.no_grad():
                 out = backbone.eval()(torch.zeros(2, *self.image_shape))

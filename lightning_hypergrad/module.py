@@ -164,12 +164,12 @@ class BilevelModule(L.LightningModule):
             :meth:`stack_tasks` (dicts with equal keys and tensor shapes); the module runs them one by one where
             they cannot be stacked, where the estimator's result is not a sum over the tasks
             (``estimator.batchable`` is false: ``ConjugateGradient`` and ``Neumann(scale="auto")``, whose steps
-            or scale depend on the whole problem), in online mode, and where the inner optimizer's settings are
-            hyperparameters, and with a learned initialization. The losses and metrics must be written with operations ``vmap`` supports (no
-            ``.item()``, no data-dependent Python branches). :meth:`features` is still called once per task,
-            and the graphs of all the tasks' features stay alive until the hypergradient's backward pass: the
-            memory of that part grows with the meta-batch (one by one, each task's is freed after its
-            hypergradient); ``batch_tasks=False`` is the memory-frugal choice.
+            or scale depend on the whole problem), in online mode, where the inner optimizer's settings are
+            hyperparameters, and with a learned initialization. The losses and metrics must be written with
+            operations ``vmap`` supports (no ``.item()``, no data-dependent Python branches). :meth:`features` is
+            still called once per task, and the graphs of all the tasks' features stay alive until the
+            hypergradient's backward pass: the memory of that part grows with the meta-batch (one by one, each
+            task's is freed after its hypergradient); ``batch_tasks=False`` is the memory-frugal choice.
 
     Raises:
         ValueError: a setting out of its range (the message names it).

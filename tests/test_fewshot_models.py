@@ -95,7 +95,13 @@ def test_checkpoints_hold_the_inner_models_buffers_and_restore_the_same_model(tm
 
 @pytest.mark.parametrize(
     "head, head_init",
-    [(None, None), (_bn_head, None), (lambda i, o: CosineHead(i, o), "fixed"), (None, "learned"), (_bn_head, "learned")],
+    [
+        (None, None),
+        (_bn_head, None),
+        (lambda i, o: CosineHead(i, o), "fixed"),
+        (None, "learned"),
+        (_bn_head, "learned"),
+    ],
     ids=["linear-zeros", "mlp-bn-fixed", "cosine-fixed", "linear-learned", "mlp-bn-learned"],
 )
 def test_any_head_trains_and_only_a_learned_initialization_becomes_a_hyperparameter(head, head_init):
@@ -148,7 +154,9 @@ def test_maml_learns_the_whole_initialization_and_refuses_an_estimator_without_i
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     command = [str(BIN / "lightning-hypergrad"), "fit", *args, "--trainer.logger=false", "--trainer.max_steps=2"]
     command += ["--trainer.enable_progress_bar=false", "--data.init_args.val_tasks=4", "--data.init_args.test_tasks=4"]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": str(BIN)})
+    return subprocess.run(
+        command, cwd=cwd, capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": str(BIN)}
+    )
 
 
 def test_the_command_line_takes_a_head_and_the_maml_config(tmp_path):

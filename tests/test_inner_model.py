@@ -81,7 +81,9 @@ def test_module_path_equals_flat_list_for_every_estimator(spec):
 
     def flat_problem():
         def inner_loss(w, h):
-            return F.cross_entropy(_flat_mlp(w, x), y) + sum(0.5 * h[0][i].exp() * (p**2).sum() for i, p in enumerate(w))
+            return F.cross_entropy(_flat_mlp(w, x), y) + sum(
+                0.5 * h[0][i].exp() * (p**2).sum() for i, p in enumerate(w)
+            )
 
         return lh.BilevelProblem(
             inner_loss,
@@ -204,7 +206,10 @@ def _close(got, want):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize("spec", ["rmd", "rmd(checkpoint_every=2)", "rmd(checkpoint_every='sqrt')", "fmd(max_entries=100)", "truncated_rmd(4)"])
+@pytest.mark.parametrize(
+    "spec",
+    ["rmd", "rmd(checkpoint_every=2)", "rmd(checkpoint_every='sqrt')", "fmd(max_entries=100)", "truncated_rmd(4)"],
+)
 def test_exact_estimators_differentiate_a_learned_initialization(spec):
     case = MetaSGDProblem()
     got = lh.get_estimator(spec)(case.problem()).hypergrads

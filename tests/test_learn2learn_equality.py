@@ -22,6 +22,13 @@ l2l = pytest.importorskip("learn2learn", reason="learn2learn (the few-shot extra
 WAYS, SHOTS, QUERIES, T, LR = 3, 2, 3, 3, 0.4
 
 
+def _small(**kwargs) -> dict:
+    """The settings of a tiny few-shot model, float64 by the caller; plain SGD as learn2learn's MAML steps."""
+    return (
+        dict(ways=WAYS, image_shape=(1, 8, 8), depth=2, width=4, inner_optimizer=lh.SGD(lr=LR), inner_steps=T) | kwargs
+    )
+
+
 def _task(seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {
@@ -49,12 +56,10 @@ def _library(model, task):
 def test_anil_equals_learn2learn_maml_on_the_head(spec, first_order, head):
     torch.manual_seed(0)
     factory = None if head is None else (lambda i, o: MLPHead(i, o, hidden=[5], batch_norm=True))
-    model = FewShotClassifier(
-        ways=WAYS, image_shape=(1, 8, 8), depth=2, width=4, head=factory, head_init="learned",
-        estimator=spec, inner_optimizer=lh.SGD(lr=LR), inner_steps=T,
-    ).double()
-    backbone, maml = copy.deepcopy(model.backbone), l2l.algorithms.MAML(
-        copy.deepcopy(model.inner_model.module), lr=LR, first_order=first_order
+    model = FewShotClassifier(**_small(head=factory, head_init="learned", estimator=spec)).double()
+    backbone, maml = (
+        copy.deepcopy(model.backbone),
+        l2l.algorithms.MAML(copy.deepcopy(model.inner_model.module), lr=LR, first_order=first_order),
     )
     task = _task()
     got = _library(model, task)
@@ -72,10 +77,7 @@ def test_anil_equals_learn2learn_maml_on_the_head(spec, first_order, head):
 @pytest.mark.parametrize("spec, first_order", [("rmd", False), ("rmd(checkpoint_every=2)", False), ("fo", True)])
 def test_whole_network_maml_equals_learn2learn_maml(spec, first_order):
     torch.manual_seed(1)
-    model = MAML(
-        ways=WAYS, image_shape=(1, 8, 8), depth=2, width=4, estimator=spec, inner_optimizer=lh.SGD(lr=LR),
-        inner_steps=T,
-    ).double()
+    model = MAML(**_small(estimator=spec)).double()
     maml = l2l.algorithms.MAML(copy.deepcopy(model.inner_model.module), lr=LR, first_order=first_order)
     task = _task(1)
     got = _library(model, task)

@@ -281,3 +281,13 @@ def test_trace_rejects_bad_changes_before_any_work(tmp_path: Path, capsys: pytes
             main([command, *TRACE_TINY, option, "greedy0.99", *out])
         assert f"argument {option}: unknown estimator 'greedy0.99'" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_cost_adapter(capsys: pytest.CaptureFixture[str]) -> None:
+    from studies.cost import adapter
+
+    pair = adapter.problems(3)
+    a, b = (lh.get_estimator("rmd")(pair[k]).hypergrads[0] for k in ("module", "flat"))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)  # the two forms are one problem
+    adapter.main(["--estimators", "fo", "--inner-steps", "2", "--rounds", "1"])
+    assert "| 2 | fo |" in capsys.readouterr().out

@@ -145,8 +145,8 @@ def check_dependence(problem: BilevelProblem, h: Sequence[Tensor], h_leaf: Seque
     if unused:
         raise ValueError(
             f"hyperparameters{unused} affect neither the inner loss, the outer loss, the inner optimizer's "
-            "settings nor the initialization, so their hypergradient is undefined; remove them from `hyperparameters` or make the losses "
-            "depend on them"
+            "settings nor the initialization, so their hypergradient is undefined; remove them from "
+            "`hyperparameters` or make the losses depend on them"
         )
 
 

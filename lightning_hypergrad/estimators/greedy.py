@@ -48,7 +48,9 @@ class _WeightedGreedy(HypergradEstimator):
             if last:
                 final["loss"] = loss.detach()
                 if problem.learned_init:  # g_T, for the initialization's term (c = 1 at t = T)
-                    final["g_T"] = [torch.zeros_like(w) if g is None else g for w, g in zip(step.params, found[len(h) :])]
+                    final["g_T"] = [
+                        torch.zeros_like(w) if g is None else g for w, g in zip(step.params, found[len(h) :])
+                    ]
 
         def mode(t: int) -> StepMode:
             return StepMode.LOCAL if self.weight(t, steps) != 0 else StepMode.CONSTANT
