@@ -10,10 +10,14 @@ A :class:`lightning.pytorch.cli.LightningCLI` over any :class:`BilevelModule` su
   config never overwrite or delete each other's files. The ``checkpoint`` settings are those of
   :class:`RunCheckpoint` (Lightning's ``ModelCheckpoint``), with ``save_last: true``.
 - **``--ckpt_path last``** resumes (or evaluates) the most recent ``last-*.ckpt`` of the config's folder.
-- **Settings given with ``--ckpt_path`` are applied, and named.** The model and the data module are built from the
-  configs and the command line as without a checkpoint (which restores their weights and state); a setting that
-  differs from the one the checkpoint was written with is listed on stderr (Lightning's CLI would replace the model's
-  settings by the checkpoint's without a word).
+- **A resumed run is the same experiment.** Every checkpoint holds the model and data settings of its run (the
+  estimator with its arguments, the inner optimizer with its settings, every other model and data setting, as the
+  config has them). ``fit --ckpt_path ...`` continues with the checkpoint's settings where the configs say otherwise
+  (naming them on stderr), and refuses a ``--model.*`` or ``--data.*`` argument of the command line that differs
+  from the checkpoint's, naming each difference and how to start a new run instead; ``--resume_with_changes true``
+  continues with them, saying so. ``validate`` and ``test`` use the settings as given and name those that differ
+  (evaluating a trained backbone with another number of inner steps is a use). Checkpoints written before the
+  settings were stored are compared on the model's and data module's saved hyperparameters and used as given.
 - **Errors of settings are one message.** :func:`main` prints the message of an invalid setting (``error: ...``)
   without the traceback and exits with status 1; ``LIGHTNING_HYPERGRAD_DEBUG=1`` shows the traceback.
 - **W&B keeps what a killed run logged**: its ``.wandb`` file is written every second
@@ -55,6 +59,12 @@ WANDB_FLUSH_SECONDS = "1"
 
 RUN_KEY = "lightning_hypergrad_run"
 """The key of a checkpoint that holds the name of the run that wrote it (its W&B run id)."""
+
+SETTINGS_KEY = "lightning_hypergrad_settings"
+"""The key of a checkpoint that holds its run's ``model`` and ``data`` settings, as the run's config had them."""
+
+SECTIONS = ("model", "data")
+"""The config sections whose settings make the experiment (the trainer's, such as ``max_steps``, do not)."""
 
 SETTING_ERRORS = (ValueError, TypeError, FileNotFoundError, FloatingPointError, ImportError, MisconfigurationException)
 """The errors whose message alone :func:`main` prints: those that report a setting (this package's and Lightning's)
@@ -110,6 +120,9 @@ class RunCheckpoint(ModelCheckpoint):
     run_name: str | None = None
     """The name the files start with, set when fitting starts."""
 
+    settings: dict[str, Any] | None = None
+    """The run's model and data settings (plain YAML values), written into every checkpoint; set by the CLI."""
+
     _resumed_step: int | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -124,6 +137,8 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         checkpoint[RUN_KEY] = self.run_name
+        if self.settings is not None:
+            checkpoint[SETTINGS_KEY] = self.settings
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores nothing: the files listed in the checkpoint are the resumed run's, not this run's."""
@@ -173,6 +188,42 @@ class HypergradCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
+        parser.add_argument(
+            "--resume_with_changes",
+            type=bool,
+            default=False,
+            help="fit --ckpt_path: continue the checkpoint's run with the --model.* and --data.* settings of the "
+            "command line that differ from the checkpoint's (refused otherwise)",
+        )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        self._given = list(args) if isinstance(args, (list, tuple)) else (sys.argv[1:] if args is None else [])
+        super().parse_arguments(parser, args)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        settings = self._settings()
+        for callback in getattr(self.trainer, "callbacks", []):
+            if isinstance(callback, RunCheckpoint):
+                callback.settings = settings
+
+    def _settings(self) -> dict[str, Any]:
+        """The model and data sections of this run's config, as plain YAML values."""
+        ours = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_link_targets=False))
+        ours = ours.get(self.config.get("subcommand"), ours)
+        return {section: ours.get(section) for section in SECTIONS}
+
+    def _explicit(self) -> set[tuple[str, str]]:
+        """The ``(section, setting)`` pairs given by ``--model.*`` / ``--data.*`` arguments (``"*"``: the whole
+        section, as ``--model MAML`` gives it)."""
+        found = set()
+        for token in getattr(self, "_given", []):
+            if not token.startswith("--"):
+                continue
+            parts = [p for p in token[2:].split("=", 1)[0].split(".") if p not in ("init_args", "dict_kwargs")]
+            if parts[0] in SECTIONS:
+                found.add((parts[0], parts[1] if len(parts) > 1 else "*"))
+        return found
 
     def _parse_ckpt_path(self) -> None:
         """Runs between parsing and instantiation, in place of Lightning's, which parses the checkpoint's model
@@ -193,7 +244,7 @@ class HypergradCLI(LightningCLI):
                 return
         path = Path(config.ckpt_path)
         if path.is_file():  # (Lightning itself reports a missing file, and reads remote ones)
-            self._name_differences(path)
+            self._resume_settings(path, config)
 
     def _checkpoint_dir(self, config) -> str:
         """``lightning-hypergrad/<config>/checkpoints`` under the trainer's ``default_root_dir``."""
@@ -223,18 +274,61 @@ class HypergradCLI(LightningCLI):
             "of a .ckpt file"
         )
 
-    def _name_differences(self, path: Path) -> None:
-        """Lists on stderr each model and data setting that differs from the one ``path`` was written with, and
-        for ``fit`` how to continue the checkpoint's W&B run."""
+    def _resume_settings(self, path: Path, config) -> None:
+        """The settings of a run given a checkpoint: the checkpoint's where it holds them (see the module's
+        documentation), and the notices about them and about the checkpoint's W&B run."""
         try:
             saved = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
         except Exception:  # an unusual checkpoint: Lightning reports what is wrong with it when it loads it
             return
-        ours = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_link_targets=False))
-        ours = ours.get(self.config.get("subcommand"), ours)
+        stored = saved.get(SETTINGS_KEY)
+        fitting = self.config.get("subcommand") == "fit"
+        if not isinstance(stored, dict) or not fitting:
+            self._name_differences(path, saved, stored if isinstance(stored, dict) else None)
+            return
+        ours = self._settings()
+        explicit = self._explicit()
+        given, taken = [], []
+        for section in SECTIONS:
+            for name, value, theirs in _section_differences(ours.get(section) or {}, stored.get(section) or {}):
+                if (section, name) in explicit or (section, "*") in explicit:
+                    given.append(_describe(f"{section}.{name}", value, theirs, "checkpoint"))
+                else:
+                    taken.append((section, name, theirs, _describe(f"{section}.{name}", theirs, value, "config")))
+        if given and not config.get("resume_with_changes"):
+            raise ValueError(
+                f"ckpt_path={path}: a resumed run continues the checkpoint's experiment, and the command line sets "
+                f"{'; '.join(given)}. To run these settings, start a new run (drop --ckpt_path); to continue the "
+                "checkpoint's run with them anyway, add --resume_with_changes true"
+            )
+        for section, name, theirs, _ in taken:
+            _set_setting(config, section, name, theirs)
+        if taken:
+            _notice(
+                f"ckpt_path={path}: continuing with the checkpoint's settings where the config differs: "
+                f"{'; '.join(line for *_, line in taken)}"
+            )
+        if given:
+            _notice(
+                f"ckpt_path={path}: --resume_with_changes: the run goes on with settings that differ from the "
+                f"checkpoint's, so it does not end as the checkpoint's run would have: {'; '.join(given)}"
+            )
+        self._wandb_notice(saved)
+
+    def _name_differences(self, path: Path, saved: dict, stored: dict[str, Any] | None) -> None:
+        """Lists on stderr each model and data setting that differs from the one ``path`` was written with, and
+        for ``fit`` how to continue the checkpoint's W&B run."""
+        ours = self._settings()
         differences = []
-        for section, key in (("model", "hyper_parameters"), ("data", "datamodule_hyper_parameters")):
-            differences += _differences(section, ours.get(section) or {}, dict(saved.get(key) or {}))
+        if stored is not None:
+            for section in SECTIONS:
+                differences += [
+                    _describe(f"{section}.{name}", value, theirs, "checkpoint")
+                    for name, value, theirs in _section_differences(ours.get(section) or {}, stored.get(section) or {})
+                ]
+        else:
+            for section, key in (("model", "hyper_parameters"), ("data", "datamodule_hyper_parameters")):
+                differences += _differences(section, ours.get(section) or {}, dict(saved.get(key) or {}))
         fitting = self.config.get("subcommand") == "fit"
         if differences:
             consequence = (
@@ -244,6 +338,14 @@ class HypergradCLI(LightningCLI):
                 f"ckpt_path={path}: used as given, these settings differ from the checkpoint's: "
                 f"{'; '.join(differences)}{consequence}"
             )
+        if fitting:
+            self._wandb_notice(saved)
+
+    def _wandb_notice(self, saved: dict) -> None:
+        """How to continue the checkpoint's W&B run, where a W&B logger would start a new one."""
+        ours = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_link_targets=False))
+        ours = ours.get(self.config.get("subcommand"), ours)
+        fitting = self.config.get("subcommand") == "fit"
         run = saved.get(RUN_KEY)
         logger = (ours.get("trainer") or {}).get("logger") or {}
         wandb_logger = isinstance(logger, dict) and str(logger.get("class_path", "")).endswith("WandbLogger")
@@ -292,6 +394,53 @@ def _differences(section: str, given: dict[str, Any], saved: dict[str, Any]) -> 
         if not _same(args[key], theirs):
             out.append(f"{section}.{key}: {args[key]!r} (checkpoint: {theirs!r})")
     return out
+
+
+def _section_differences(given: dict[str, Any], stored: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(setting, given value, stored value)`` for each setting of a config section that differs.
+
+    Settings are the section's ``class_path`` and each of its ``init_args`` (compared whole: an estimator with its
+    arguments is one setting). A setting the stored section lacks (added since) is not compared.
+    """
+    out = []
+    if given.get("class_path") != stored.get("class_path"):
+        return [("class_path", given.get("class_path"), stored.get("class_path"))]
+    ours, theirs = given.get("init_args") or {}, stored.get("init_args") or {}
+    for name, value in theirs.items():
+        if name in ours and not _same(ours[name], value):
+            out.append((name, ours[name], value))
+    return out
+
+
+def _describe(key: str, value: Any, other: Any, other_name: str) -> str:
+    """``key: value (other_name: other)``; for two instances of one class, each argument that differs alone."""
+    if isinstance(value, dict) and isinstance(other, dict) and value.get("class_path") == other.get("class_path"):
+        ours, theirs = value.get("init_args") or {}, other.get("init_args") or {}
+        parts = [
+            _describe(f"{key}.{name}", ours.get(name), theirs.get(name), other_name)
+            for name in dict.fromkeys([*ours, *theirs])
+            if not _same(ours.get(name), theirs.get(name))
+        ]
+        return "; ".join(parts)
+    return f"{key}: {_short(value)} ({other_name}: {_short(other)})"
+
+
+def _short(value: Any) -> str:
+    """A setting as a short string: a class with arguments as ``Class(arg=value, ...)``."""
+    if isinstance(value, dict) and "class_path" in value:
+        args = ", ".join(f"{k}={_short(v)}" for k, v in (value.get("init_args") or {}).items())
+        return f"{str(value['class_path']).rsplit('.', 1)[-1]}({args})"
+    return repr(value)
+
+
+def _set_setting(config, section: str, name: str, value: Any) -> None:
+    """Sets ``section.name`` (``class_path``: the whole section) of the parsed ``config`` to a stored value."""
+    from jsonargparse import dict_to_namespace
+
+    if name == "class_path":
+        config[section] = dict_to_namespace(value) if isinstance(value, dict) else value
+        return
+    config[section]["init_args"][name] = dict_to_namespace(value) if isinstance(value, dict) else value
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -583,10 +583,27 @@ class BilevelModule(L.LightningModule):
             "carried_state": None if state is None else {"step": state.step, "buffers": state.buffers},
             "estimator": self.estimator.state_dict() if hasattr(self.estimator, "state_dict") else None,
             "last_epoch_end": self._last_epoch_end,
+            "method": self._method(),
+        }
+
+    def _method(self) -> dict[str, Any]:
+        """The settings of the hypergradient computation, as strings: what a checkpoint says it was written with."""
+        return {
+            "estimator": str(self.estimator),
+            "inner_optimizer": repr(self.inner_optimizer),
+            "inner_steps": str(self.inner_steps),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("lightning_hypergrad", {})
+        written, ours = saved.get("method") or {}, self._method()
+        changed = [f"{k}: {ours[k]} (checkpoint: {v})" for k, v in written.items() if k in ours and ours[k] != v]
+        if changed:
+            rank_zero_warn(
+                f"the checkpoint was written with other settings of the hypergradient than this module's: "
+                f"{'; '.join(changed)}; the run goes on with this module's",
+                category=UserWarning,
+            )
         self.skipped_steps = saved.get("skipped_steps", 0)
         self.carried_params = saved.get("carried_params")
         state = saved.get("carried_state")

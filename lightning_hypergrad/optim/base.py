@@ -69,6 +69,17 @@ class DifferentiableOptimizer(ABC):
     #: names of the constructor arguments that are settings (numbers or functions of the hyperparameters)
     setting_names: tuple[str, ...] = ()
 
+    def __repr__(self) -> str:
+        """``SGD(lr=0.1, momentum=0.9, ...)``: every constructor argument (a function of the hyperparameters as
+        ``<function>``), so that two optimizers with the same settings print the same."""
+        import inspect
+
+        names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
+        args = ", ".join(
+            f"{n}={'<function>' if callable(getattr(self, n, None)) else repr(getattr(self, n, None))}" for n in names
+        )
+        return f"{type(self).__name__}({args})"
+
     def hyper_settings(self) -> list[str]:
         """The names of the settings that are functions of the hyperparameters."""
         return [name for name in self.setting_names if callable(getattr(self, name))]
