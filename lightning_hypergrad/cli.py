@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import re
 import sys
 import time
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -243,8 +245,10 @@ class HypergradCLI(LightningCLI):
             if config.ckpt_path is None:
                 return
         path = Path(config.ckpt_path)
-        if path.is_file():  # (Lightning itself reports a missing file, and reads remote ones)
-            self._resume_settings(path, config)
+        if path.exists():  # (Lightning itself reports a missing file, and reads remote ones)
+            saved = read_checkpoint(path)
+            if saved is not None:
+                self._resume_settings(path, config, saved)
 
     def _checkpoint_dir(self, config) -> str:
         """``lightning-hypergrad/<config>/checkpoints`` under the trainer's ``default_root_dir``."""
@@ -274,13 +278,9 @@ class HypergradCLI(LightningCLI):
             "of a .ckpt file"
         )
 
-    def _resume_settings(self, path: Path, config) -> None:
+    def _resume_settings(self, path: Path, config, saved: dict) -> None:
         """The settings of a run given a checkpoint: the checkpoint's where it holds them (see the module's
         documentation), and the notices about them and about the checkpoint's W&B run."""
-        try:
-            saved = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
-        except Exception:  # an unusual checkpoint: Lightning reports what is wrong with it when it loads it
-            return
         stored = saved.get(SETTINGS_KEY)
         fitting = self.config.get("subcommand") == "fit"
         if not isinstance(stored, dict) or not fitting:
@@ -367,6 +367,69 @@ class HypergradCLI(LightningCLI):
         if type(self.datamodule).state_dict is not LightningDataModule.state_dict:
             # the data module stores its sampling state: a resume in the middle of an epoch is exact
             warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch")
+
+
+def read_checkpoint(path: Path) -> dict | None:
+    """The checkpoint at ``path`` (memory-mapped), or a one-line ``ValueError`` naming the file and what is wrong.
+
+    ``None`` where the file holds objects that only a full (not ``weights_only``) load reads: Lightning loads it.
+    For a damaged ``last-<run>.ckpt`` the message lists the intact checkpoints of the same run, newest first.
+    """
+    if path.is_dir():
+        files = sorted(p.name for p in path.glob("*.ckpt"))
+        hint = f" such as {', '.join(files[:3])}" if files else ""
+        raise ValueError(f"ckpt_path={path} is a folder, not a checkpoint file: give one of its .ckpt files{hint}")
+    try:
+        saved = _load(path)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" in str(error):
+            return None
+        saved = error
+    except Exception as error:  # noqa: BLE001 (every way a file can fail to be a checkpoint)
+        saved = error
+    if isinstance(saved, BaseException):
+        reason = str(saved).split(". ")[0].strip().rstrip(".")[:160]
+        if not zipfile.is_zipfile(path) and "zip" not in reason:
+            reason = "it is not the zip archive torch.save writes"
+        raise ValueError(
+            f"ckpt_path={path} cannot be read as a checkpoint ({reason}): the file is damaged (cut short by a kill or "
+            f"a full disk?) or is not a checkpoint{_intact_alternatives(path)}"
+        )
+    if not isinstance(saved, dict) or "state_dict" not in saved:
+        what = f"a {type(saved).__name__}" + (
+            f" with keys {', '.join(map(str, list(saved)[:4]))}" if isinstance(saved, dict) else ""
+        )
+        raise ValueError(
+            f"ckpt_path={path} is not a Lightning checkpoint: it holds {what}, no 'state_dict'; give a .ckpt file "
+            "that fit wrote"
+        )
+    return saved
+
+
+def _load(path: Path) -> Any:
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+    except RuntimeError as error:
+        if "mmap can only be used" not in str(error):
+            raise
+        return torch.load(path, weights_only=True, map_location="cpu")  # an old format, or no checkpoint at all
+
+
+def _intact_alternatives(path: Path) -> str:
+    """For ``last-<run>.ckpt``: the readable checkpoints of the same run, newest first, as a sentence."""
+    if not path.name.startswith(f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}-"):
+        return ""
+    run = path.stem[len(ModelCheckpoint.CHECKPOINT_NAME_LAST) + 1 :]
+    intact = []
+    for candidate in sorted(path.parent.glob(f"{run}-*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            if "state_dict" in _load(candidate):
+                intact.append(str(candidate))
+        except Exception:  # noqa: BLE001 (damaged too: not offered)
+            continue
+    if not intact:
+        return f"; no other checkpoint of run {run} in {path.parent} can be read"
+    return f"; intact checkpoints of the same run, newest first: {', '.join(intact)} (resume with --ckpt_path <file>)"
 
 
 def _notice(message: str) -> None:

@@ -595,6 +595,7 @@ class BilevelModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_weights(checkpoint.get("state_dict"))
         saved = checkpoint.get("lightning_hypergrad", {})
         written, ours = saved.get("method") or {}, self._method()
         changed = [f"{k}: {ours[k]} (checkpoint: {v})" for k, v in written.items() if k in ours and ours[k] != v]
@@ -611,6 +612,36 @@ class BilevelModule(L.LightningModule):
         self._last_epoch_end = saved.get("last_epoch_end")
         if saved.get("estimator") is not None and hasattr(self.estimator, "load_state_dict"):
             self.estimator.load_state_dict(saved["estimator"])  # e.g. AutoGreedy's fitted discount
+
+    def _check_weights(self, state_dict: dict[str, Tensor] | None) -> None:
+        """One line, instead of Lightning's wall of missing keys, where a checkpoint holds another model's weights."""
+        if state_dict is None:
+            return
+        ours = self.state_dict()
+        missing = [k for k in ours if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in ours]
+        reshaped = [
+            f"{k} {tuple(state_dict[k].shape)} (this model: {tuple(v.shape)})"
+            for k, v in ours.items()
+            if k in state_dict and isinstance(state_dict[k], Tensor) and state_dict[k].shape != v.shape
+        ]
+        if not (missing or unexpected or reshaped):
+            return
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} of this model's weights are not in it ({', '.join(missing[:3])}...)")
+        if unexpected:
+            parts.append(
+                f"it holds {len(unexpected)} weights this model does not have ({', '.join(unexpected[:3])}...)"
+            )
+        if reshaped:
+            parts.append(f"{len(reshaped)} have other shapes ({'; '.join(reshaped[:2])})")
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        raise ValueError(
+            f"the checkpoint {path or ''} was written by another model than {type(self).__name__} with these "
+            f"settings: {'; '.join(parts)}; give a checkpoint of this config's model, or the settings it was written "
+            "with".replace("checkpoint  was", "checkpoint was")
+        )
 
     def on_train_epoch_end(self) -> None:
         # a run resumed from a checkpoint written at the end of an epoch ends that epoch again (Lightning repeats the
