@@ -5,7 +5,11 @@ The core engine works in plain PyTorch: describe a :class:`BilevelProblem`, pick
 :class:`ConjugateGradient`, :class:`FMD`) and call it.
 """
 
-from lightning_hypergrad.estimators import (
+from lightning_hypergrad import _console
+
+_console.install()  # the console command only: a Ctrl-C while torch loads is one line (see _console)
+
+from lightning_hypergrad.estimators import (  # noqa: E402
     ESTIMATORS,
     FMD,
     FO,
@@ -22,9 +26,9 @@ from lightning_hypergrad.estimators import (
     TruncatedRMD,
     get_estimator,
 )
-from lightning_hypergrad.inner_model import InnerModel
-from lightning_hypergrad.optim import SGD, Adam, AdamW, DifferentiableOptimizer, OptimizerState
-from lightning_hypergrad.problem import BilevelProblem
+from lightning_hypergrad.inner_model import InnerModel  # noqa: E402
+from lightning_hypergrad.optim import SGD, Adam, AdamW, DifferentiableOptimizer, OptimizerState  # noqa: E402
+from lightning_hypergrad.problem import BilevelProblem  # noqa: E402
 
 __version__ = "0.1.0"
 

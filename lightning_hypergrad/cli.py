@@ -31,6 +31,8 @@ import math
 import os
 import pickle
 import re
+import shlex
+import signal
 import sys
 import time
 import warnings
@@ -45,6 +47,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lightning_hypergrad.module import BilevelModule
@@ -199,6 +202,7 @@ class HypergradCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        _STOPPED["cli"] = self
         self._given = list(args) if isinstance(args, (list, tuple)) else (sys.argv[1:] if args is None else [])
         super().parse_arguments(parser, args)
 
@@ -541,16 +545,79 @@ def _root_cause(error: BaseException) -> BaseException:
     return found
 
 
+EXIT_INTERRUPTED = {"SIGINT": 130, "SIGTERM": 143}
+"""The exit status of a run stopped by a signal before its end (128 + the signal's number, as shells report it):
+the run is interrupted, and resumable from its last checkpoint."""
+
+_STOPPED: dict[str, Any] = {"signal": None, "cli": None}
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    """Records SIGINT or SIGTERM. SIGINT stops at once (``KeyboardInterrupt``, which Lightning's fit handles); SIGTERM
+    stops at once outside training, and inside it lets Lightning finish the current step (its own handler runs
+    too: it stops the loop at the next batch)."""
+    name = signal.Signals(signum).name
+    _STOPPED["signal"] = name
+    trainer = getattr(_STOPPED["cli"], "trainer", None)
+    training = trainer is not None and trainer.state.status == TrainerStatus.RUNNING
+    if name == "SIGINT" or not training:
+        raise KeyboardInterrupt
+
+
+def _report_stop() -> int:
+    """Writes the one line of a stopped run (the step reached, its last checkpoint, the command that resumes)."""
+    name = _STOPPED["signal"] or "SIGINT"
+    trainer = getattr(_STOPPED["cli"], "trainer", None)
+    args = list(sys.argv[1:])
+    if "--ckpt_path" in args:
+        del args[args.index("--ckpt_path") : args.index("--ckpt_path") + 2]
+    args = [a for a in args if not a.startswith("--ckpt_path=")]
+    command = shlex.join(["lightning-hypergrad", *args, "--ckpt_path", "last"])
+    last = _last_written(trainer) if trainer is not None else None
+    last = last or (getattr(trainer, "ckpt_path", None) if trainer is not None else None)
+    if trainer is None or trainer.state.fn != "fit" or not last:
+        if trainer is None or trainer.state.fn == "fit" and trainer.global_step == 0:
+            sys.stderr.write(f"stopped by {name} before training started: nothing to resume, run the command again\n")
+        else:
+            step = f" at step {trainer.global_step}" if trainer.state.fn == "fit" else ""
+            sys.stderr.write(f"stopped by {name}{step}: no checkpoint was written yet, run the command again\n")
+        return EXIT_INTERRUPTED[name]
+    of = f" of {trainer.max_steps}" if trainer.max_steps and trainer.max_steps > 0 else ""
+    sys.stderr.write(
+        f"stopped by {name} at step {trainer.global_step}{of}: last checkpoint {last}; resume with: {command}\n"
+    )
+    return EXIT_INTERRUPTED[name]
+
+
+def _last_written(trainer) -> str | None:
+    for callback in trainer.callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.last_model_path:
+            return callback.last_model_path
+    return None
+
+
 def main() -> None:
     """The console command: :func:`cli` on ``sys.argv``; an invalid setting is reported as its message alone.
 
     Errors of settings (``ValueError``, ``TypeError``, missing files or packages, a non-finite hypergradient with
     ``nonfinite: raise``) print ``error: <message>`` on stderr and exit with status 1; other errors, and every error
-    with ``LIGHTNING_HYPERGRAD_DEBUG=1``, show their traceback.
+    with ``LIGHTNING_HYPERGRAD_DEBUG=1``, show their traceback. A run stopped by SIGINT (Ctrl-C) or SIGTERM (a
+    scheduler's preemption) prints one line, the step reached, its last checkpoint and the command that resumes it,
+    and exits with status 130 or 143 (:data:`EXIT_INTERRUPTED`), never 0.
     """
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
     try:
         cli()
+    except SystemExit:  # Lightning ends a stopped fit with SystemExit (SIGTERM: status 0, Ctrl-C: 1)
+        if _STOPPED["signal"] is not None:
+            sys.exit(_report_stop())
+        raise
+    except KeyboardInterrupt:
+        sys.exit(_report_stop())
     except SETTING_ERRORS as error:
+        if _STOPPED["signal"] is not None:  # e.g. an import cut short by Ctrl-C ("partially initialized module")
+            sys.exit(_report_stop())
         if os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
             raise
         sys.stderr.write(f"error: {_root_cause(error)}\n({DEBUG_ENV}=1 shows the traceback)\n")

@@ -1,0 +1,35 @@
+"""What the console command does before its heavy imports: a Ctrl-C or SIGTERM while torch and Lightning load ends
+with one line and the interrupted status, not a traceback of the import (:func:`lightning_hypergrad.cli.main` takes
+over once it runs). Imports nothing heavy, and acts only in the console command's own process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+COMMANDS = ("lightning-hypergrad", "lightning")
+_received: list[str] = []
+
+
+def _on_signal(signum, frame) -> None:
+    _received.append(signal.Signals(signum).name)
+    raise KeyboardInterrupt
+
+
+def _excepthook(kind, value, traceback) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        name = _received[-1] if _received else "SIGINT"
+        sys.stderr.write(f"stopped by {name} before training started: nothing to resume, run the command again\n")
+        sys.stderr.flush()
+        os._exit(143 if name == "SIGTERM" else 130)
+    sys.__excepthook__(kind, value, traceback)
+
+
+def install() -> None:
+    """In the console command's process (``sys.argv[0]`` is the command), until ``main`` replaces them."""
+    if os.path.basename(sys.argv[0] if sys.argv else "") not in COMMANDS:
+        return
+    sys.excepthook = _excepthook
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
