@@ -9,6 +9,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_hypergrad._checks import check_int
+from lightning_hypergrad.data._learn2learn import require_learn2learn
 from lightning_hypergrad.data.registry import DATASETS, DatasetOptions, DatasetSpec, get_dataset
 from lightning_hypergrad.data.sources import SPLIT_NAMES, SPLITS, ClassSplit
 from lightning_hypergrad.data.tasks import EpochSampler, TaskBatches, TaskSampler
@@ -129,6 +130,7 @@ class FewShotDataModule(LightningDataModule):
         if not isinstance(download, bool):
             raise ValueError(f"download must be true or false, got {download!r}")
         spec.check_task(ways, shots, queries)
+        require_learn2learn(_OWNER)
 
         self.spec: DatasetSpec = spec
         self.dataset = dataset
