@@ -165,6 +165,40 @@ class FewShotClassifier(BilevelModule):
             self._build()
         self.check_inner_model()
 
+    TASK_KEYS = ("support_x", "support_y", "query_x", "query_y")
+
+    def split_tasks(self, batch):
+        """The tasks of a meta-batch, each checked once for the keys and the image dtype this model needs."""
+        tasks = super().split_tasks(batch)
+        if tasks:
+            self.check_task(tasks[0])
+        return tasks
+
+    def check_task(self, task: Task) -> None:
+        """A one-line error for a task this model cannot use (missing keys, images of another dtype)."""
+        owner = type(self).__name__
+        if not isinstance(task, dict):
+            raise TypeError(
+                f"{owner} takes tasks as dicts with keys {', '.join(self.TASK_KEYS)}, got {type(task).__name__}"
+            )
+        missing = [k for k in self.TASK_KEYS if k not in task]
+        if missing:
+            raise ValueError(
+                f"{owner}: a task lacks {', '.join(missing)} (it has {', '.join(map(str, task))}); each task needs "
+                f"{', '.join(self.TASK_KEYS)} (FewShotDataModule yields them)"
+            )
+        reference = next((p for p in self.parameters()), None)
+        if reference is None:
+            reference = next(iter(self.inner_model.parameter_tensors()), None)
+        for key in ("support_x", "query_x"):
+            x = task[key]
+            if isinstance(x, Tensor) and reference is not None and x.dtype != reference.dtype:
+                raise TypeError(
+                    f"{owner}: the task's {key} is {str(x.dtype).replace('torch.', '')} and the model "
+                    f"{str(reference.dtype).replace('torch.', '')}: convert the images (x.to(torch.float32)) or the "
+                    "model (model.double())"
+                )
+
     def features(self, task: Task) -> list[Tensor]:
         n_support = task["support_x"].shape[0]
         images = torch.cat([task["support_x"], task["query_x"]])

@@ -527,6 +527,13 @@ class BilevelModule(L.LightningModule):
             ``on_train_batch_end`` (as :class:`~lightning_hypergrad.HypergradCallback` does).
         """
         tasks = self.split_tasks(batch)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if self.meta_batch_size is not None and world == 1 and len(tasks) != self.meta_batch_size:
+            raise ValueError(
+                f"training step {self.global_step}: the meta-batch holds {len(tasks)} tasks, but meta_batch_size is "
+                f"{self.meta_batch_size}; make the dataloader yield {self.meta_batch_size} tasks a batch, or set "
+                f"meta_batch_size to {len(tasks)} (or null, to take the data module's)"
+            )
         optimizer = self.optimizers()
         optimizer.zero_grad()
         with warnings.catch_warnings():  # the module applies its own policy below, once per step

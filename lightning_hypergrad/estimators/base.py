@@ -77,6 +77,22 @@ def add_grads(total: list[Tensor | None], new: Sequence[Tensor | None], scale: f
         total[i] = g if total[i] is None else total[i] + g
 
 
+def _features(problem: BilevelProblem) -> list[Tensor]:
+    """``problem.features()``, checked to be a list or tuple of tensors (a message names ``features`` otherwise)."""
+    out = problem.features()
+    if isinstance(out, (list, tuple)) and all(isinstance(x, Tensor) for x in out):
+        return list(out)
+    if isinstance(out, (list, tuple)):
+        kinds = ", ".join(sorted({type(x).__name__ for x in out if not isinstance(x, Tensor)}))
+        got = f"a {type(out).__name__} holding {kinds}"
+    else:
+        got = f"{type(out).__name__} {out!r}"[:120]
+    raise TypeError(
+        f"features() must return a list of tensors computed from the hyperparameters (the losses receive it as h), "
+        f"got {got}; return e.g. [backbone(x_support), backbone(x_query)]"
+    )
+
+
 def add_init_term(problem: BilevelProblem, h: Sequence[Tensor], estimate: Estimate) -> None:
     """``estimate.grads += init_adjoint . d init_params(h) / dh`` for a learned initialization (one VJP)."""
     if not problem.learned_init or estimate.init_adjoint is None:
@@ -87,6 +103,19 @@ def add_init_term(problem: BilevelProblem, h: Sequence[Tensor], estimate: Estima
     if pairs:
         found = torch.autograd.grad([w for w, _ in pairs], h, [g for _, g in pairs], allow_unused=True)
         add_grads(estimate.grads, found)
+
+
+def _explain_dtypes(error: RuntimeError, w: Sequence[Tensor], h: Sequence[Tensor]) -> None:
+    """Raise a ``TypeError`` naming the problem's dtypes where a loss failed on mixed floating-point dtypes."""
+    text = str(error)
+    if not any(key in text for key in ("dtype", "scalar type", "Double", "Float", "Half", "BFloat16")):
+        return
+    dtypes = lambda xs: ", ".join(sorted({str(x.dtype).replace("torch.", "") for x in xs}))  # noqa: E731
+    raise TypeError(
+        f"a loss failed on mixed dtypes ({text.splitlines()[0][:120]}): the inner parameters (init_params) are "
+        f"{dtypes(w)} and h (the hyperparameters or features) {dtypes(h)}; give init_params, the hyperparameters and "
+        "the data one dtype (e.g. .float() or .double())"
+    ) from error
 
 
 def _reachable_leaves(roots: Sequence[Tensor]) -> set[int]:
@@ -126,7 +155,11 @@ def check_dependence(problem: BilevelProblem, h: Sequence[Tensor], h_leaf: Seque
     with torch.enable_grad():
         w0 = problem.initial(h_leaf)
         w = leaves(w0)
-        roots = [problem.inner_loss(w, h_leaf), problem.outer_loss(w, h_leaf)]
+        try:
+            roots = [problem.inner_loss(w, h_leaf), problem.outer_loss(w, h_leaf)]
+        except RuntimeError as error:
+            _explain_dtypes(error, w, h_leaf)
+            raise
         if problem.learned_init:
             roots += w0
         for name in problem.optimizer.hyper_settings():
@@ -239,7 +272,7 @@ class HypergradEstimator:
         """
         self.validate(problem)
         with torch.enable_grad():
-            h = list(problem.features()) if problem.features is not None else problem.hyperparameters
+            h = _features(problem) if problem.features is not None else problem.hyperparameters
             h_leaf = leaves(h)
             if check:
                 check_dependence(problem, h, h_leaf)
