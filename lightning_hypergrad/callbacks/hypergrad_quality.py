@@ -11,6 +11,7 @@ from torch import Tensor
 
 from lightning_hypergrad._checks import check_int
 from lightning_hypergrad.estimators import RMD, AutoGreedy, HypergradEstimator, get_estimator
+from lightning_hypergrad.problem import BilevelProblem
 
 
 def _flat(tensors: Sequence[Tensor]) -> Tensor:
@@ -61,9 +62,32 @@ class HypergradCallback(L.Callback):
         check_int("every_n_steps", every_n_steps, owner="HypergradCallback")
         self.every_n_steps = every_n_steps
         self.reference = get_estimator(reference) if reference is not None else RMD()
+        if isinstance(compare, (str, HypergradEstimator)):  # one estimator, not a list of them
+            compare = [compare]
         self.compare = [get_estimator(e) for e in compare or []]
         self._reference: list[Tensor] | None = None
         self._compared: dict[str, tuple[float, float]] = {}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        """Check, before the first step, that the reference and every compared estimator can run on the module's
+        problems (``truncated_rmd(50)`` with T = 10, ``fmd`` with too many hyperparameter entries, an estimator
+        without a term for a learned initialization): otherwise they would fail at their first reference step."""
+        if not hasattr(pl_module, "hyperparameters") or not hasattr(pl_module, "inner_optimizer"):
+            return
+        learned = getattr(pl_module, "_learned_init", lambda: False)()
+        shape = BilevelProblem(
+            inner_loss=lambda w, h: w[0].sum(),
+            outer_loss=lambda w, h: w[0].sum(),
+            hyperparameters=pl_module.hyperparameters(),
+            init_params=(lambda h: list(h)) if learned else [torch.zeros(1)],
+            optimizer=pl_module.inner_optimizer,
+            steps=pl_module.inner_steps,
+        )
+        for role, estimator in [("reference", self.reference), *(("compare", e) for e in self.compare)]:
+            try:
+                estimator.validate(shape)
+            except ValueError as error:
+                raise ValueError(f"HypergradCallback {role}={estimator}: {error}") from None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch: Any, batch_idx: int) -> None:
         self._reference = None

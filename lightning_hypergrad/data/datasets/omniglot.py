@@ -9,6 +9,7 @@ raises :class:`~lightning_hypergrad.data.sources.DataFileError` naming it.
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -88,9 +89,16 @@ def prepare_omniglot(root: Path, download: bool) -> None:
 
 
 def omniglot_missing_message(root: Path) -> str:
-    """The error for absent Omniglot data: the paths looked at and how to get them."""
-    looked = [str(root / name) for name in OMNIGLOT_ARCHIVES]
-    looked += [str(root / OMNIGLOT_TORCHVISION_FOLDER / Path(name).stem) for name in OMNIGLOT_ARCHIVES]
+    """The error for absent Omniglot data: the paths looked at (of the missing parts only) and how to get them."""
+    folders = all((root / OMNIGLOT_TORCHVISION_FOLDER / Path(name).stem).is_dir() for name in OMNIGLOT_ARCHIVES)
+    missing = [name for name in OMNIGLOT_ARCHIVES if not (root / name).is_file()]
+    looked = [str(root / name) for name in missing]
+    if not folders:
+        looked += [
+            str(root / OMNIGLOT_TORCHVISION_FOLDER / Path(name).stem)
+            for name in OMNIGLOT_ARCHIVES
+            if not (root / OMNIGLOT_TORCHVISION_FOLDER / Path(name).stem).is_dir()
+        ]
     return (
         "Omniglot data not found; looked for " + ", ".join(looked) + ". Either place the two NumPy archives "
         "(images_background.npz and images_evaluation.npz, arrays `images` bool (n_chars, 20, 105, 105) and `labels` "
@@ -132,10 +140,34 @@ def verify_omniglot_archives(root: Path) -> None:
 
 def check_omniglot_files(options: DatasetOptions) -> None:
     """Raises ``FileNotFoundError`` when neither the archives nor torchvision's folders are there and no download,
-    and :class:`~lightning_hypergrad.data.sources.DataFileError` when an archive there is damaged."""
+    :class:`~lightning_hypergrad.data.sources.DataFileError` when an archive there is damaged, and ``ValueError``
+    when the two archives hold each other's characters (their names swapped)."""
     if not options.download and not omniglot_available(options.root):
         raise FileNotFoundError(omniglot_missing_message(options.root))
     verify_omniglot_archives(options.root)
+    counts = [_characters(options.root / name) for name in OMNIGLOT_ARCHIVES]
+    if counts == list(reversed(OMNIGLOT_CHARACTERS)):
+        raise ValueError(
+            f"{options.root}: {OMNIGLOT_ARCHIVES[0]} holds {counts[0]} characters and {OMNIGLOT_ARCHIVES[1]} "
+            f"{counts[1]}, the other way round from Omniglot's ({OMNIGLOT_CHARACTERS[0]} background, "
+            f"{OMNIGLOT_CHARACTERS[1]} evaluation): the two files' names are swapped; rename them"
+        )
+
+
+OMNIGLOT_CHARACTERS = (964, 659)
+"""The characters of Omniglot's background and evaluation sets."""
+
+
+def _characters(archive: Path) -> int | None:
+    """The number of characters of an archive, from its ``labels`` array's header alone; ``None`` if unreadable."""
+    try:
+        with zipfile.ZipFile(archive) as z, z.open("labels.npy") as f:
+            fmt = np.lib.format
+            header = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+            shape, _, _ = header(f)
+        return int(shape[0])
+    except Exception:  # noqa: BLE001 (a damaged archive is reported by its check)
+        return None
 
 
 def prepare_omniglot_files(options: DatasetOptions) -> None:
