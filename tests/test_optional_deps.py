@@ -34,9 +34,6 @@ def test_the_data_module_checks_the_extra_in_python_too(monkeypatch):
     from lightning_hypergrad.data import _learn2learn
     from lightning_hypergrad.data.fewshot import FewShotDataModule
 
-    def missing():
-        raise ModuleNotFoundError("No module named 'gym'")
-
-    monkeypatch.setattr(_learn2learn, "import_learn2learn", missing)
-    with pytest.raises(ImportError, match=r"importing it failed \(No module named 'gym'\): install it with"):
+    monkeypatch.setattr(_learn2learn, "_missing", lambda name: name == "gym")
+    with pytest.raises(ImportError, match=r"'gym' cannot be found \(No module named 'gym'\): install it with"):
         FewShotDataModule(dataset="digits")

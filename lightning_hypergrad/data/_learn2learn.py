@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
+import sys
 import warnings
 from types import ModuleType
 
@@ -24,14 +26,27 @@ INSTALL_HINT = (
 )
 
 
+EXTRA = ("learn2learn", "gym", "scipy")
+"""The modules of the few-shot extra (learn2learn imports gym and scipy)."""
+
+
 def require_learn2learn(owner: str) -> None:
-    """Raise a one-line ``ImportError`` naming what is missing and how to install it, where learn2learn (the
-    few-shot extra: learn2learn, gym, scipy) cannot be imported; called where few-shot data is set up, before any
-    long work (a logger, a model summary, sanity checking) starts."""
-    try:
-        import_learn2learn()
-    except ImportError as error:
+    """Raise a one-line ``ImportError`` naming what is missing and how to install it, where a module of the few-shot
+    extra cannot be found; called where few-shot data is set up, before any long work (a logger, a model summary,
+    sanity checking) starts. It looks the modules up without importing them (learn2learn's import is slow and
+    loud: it runs later, where the tasks are sampled)."""
+    missing = [name for name in EXTRA if _missing(name)]
+    if missing:
         raise ImportError(
-            f"{owner} samples its tasks with learn2learn, the few-shot extra, and importing it failed ({error}): "
-            f"{INSTALL_HINT}"
-        ) from None  # the message holds the cause; the command line prints this one line
+            f"{owner} samples its tasks with learn2learn, the few-shot extra, and "
+            f"{', '.join(repr(m) for m in missing)} cannot be found (No module named {missing[0]!r}): {INSTALL_HINT}"
+        )
+
+
+def _missing(name: str) -> bool:
+    if name in sys.modules:
+        return sys.modules[name] is None
+    try:
+        return importlib.util.find_spec(name) is None
+    except (ImportError, ValueError):
+        return True
