@@ -442,12 +442,14 @@ def parallel_runner(tmp_path: Path) -> Any:
 
 
 @needs_proc
-def test_ctrl_c_stops_the_parallel_runner_and_its_workers(parallel_runner: Any) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_stops_the_parallel_runner_and_its_workers(parallel_runner: Any, stop: signal.Signals) -> None:
+    """Ctrl-C, and a scheduler's SIGTERM alike: the workers stopped, the "interrupted" line, status 130."""
     runner, children, out = parallel_runner
     runs = out / "runs"
     before = _records(runs)
     start = time.monotonic()
-    runner.send_signal(signal.SIGINT)
+    runner.send_signal(stop)
     code = runner.wait(timeout=60)
     seconds = time.monotonic() - start
     left = _wait_until_gone(children, 2.0)
@@ -456,6 +458,7 @@ def test_ctrl_c_stops_the_parallel_runner_and_its_workers(parallel_runner: Any) 
     after = _records(runs)
     assert before <= after and len(after) <= len(before) + 2  # at most the runs that were ending; no new run
     assert "interrupted after" in (out.parent / "runner.log").read_text()
+    assert not (out / ".runner.lock").exists()  # the next runner may start
     _check_records(runs)
     time.sleep(1.0)
     assert _records(runs) == after
@@ -536,3 +539,20 @@ def test_cost_is_the_median_of_each_runs_median_step_and_its_ratio_to_fo(tmp_pat
         rows = [r for r in csv.DictReader(f) if r["method"] == "greedy(0.5)" and r["protocol"] == "clean"]
     assert {int(r["ways"]): r["seconds_per_step"] for r in rows} == {3: "", 4: "", 5: "0.54", 10: "1.5"}
     assert "step_times" not in rows[0]
+
+
+def test_one_runner_at_a_time_per_records_folder(tmp_path):
+    """A second runner on the same --out is refused while the first runs; a stale lock (runner gone) is taken over."""
+    from studies.table2.runner import LOCK_NAME, RunnerBusy, runner_lock
+
+    runs = tmp_path / "runs"
+    with runner_lock(runs):
+        assert (tmp_path / LOCK_NAME).read_text() == str(os.getpid())
+        with pytest.raises(RunnerBusy, match=rf"another runner \(pid {os.getpid()}\) is writing records into"):
+            with runner_lock(runs):
+                pass
+    assert not (tmp_path / LOCK_NAME).exists()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / LOCK_NAME).write_text(gone.stdout.strip())  # the pid of a process that has ended
+    with runner_lock(runs):
+        assert (tmp_path / LOCK_NAME).read_text() == str(os.getpid())

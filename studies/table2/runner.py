@@ -8,11 +8,12 @@ same config as the command line's, ``configs/paper/<dataset>.yaml`` (``--config`
 ``configs/estimators/{fo,t1t2,neumann}.yaml``; the command-line flags override them. Each finished run is written at
 once to its own JSON record, ``<out>/runs/<dataset>-<ways>way-<method>-seed<k>.json`` (the method's spec without
 spaces, e.g. ``greedy(0.99)``, and ``/`` written ``%2F``); a later ``run`` with the same arguments skips the runs that
-have a record, so an interrupted run resumes where it stopped. Ctrl-C stops ``run`` within seconds, with ``--workers``
-too: the runs under way are abandoned without a record, and no worker process is left behind; workers whose runner is
-killed (even with ``SIGKILL``) exit by themselves. A record file that cannot be used (not JSON, ``{}``, an accuracy
-``null`` ...) is named with what is wrong: ``run`` refuses to start until it is deleted (the run is then redone),
-``report`` skips it.
+have a record, so an interrupted run resumes where it stopped. Ctrl-C (or SIGTERM) stops ``run`` within seconds,
+with ``--workers`` too: the runs under way are abandoned without a record, and no worker process is left behind;
+workers whose runner is killed (even with ``SIGKILL``) exit by themselves. One runner at a time writes into an
+``--out`` (:func:`runner_lock`). A record of a planned run that cannot be used (not JSON, ``{}``, an accuracy
+``null`` ...) is named with what is wrong: ``run`` refuses to start until it is deleted (the run is then redone);
+``report`` skips a malformed file, planned or not, with a warning.
 
 ``python -m studies.table2 report`` (also called at the end of ``run``) reads the records and writes
 ``<out>/table2.md``, ``<out>/table2.csv`` and ``<out>/table2.png`` with two protocols:
@@ -41,7 +42,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from multiprocessing import resource_tracker
@@ -773,7 +774,8 @@ def execute(jobs: Sequence[RunConfig], runs_dir: Path, workers: int) -> tuple[in
     try:
         for _ in range(min(workers, len(jobs))):
             pool.append(_start_worker(context, threads))
-        print(f"workers: pids {', '.join(str(w.process.pid) for w in pool)}", flush=True)
+        if pool:
+            print(f"workers: pids {', '.join(str(w.process.pid) for w in pool)}", flush=True)
         for worker in pool:
             worker.job = queue.pop()
             worker.conn.send((worker.job, runs_dir))
@@ -806,6 +808,74 @@ def execute(jobs: Sequence[RunConfig], runs_dir: Path, workers: int) -> tuple[in
     finally:
         _stop_workers(pool, runs_dir, wait=not interrupted)
     return finished, failed
+
+
+class RunnerBusy(RuntimeError):
+    """Another runner is writing records into the same folder."""
+
+
+LOCK_NAME = ".runner.lock"
+"""The file, in ``<out>`` (beside ``runs/``), that holds the process id of the runner writing records there."""
+
+
+@contextlib.contextmanager
+def runner_lock(runs_dir: Path) -> Iterator[None]:
+    """One runner at a time per records folder: a second one would redo the same runs and overwrite their records.
+
+    The lock is a file created exclusively, holding the runner's process id; a lock whose process is gone (a runner
+    killed with ``SIGKILL``) is taken over. Removed when the block ends, however it ends.
+    """
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    lock = runs_dir.parent / LOCK_NAME
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner and _alive(owner):
+                raise RunnerBusy(
+                    f"another runner (pid {owner}) is writing records into {runs_dir}; wait for it to end, or use "
+                    "another --out (a stale lock is taken over once its process is gone)"
+                ) from None
+            lock.unlink(missing_ok=True)  # its runner is gone: take it over
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, ``SIGTERM`` stops the runner as Ctrl-C does (its workers stopped, the "interrupted" line)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def resolve_root(dataset: str, root: str | None, paper: PaperSettings) -> str | None:
@@ -913,10 +983,14 @@ def command_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     )
     start = time.perf_counter()
     try:
-        finished, failed = execute(todo, runs_dir, args.workers)
+        with runner_lock(runs_dir), _sigterm_as_interrupt():
+            finished, failed = execute(todo, runs_dir, args.workers)
     except KeyboardInterrupt:
         print(f"interrupted after {_format_duration(time.perf_counter() - start)}; rerun the same command to resume")
         return 130
+    except RunnerBusy as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(
         f"total wall time {_format_duration(time.perf_counter() - start)}: {finished} runs finished, {failed} failed",
         flush=True,
