@@ -12,6 +12,11 @@ COMMANDS = ("lightning-hypergrad", "lightning")
 _received: list[str] = []
 
 
+def stopped_before_training(name: str) -> str:
+    """The line of a run stopped by the signal ``name`` before its training started (here and in the CLI)."""
+    return f"stopped by {name} before training started: nothing to resume, run the command again\n"
+
+
 def _on_signal(signum, frame) -> None:
     _received.append(signal.Signals(signum).name)
     raise KeyboardInterrupt
@@ -20,7 +25,7 @@ def _on_signal(signum, frame) -> None:
 def _excepthook(kind, value, traceback) -> None:
     if issubclass(kind, KeyboardInterrupt):
         name = _received[-1] if _received else "SIGINT"
-        sys.stderr.write(f"stopped by {name} before training started: nothing to resume, run the command again\n")
+        sys.stderr.write(stopped_before_training(name))
         sys.stderr.flush()
         os._exit(143 if name == "SIGTERM" else 130)
     sys.__excepthook__(kind, value, traceback)

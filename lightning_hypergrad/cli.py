@@ -50,6 +50,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from lightning_hypergrad._console import stopped_before_training
 from lightning_hypergrad.module import BilevelModule
 
 DEBUG_ENV = "LIGHTNING_HYPERGRAD_DEBUG"
@@ -213,10 +214,14 @@ class HypergradCLI(LightningCLI):
             if isinstance(callback, RunCheckpoint):
                 callback.settings = settings
 
+    def _dumped(self) -> dict[str, Any]:
+        """This run's config (of its subcommand), as plain YAML values."""
+        ours = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_link_targets=False))
+        return ours.get(self.config.get("subcommand"), ours)
+
     def _settings(self) -> dict[str, Any]:
         """The model and data sections of this run's config, as plain YAML values."""
-        ours = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_link_targets=False))
-        ours = ours.get(self.config.get("subcommand"), ours)
+        ours = self._dumped()
         return {section: ours.get(section) for section in SECTIONS}
 
     def _explicit(self) -> set[tuple[str, str]]:
@@ -346,14 +351,11 @@ class HypergradCLI(LightningCLI):
             self._wandb_notice(saved)
 
     def _wandb_notice(self, saved: dict) -> None:
-        """How to continue the checkpoint's W&B run, where a W&B logger would start a new one."""
-        ours = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_link_targets=False))
-        ours = ours.get(self.config.get("subcommand"), ours)
-        fitting = self.config.get("subcommand") == "fit"
+        """For ``fit``: how to continue the checkpoint's W&B run, where a W&B logger would start a new one."""
         run = saved.get(RUN_KEY)
-        logger = (ours.get("trainer") or {}).get("logger") or {}
+        logger = (self._dumped().get("trainer") or {}).get("logger") or {}
         wandb_logger = isinstance(logger, dict) and str(logger.get("class_path", "")).endswith("WandbLogger")
-        if fitting and run and wandb_logger and not (logger.get("init_args") or {}).get("id"):
+        if run and wandb_logger and not (logger.get("init_args") or {}).get("id"):
             _notice(
                 f"resuming run {run} in a new W&B run; to continue W&B run {run} instead, add "
                 f"--trainer.logger.init_args.id {run} --trainer.logger.init_args.resume allow"
@@ -577,7 +579,7 @@ def _report_stop() -> int:
     last = last or (getattr(trainer, "ckpt_path", None) if trainer is not None else None)
     if trainer is None or trainer.state.fn != "fit" or not last:
         if trainer is None or trainer.state.fn == "fit" and trainer.global_step == 0:
-            sys.stderr.write(f"stopped by {name} before training started: nothing to resume, run the command again\n")
+            sys.stderr.write(stopped_before_training(name))
         else:
             step = f" at step {trainer.global_step}" if trainer.state.fn == "fit" else ""
             sys.stderr.write(f"stopped by {name}{step}: no checkpoint was written yet, run the command again\n")

@@ -97,7 +97,7 @@ def unroll(
         # a learned w_0 stays connected to h where the first step is chained (reverse mode differentiates it)
         connect = problem.learned_init and mode(1) is StepMode.CHAIN
         w: list[Tensor] = [p if connect else p.detach() for p in problem.initial(h if connect else h_const)]
-        state = problem.init_state.detached() if problem.init_state is not None else opt.init(w).detached()
+        state = problem.init_state.detached() if problem.init_state is not None else opt.init(w)
     else:
         first, w, state = start[0] + 1, list(start[1]), start[2]
     losses: list[Tensor] = []

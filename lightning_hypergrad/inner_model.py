@@ -87,20 +87,19 @@ class InnerModel(nn.Module):
             )
         if init != "learned":  # constants: buffers, so that the module's parameters() are hyperparameters only
             for name in self.names:
-                owner, _, attr = name.rpartition(".")
-                sub = module.get_submodule(owner)
-                value = sub._parameters.pop(attr)
-                sub.register_buffer(attr, value.detach())
+                sub, attr = self._locate(name)
+                sub.register_buffer(attr, sub._parameters.pop(attr).detach())
 
     # ------------------------------------------------------------------ the inner parameters
     def parameter_tensors(self) -> list[Tensor]:
         """The module's tensors of the inner parameters, in the order of :attr:`names` (parameters when learned,
         buffers otherwise)."""
-        out = []
-        for name in self.names:
-            owner, _, attr = name.rpartition(".")
-            out.append(getattr(self.module.get_submodule(owner), attr))
-        return out
+        return [getattr(*self._locate(name)) for name in self.names]
+
+    def _locate(self, name: str) -> tuple[nn.Module, str]:
+        """The submodule that holds the tensor ``name`` (``"0.weight"``) and its attribute name there."""
+        owner, _, attr = name.rpartition(".")
+        return self.module.get_submodule(owner), attr
 
     def initial(self) -> list[Tensor]:
         """``w_0`` for a constant initialization (``"fixed"``: copies of the parameters, ``"zeros"``: zeros)."""
@@ -119,14 +118,15 @@ class InnerModel(nn.Module):
         if self.init != "learned":
             return self.initial()
         ids = {id(a): i for i, a in enumerate(hyperparameters)}
-        missing = [n for n, p in zip(self.names, self.parameter_tensors()) if id(p) not in ids]
+        tensors = self.parameter_tensors()
+        missing = [n for n, p in zip(self.names, tensors) if id(p) not in ids]
         if missing:
             raise ValueError(
                 f"InnerModel(init='learned'): the parameters {', '.join(missing)} are not among the hyperparameters; "
                 "a learned initialization is a hyperparameter, so list them (e.g. hyperparameters=list(model."
                 "parameters()))"
             )
-        index = [ids[id(p)] for p in self.parameter_tensors()]
+        index = [ids[id(p)] for p in tensors]
         return lambda h: [h[i] for i in index]
 
     def named(self, params: Sequence[Tensor]) -> dict[str, Tensor]:
@@ -193,8 +193,7 @@ class InnerModel(nn.Module):
             if not tied and not parametrized:
                 slots = []
                 for name in self.names:
-                    owner, _, attr = name.rpartition(".")
-                    sub = self.module.get_submodule(owner)
+                    sub, attr = self._locate(name)
                     slots.append((sub._parameters if attr in sub._parameters else sub._buffers, attr))
             plan = self.__dict__["_plan"] = (slots, norms)
         return plan

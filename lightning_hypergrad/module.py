@@ -469,12 +469,20 @@ class BilevelModule(L.LightningModule):
 
         :meth:`setup` calls it; a subclass that builds its inner model in ``setup`` calls it again after.
         """
-        if self._learned_init() and not self.estimator.supports_learned_init:
-            raise ValueError(
-                f"estimator {self.estimator} cannot differentiate a learned initialization (the inner model's "
-                f"init='learned', as in MAML): {self.estimator.learned_init_refusal}. Choose rmd, "
-                "rmd(checkpoint_every='sqrt'), truncated_rmd(K), fmd, fo (first-order MAML), t1t2 or greedy(gamma)"
-            )
+        if self._learned_init():
+            self.estimator.check_learned_init()
+
+    def problem_outline(self) -> BilevelProblem:
+        """A problem with this module's hyperparameters, inner optimizer, T and kind of initialization, and no data:
+        what an estimator's :meth:`~lightning_hypergrad.HypergradEstimator.validate` looks at, before any task."""
+        return BilevelProblem(
+            inner_loss=lambda w, h: w[0].sum(),
+            outer_loss=lambda w, h: w[0].sum(),
+            hyperparameters=self.hyperparameters(),
+            init_params=(lambda h: list(h)) if self._learned_init() else [torch.zeros(1)],
+            optimizer=self.inner_optimizer,
+            steps=self.inner_steps,
+        )
 
     def settings_from_data(self, *names: str) -> None:
         """Share the settings ``names`` with the data module: the one mechanism between a module and its data.
@@ -644,10 +652,10 @@ class BilevelModule(L.LightningModule):
         if reshaped:
             parts.append(f"{len(reshaped)} have other shapes ({'; '.join(reshaped[:2])})")
         path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        which = f"the checkpoint {path}" if path else "the checkpoint"
         raise ValueError(
-            f"the checkpoint {path or ''} was written by another model than {type(self).__name__} with these "
-            f"settings: {'; '.join(parts)}; give a checkpoint of this config's model, or the settings it was written "
-            "with".replace("checkpoint  was", "checkpoint was")
+            f"{which} was written by another model than {type(self).__name__} with these settings: "
+            f"{'; '.join(parts)}; give a checkpoint of this config's model, or the settings it was written with"
         )
 
     def on_train_epoch_end(self) -> None:

@@ -11,7 +11,6 @@ from torch import Tensor
 
 from lightning_hypergrad._checks import check_int
 from lightning_hypergrad.estimators import RMD, AutoGreedy, HypergradEstimator, get_estimator
-from lightning_hypergrad.problem import BilevelProblem
 
 
 def _flat(tensors: Sequence[Tensor]) -> Tensor:
@@ -72,17 +71,9 @@ class HypergradCallback(L.Callback):
         """Check, before the first step, that the reference and every compared estimator can run on the module's
         problems (``truncated_rmd(50)`` with T = 10, ``fmd`` with too many hyperparameter entries, an estimator
         without a term for a learned initialization): otherwise they would fail at their first reference step."""
-        if not hasattr(pl_module, "hyperparameters") or not hasattr(pl_module, "inner_optimizer"):
+        if not hasattr(pl_module, "problem_outline"):
             return
-        learned = getattr(pl_module, "_learned_init", lambda: False)()
-        shape = BilevelProblem(
-            inner_loss=lambda w, h: w[0].sum(),
-            outer_loss=lambda w, h: w[0].sum(),
-            hyperparameters=pl_module.hyperparameters(),
-            init_params=(lambda h: list(h)) if learned else [torch.zeros(1)],
-            optimizer=pl_module.inner_optimizer,
-            steps=pl_module.inner_steps,
-        )
+        shape = pl_module.problem_outline()
         for role, estimator in [("reference", self.reference), *(("compare", e) for e in self.compare)]:
             try:
                 estimator.validate(shape)

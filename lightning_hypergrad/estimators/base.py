@@ -236,14 +236,19 @@ class HypergradEstimator:
             return self.name
         return f"{self.name}({', '.join(parts)})"
 
-    def validate(self, problem: BilevelProblem) -> None:
-        """Raise ``ValueError`` if this estimator cannot handle ``problem``."""
-        if problem.learned_init and not self.supports_learned_init:
+    def check_learned_init(self) -> None:
+        """Raise ``ValueError`` if this estimator defines no hypergradient for a learned initialization."""
+        if not self.supports_learned_init:
             raise ValueError(
                 f"{type(self).__name__} cannot differentiate a learned initialization (init_params that depend on the "
                 f"hyperparameters, as in MAML): {self.learned_init_refusal}. Use rmd, "
                 "rmd(checkpoint_every='sqrt'), truncated_rmd(K), fmd, fo (first-order MAML), t1t2 or greedy(gamma)"
             )
+
+    def validate(self, problem: BilevelProblem) -> None:
+        """Raise ``ValueError`` if this estimator cannot handle ``problem``."""
+        if problem.learned_init:
+            self.check_learned_init()
         settings = problem.optimizer.hyper_settings()
         if settings and not self.supports_optimizer_settings:
             raise ValueError(
