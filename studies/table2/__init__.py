@@ -18,6 +18,7 @@ from studies.table2.runner import (
     plot_differences,
     record_name,
     report,
+    resolve_root,
     summarize,
     t975,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "plot_differences",
     "record_name",
     "report",
+    "resolve_root",
     "summarize",
     "t975",
 ]

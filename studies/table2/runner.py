@@ -42,6 +42,7 @@ import statistics
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -486,7 +487,7 @@ def run_one(config: RunConfig, runs_dir: str | Path) -> dict[str, Any]:
 # worker processes (--workers > 1)
 # ---------------------------------------------------------------------------------------------------------------------
 
-PARENT_POLL_SECONDS = 0.5
+PARENT_POLL_SECONDS = 0.2
 """How often a worker checks that the runner that started it is still alive."""
 STOP_GRACE_SECONDS = 10.0
 """How long a stopped worker may take to leave (its run's temporary file removed) before it is killed."""
@@ -512,9 +513,28 @@ def _watch_parent(parent: int) -> None:
     os._exit(1)
 
 
+def _worker_process(conn: Connection, parent: int, threads: int) -> None:
+    """A worker process's entry point: :func:`_worker`, then ``os._exit`` with its status. The records and the
+    temporary files are settled by then; what is skipped is the interpreter's own teardown, seconds of freeing torch's
+    modules that would keep a stopped worker (or the end of ``run``) waiting."""
+    code = 0
+    try:
+        _worker(conn, parent, threads)
+    except SystemExit as stop:  # raised by _stop_worker
+        code = stop.code if isinstance(stop.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+    os._exit(code)
+
+
 def _worker(conn: Connection, parent: int, threads: int) -> None:
-    """A worker process: runs the jobs that the runner sends over ``conn`` one at a time, answering each with
-    ``(True, record)`` or ``(False, repr(error))``, until it receives ``None`` or the connection closes.
+    """The loop of a worker process: runs the jobs that the runner sends over ``conn`` one at a time, answering each
+    with ``(True, record)`` or ``(False, repr(error))``, until it receives ``None`` or the connection closes.
 
     ``SIGINT`` is ignored (a Ctrl-C in a terminal reaches every process of the group; the runner stops its workers
     itself), ``SIGTERM`` stops the worker, and so does the runner's death.
@@ -556,7 +576,7 @@ def _start_worker(context: BaseContext, threads: int) -> _Worker:
     """Starts a worker process. ``SIGINT`` is blocked in this thread meanwhile, so that the new process starts with
     it blocked (until it ignores it) and a Ctrl-C at that moment reaches the runner, late, rather than the worker."""
     conn, child = context.Pipe()
-    process = context.Process(target=_worker, args=(child, os.getpid(), threads), name="table2-worker")
+    process = context.Process(target=_worker_process, args=(child, os.getpid(), threads), name="table2-worker")
     block = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
     if block:  # started on the first spawn otherwise, it would unblock SIGINT (multiprocessing.resource_tracker)
         resource_tracker.ensure_running()
@@ -881,8 +901,11 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 def resolve_root(dataset: str, root: str | None, paper: PaperSettings) -> str | None:
     """The data folder as given: ``--root``, else (Omniglot) ``$OMNIGLOT_ROOT``, else the config's (same dataset).
 
-    Never made absolute, so that the records hold the path as the command line or the config wrote it.
+    Never made absolute, so that the records hold the path as the command line or the config wrote it. ``digits``
+    reads no files: ``None``, whatever the config says.
     """
+    if dataset == "digits":
+        return None
     if root is not None:
         return root
     configured = paper.root if paper.dataset == dataset else None
@@ -904,6 +927,8 @@ def command_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         methods = list(dict.fromkeys(args.methods if args.methods is not None else default_methods()))
     except ValueError as error:
         parser.error(str(error))
+    if args.dataset == "digits" and args.root is not None:
+        parser.error("--root does not apply to --dataset digits: its images are generated; leave --root out")
     root = resolve_root(args.dataset, args.root, paper)
     if args.dataset == "cifar100" and root is None:
         parser.error("--root is required for cifar100: the folder that holds cifar-100-python/")
@@ -1573,7 +1598,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--root",
         default=None,
-        help="data folder, stored in the records as given (default: the config's; omniglot: $OMNIGLOT_ROOT first)",
+        help="data folder, stored in the records as given (default: the config's; omniglot: $OMNIGLOT_ROOT first; "
+        "digits reads none)",
     )
     run.add_argument("--seeds", type=int, default=5, help="run seeds 0 .. N-1 (default: 5)")
     run.add_argument("--ways", type=int, nargs="+", default=list(PAPER_WAYS), help="settings (default: 3 4 5)")
