@@ -20,6 +20,11 @@ A :class:`lightning.pytorch.cli.LightningCLI` over any :class:`BilevelModule` su
   settings were stored are compared on the model's and data module's saved hyperparameters and used as given.
 - **Errors of settings are one message.** :func:`main` prints the message of an invalid setting (``error: ...``)
   without the traceback and exits with status 1; ``LIGHTNING_HYPERGRAD_DEBUG=1`` shows the traceback.
+- **Nothing in the working directory but the logger's runs and the checkpoints.** The run's config goes into the
+  run's own folder (:class:`SaveConfigToRun`); a run that stops before it logged anything or wrote a checkpoint
+  removes the empty W&B run it started, and what can be checked before the logger starts is.
+- **W&B's environment variables are followed** (``WANDB_MODE``, ``WANDB_DIR``: :func:`follow_wandb_environment`),
+  and the lines Lightning prints at every run that say nothing about it are not shown (:func:`quiet_third_parties`).
 - **W&B keeps what a killed run logged**: its ``.wandb`` file is written every second
   (``WANDB__TRANSACTION_LOG_FLUSH_INTERVAL``, W&B's default 15 s), so a run stopped by SIGKILL keeps its history
   up to the last second.
@@ -27,11 +32,14 @@ A :class:`lightning.pytorch.cli.LightningCLI` over any :class:`BilevelModule` su
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import pickle
 import re
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -42,6 +50,7 @@ from typing import Any
 
 import torch
 import yaml
+from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -50,6 +59,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from lightning_hypergrad._configs import resolve_config_args
 from lightning_hypergrad._console import stopped_before_training
 from lightning_hypergrad.module import BilevelModule
 
@@ -78,24 +88,46 @@ or a missing file or package."""
 
 
 class SaveConfigToRun(SaveConfigCallback):
-    """Saves the run's full config in the run's own directory, never over a previous run's file.
+    """Saves the run's full config in the run's own directory, never over a previous run's file, never in the
+    working directory.
 
     With a :class:`WandbLogger` it goes into the W&B run's files (uploaded by ``wandb sync``) and into the
-    run's config; otherwise into the trainer's ``log_dir``, under a new name if a config is already there.
+    run's config; with another logger into its ``log_dir`` (a CSV or TensorBoard run's ``version_N`` folder), under
+    a new name if a config is already there. Without a logger (or with W&B disabled) it goes beside the run's
+    checkpoints (``lightning-hypergrad/<config>/checkpoints/``), named after the run as its checkpoint files are:
+    ``config-<run>.yaml`` for ``fit``, ``config-<subcommand>-<time>.yaml`` for the others.
     """
 
     def __init__(self, parser, config, config_filename: str = "config.yaml", overwrite: bool = False, multifile=False):
         super().__init__(parser, config, config_filename, overwrite, multifile, save_to_log_dir=False)
+        self.saved_path: str | None = None
+        """Where this run's config was written (``None`` before, and on the processes other than the first)."""
+        self._log_dir: str | None = None
+        # saved beside the checkpoints: the outermost folder made for it (None: none made); False: saved elsewhere
+        self._made: Path | None | bool = False
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if not self.already_saved:  # what needs every process (Lightning's log_dir and the run's name broadcast)
+            checkpoint = _run_checkpoint(trainer)
+            if checkpoint is not None:
+                checkpoint.name_run(trainer, stage)
+            wandb = isinstance(trainer.logger, WandbLogger)
+            self._log_dir = trainer.log_dir if trainer.loggers and not wandb else None
+        super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         logger = trainer.logger
         filename = self.config_filename
-        if isinstance(logger, WandbLogger):
-            directory = logger.experiment.dir
+        run = logger.experiment if isinstance(logger, WandbLogger) else None
+        if run is not None and not getattr(run, "disabled", False):
+            directory = run.dir
             filename = f"lightning_{filename}"  # W&B keeps its own config.yaml in the same folder
-            logger.experiment.config.update({"cli_config": self.parser.dump(self.config, skip_none=False)})
+            run.config.update({"cli_config": self.parser.dump(self.config, skip_none=False)})
+        elif self._log_dir is not None:
+            directory = self._log_dir
         else:
-            directory = trainer.log_dir or os.getcwd()
+            directory, filename = self._beside_checkpoints(trainer, stage)
+            self._made = _first_missing(Path(directory))
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, filename)
         stem, ext = os.path.splitext(filename)
@@ -105,6 +137,48 @@ class SaveConfigToRun(SaveConfigCallback):
             path = os.path.join(directory, f"{stem}-{suffix}{ext}")
             n += 1
         self.parser.save(self.config, path, skip_none=False, multifile=self.multifile)
+        self.saved_path = path
+
+    def _beside_checkpoints(self, trainer, stage: str) -> tuple[str, str]:
+        """The checkpoint folder of the run, and the config's name there, after the run."""
+        checkpoint = _run_checkpoint(trainer)
+        folder = checkpoint.dirpath if checkpoint is not None else None
+        if not folder:
+            folder = (self.config.get("checkpoint") or {}).get("dirpath") or trainer.default_root_dir
+        if stage == "fit":
+            run = checkpoint.run_name if checkpoint is not None and checkpoint.run_name else _run_name(trainer)
+        else:
+            run = f"{getattr(stage, 'value', stage)}-{_run_name(trainer)}"  # (Lightning passes a TrainerFn)
+        stem, ext = os.path.splitext(self.config_filename)
+        return str(folder), f"{stem}-{run}{ext}"
+
+    def remove_unused(self) -> None:
+        """Removes the config this run saved beside its checkpoints, and the folders made for it that are left
+        empty: for a run stopped before it wrote a checkpoint."""
+        made = self._made
+        if self.saved_path is None or made is False:
+            return
+        path = Path(self.saved_path)
+        path.unlink(missing_ok=True)
+        self.saved_path = None
+        if made is None:
+            return
+        folder = path.parent
+        while folder != made.parent and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+            folder = folder.parent
+
+
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost folder of ``folder``'s path that does not exist yet (``None``: it exists)."""
+    missing = None
+    while not folder.exists() and folder != folder.parent:
+        missing, folder = folder, folder.parent
+    return missing
+
+
+def _run_checkpoint(trainer) -> RunCheckpoint | None:
+    return next((c for c in trainer.callbacks if isinstance(c, RunCheckpoint)), None)
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -135,6 +209,10 @@ class RunCheckpoint(ModelCheckpoint):
         with warnings.catch_warnings():  # the folder is shared by the runs of a config: files there are expected
             warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty")
             super().setup(trainer, pl_module, stage)
+        self.name_run(trainer, stage)
+
+    def name_run(self, trainer, stage: str) -> None:
+        """Names the run's files when fitting starts (once; on every process: the first one's name is broadcast)."""
         if stage != "fit" or self.run_name is not None:
             return
         self.run_name = trainer.strategy.broadcast(_run_name(trainer) if trainer.is_global_zero else "", src=0)
@@ -205,7 +283,10 @@ class HypergradCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         _STOPPED["cli"] = self
         self._given = list(args) if isinstance(args, (list, tuple)) else (sys.argv[1:] if args is None else [])
-        super().parse_arguments(parser, args)
+        if isinstance(args, (dict, Namespace)):
+            super().parse_arguments(parser, args)
+        else:  # a list, or the command line: --config quickstart names a config shipped with the package
+            self.config = parser.parse_args(resolve_config_args(self._given))
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -257,6 +338,7 @@ class HypergradCLI(LightningCLI):
         if path.exists():  # (Lightning itself reports a missing file, and reads remote ones)
             saved = read_checkpoint(path)
             if saved is not None:
+                self._checkpoint_step = (path, saved.get("global_step"))
                 self._resume_settings(path, config, saved)
 
     def _checkpoint_dir(self, config) -> str:
@@ -352,6 +434,8 @@ class HypergradCLI(LightningCLI):
 
     def _wandb_notice(self, saved: dict) -> None:
         """For ``fit``: how to continue the checkpoint's W&B run, where a W&B logger would start a new one."""
+        if self._reached_max_steps():  # no run starts
+            return
         run = saved.get(RUN_KEY)
         logger = (self._dumped().get("trainer") or {}).get("logger") or {}
         wandb_logger = isinstance(logger, dict) and str(logger.get("class_path", "")).endswith("WandbLogger")
@@ -367,12 +451,65 @@ class HypergradCLI(LightningCLI):
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         if config.get("enable_checkpointing") is False:
             extra = [callback for callback in extra if not isinstance(callback, RunCheckpoint)]
-        return self._instantiate_trainer(config, extra)
+        trainer = self._instantiate_trainer(config, extra)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                follow_wandb_environment(logger)
+        return trainer
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Lightning's, but nothing for a ``fit`` whose checkpoint has reached ``max_steps``, and no W&B run left by
+        a run that stops before it logged anything (see :func:`remove_unused_wandb_runs`)."""
+        if subcommand == "fit" and self._finished():
+            return
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            _remove_aborted_start(getattr(self, "trainer", None))
+            raise
+
+    def _reached_max_steps(self) -> bool:
+        """Whether the checkpoint of ``--ckpt_path`` is at ``trainer.max_steps`` or beyond."""
+        step = getattr(self, "_checkpoint_step", (None, None))[1]
+        max_steps = (self._dumped().get("trainer") or {}).get("max_steps")
+        return isinstance(step, int) and isinstance(max_steps, int) and 0 <= max_steps <= step
+
+    def _finished(self) -> bool:
+        """Whether ``fit --ckpt_path`` resumes a run that has already reached ``trainer.max_steps`` (said on stderr):
+        Lightning would start a logger and stop at once."""
+        if not self._reached_max_steps():
+            return False
+        path, step = self._checkpoint_step
+        max_steps = self.trainer.max_steps
+        _notice(
+            f"ckpt_path={path}: its run has reached step {step}, and trainer.max_steps is {max_steps}: nothing to "
+            "train, nothing logged or written; raise --trainer.max_steps to train on"
+        )
+        return True
+
+    def _check_before_logger(self, stage: str) -> None:
+        """What can be refused before the logger starts (a W&B run would otherwise stay behind, empty): an estimator
+        that cannot differentiate the inner optimizer's settings, and a few-shot data set that cannot make the tasks
+        (too few classes or examples in a split, a damaged file found on loading)."""
+        from lightning_hypergrad.data import FewShotDataModule
+
+        model = self.model
+        if stage == "fit" and isinstance(model, BilevelModule):
+            model.estimator.check_optimizer(model.inner_optimizer)
+        if isinstance(self.datamodule, FewShotDataModule) and not self.datamodule.download:
+            self.datamodule.setup(stage)  # (loads once: Lightning's call finds it done)
 
     def before_fit(self) -> None:
+        self._check_before_logger("fit")
         if type(self.datamodule).state_dict is not LightningDataModule.state_dict:
             # the data module stores its sampling state: a resume in the middle of an epoch is exact
             warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch")
+
+    def before_validate(self) -> None:
+        self._check_before_logger("validate")
+
+    def before_test(self) -> None:
+        self._check_before_logger("test")
 
 
 def read_checkpoint(path: Path) -> dict | None:
@@ -436,6 +573,107 @@ def _intact_alternatives(path: Path) -> str:
     if not intact:
         return f"; no other checkpoint of run {run} in {path.parent} can be read"
     return f"; intact checkpoints of the same run, newest first: {', '.join(intact)} (resume with --ckpt_path <file>)"
+
+
+WANDB_MODES = {"offline": True, "dryrun": True, "online": False, "run": False, "disabled": False}
+"""W&B's ``WANDB_MODE`` values, and whether each makes the logger offline (``disabled``: W&B itself then logs nothing;
+``offline`` would make Lightning set ``WANDB_MODE=dryrun`` over it)."""
+
+
+def follow_wandb_environment(logger: WandbLogger) -> None:
+    """Lets W&B's own environment variables decide what the config's ``WandbLogger`` settings would override.
+
+    - ``WANDB_MODE`` (``disabled``, ``offline``, ``online``) wins over the config's ``offline: true``, which Lightning
+      turns into ``WANDB_MODE=dryrun`` whatever the variable says.
+    - ``WANDB_DIR`` is where the runs go when the config sets no ``save_dir`` (Lightning passes ``dir="."`` to W&B).
+    - No ``anonymous`` argument reaches W&B when the config sets none: Lightning passes ``anonymous=None``, which
+      W&B warns about as a setting it no longer has.
+
+    Acts on the logger before its run starts (the trainer's loggers start theirs when fitting begins).
+    """
+    init = getattr(logger, "_wandb_init", None)
+    if not isinstance(init, dict) or getattr(logger, "_experiment", None) is not None:
+        return
+    if init.get("anonymous") is None:
+        init.pop("anonymous", None)
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if mode in WANDB_MODES:
+        logger._offline = WANDB_MODES[mode]
+    directory = os.environ.get("WANDB_DIR", "").strip()
+    if directory and init.get("dir") in (None, "."):
+        os.makedirs(directory, exist_ok=True)  # (W&B warns of a missing "git root" where it is missing)
+        init["dir"] = logger._save_dir = directory
+
+
+def _remove_aborted_start(trainer) -> None:
+    """After a run stopped by an error (or a signal) before it wrote a checkpoint: what its start left that holds
+    nothing of the run (:func:`remove_unused_wandb_runs`, and a config saved beside the checkpoints)."""
+    if trainer is None or rank_zero_only.rank != 0:
+        return
+    if any(isinstance(c, ModelCheckpoint) and (c.last_model_path or c.best_model_path) for c in trainer.callbacks):
+        return
+    remove_unused_wandb_runs(trainer)
+    for callback in trainer.callbacks:
+        if isinstance(callback, SaveConfigToRun):
+            callback.remove_unused()
+
+
+def remove_unused_wandb_runs(trainer) -> None:
+    """Ends each W&B run of ``trainer`` that this process started and that has no step logged, and removes the
+    run's folder (``wandb/offline-run-*``), the links in ``wandb/`` that point into it, and ``wandb/`` if nothing is
+    left there. For a run stopped by an error (or a signal) before it logged anything or wrote a checkpoint.
+    """
+    for logger in trainer.loggers:
+        run = getattr(logger, "_experiment", None) if isinstance(logger, WandbLogger) else None
+        if run is None or getattr(run, "disabled", False):
+            continue
+        try:
+            if run.step != run.starting_step:
+                continue
+            folder = Path(run.sync_dir)
+            with contextlib.suppress(Exception):
+                run._settings.silent = True  # its closing lines would name the folder removed here
+            run.finish(exit_code=1)
+        except Exception:  # noqa: BLE001 (a run that cannot say what it holds is kept)
+            continue
+        if _remove_run_folder(folder):
+            _notice(f"removed the W&B run {folder}: the run stopped before it logged anything")
+
+
+def _remove_run_folder(folder: Path) -> bool:
+    if not folder.is_dir() or not folder.name.startswith(("offline-run-", "run-")):
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    parent = folder.parent
+    for entry in list(parent.iterdir()):
+        if entry.is_symlink() and not entry.exists() and Path(os.readlink(entry)).parts[:1] == (folder.name,):
+            entry.unlink()
+    if not any(parent.iterdir()):
+        parent.rmdir()
+    return True
+
+
+LITLOGGER_TIP = "💡 Tip: For seamless cloud logging"
+"""The start of the line Lightning prints at every start when ``litlogger`` is not installed (an advertisement)."""
+
+
+class _WithoutLitLoggerTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(LITLOGGER_TIP)
+
+
+def quiet_third_parties() -> None:
+    """Silences what Lightning prints at every run that says nothing about the run: its litlogger tip, and torch's
+    deprecation of ``LeafSpec``, which Lightning's own ``_pytree`` module still uses. Nothing else is filtered."""
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree$",
+    )
+    lightning_info = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _WithoutLitLoggerTip) for f in lightning_info.filters):
+        lightning_info.addFilter(_WithoutLitLoggerTip())
 
 
 def _notice(message: str) -> None:
@@ -525,6 +763,7 @@ def _same(a: Any, b: Any) -> bool:
 def cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """Build (and by default run) the command line over ``args`` (``sys.argv`` when ``None``)."""
     os.environ.setdefault(WANDB_FLUSH_ENV, WANDB_FLUSH_SECONDS)
+    quiet_third_parties()
     return HypergradCLI(
         BilevelModule,
         None,

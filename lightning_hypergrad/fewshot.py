@@ -51,11 +51,11 @@ class FewShotClassifier(BilevelModule):
         head_init: where each task's head starts: ``"zeros"``, ``"fixed"`` (the head's own random initialization,
             drawn once) or ``"learned"`` (a hyperparameter beside the backbone, as ANIL learns it). ``None``:
             ``"zeros"`` for the linear head (the paper's), ``"fixed"`` for any other.
-        estimator, inner_optimizer, inner_steps, meta_batch_size, outer_lr, gradient_clip_val,
-        gradient_clip_algorithm, nonfinite, batch_tasks: see :class:`BilevelModule`. The tasks of a meta-batch
-            always share their shapes here, so ``batch_tasks=True`` runs them together; it is off by default, as it
-            keeps every task's backbone activations alive at once (on 2 CPU cores, meta-batch 10: about 9x the
-            peak memory for 1.0-1.2x the speed; see docs/scale.md).
+        estimator, inner_optimizer, inner_steps, meta_batch_size, outer_lr: see :class:`BilevelModule`.
+        gradient_clip_val, gradient_clip_algorithm, nonfinite, batch_tasks: see :class:`BilevelModule`. The tasks
+            of a meta-batch always share their shapes here, so ``batch_tasks=True`` runs them together; it is off by
+            default, as it keeps every task's backbone activations alive at once (on 2 CPU cores, meta-batch 10:
+            about 9x the peak memory for 1.0-1.2x the speed; see docs/scale.md).
 
     Raises:
         ValueError: ``depth`` or ``width`` < 1, an unknown backbone or head_init, or ``ways``/``image_shape``

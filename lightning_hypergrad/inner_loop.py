@@ -23,6 +23,8 @@ from lightning_hypergrad.problem import BilevelProblem
 
 
 class StepMode(enum.Enum):
+    """How the inner loop differentiates one step (see the module docstring)."""
+
     CONSTANT = "constant"
     LOCAL = "local"
     CHAIN = "chain"

@@ -76,6 +76,7 @@ class InnerModel(nn.Module):
             names = [n for n in every if any(fnmatch.fnmatchcase(n, p) for p in params)]
         if not names:
             raise ValueError("InnerModel: the module has no parameters to train in the inner loop")
+        #: the names of the inner parameters, in the order of the engine's list of tensors
         self.names: tuple[str, ...] = tuple(names)
         own = dict(module.named_parameters())
         others = [n for n in every if n not in self.names and own[n].requires_grad]

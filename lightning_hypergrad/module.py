@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -490,8 +491,8 @@ class BilevelModule(L.LightningModule):
         Each setting that is ``None`` on the module takes the data module's attribute of that name; a setting given
         on both sides must agree. Call it in ``setup`` (:meth:`BilevelModule.setup` does for ``meta_batch_size``,
         :class:`~lightning_hypergrad.FewShotClassifier` for ``ways`` and ``image_shape``). The values taken are
-        saved with :meth:`save_hyperparameters`, so loggers and checkpoints see them, Lightning finds no conflict
-        with the data module's hyperparameters, and ``load_from_checkpoint`` rebuilds the same module.
+        stored as :meth:`save_hyperparameters` stores them, so loggers and checkpoints see them, Lightning finds no
+        conflict with the data module's hyperparameters, and ``load_from_checkpoint`` rebuilds the same module.
 
         Raises:
             ValueError: a setting set on neither side, or set differently on both (the message names it).
@@ -514,8 +515,11 @@ class BilevelModule(L.LightningModule):
                 )
             setattr(self, name, theirs)
             taken[name] = theirs
-        if taken:
-            self.save_hyperparameters({**self.hparams, **taken})
+        if taken:  # what save_hyperparameters stores, without its search of the callers' frames for __init__
+            # arguments: outside __init__, Lightning before 2.6 fails there with a KeyError
+            self.hparams.update(taken)
+            if getattr(self, "_hparams_initial", None) is not None:  # what the loggers are given
+                self._hparams_initial.update(copy.deepcopy(taken))
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.outer_lr)

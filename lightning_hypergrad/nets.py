@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from lightning_hypergrad._checks import check_choice, check_int, check_positive_number
 
+#: the names of the built-in backbones (``FewShotClassifier(backbone=...)``)
 BACKBONES = ("conv", "conv4", "resnet")
 
 

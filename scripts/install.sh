@@ -33,4 +33,4 @@ if ! "$VENV/bin/python" -c "import importlib.metadata as m; m.version('learn2lea
     pip install Cython numpy gym scipy tqdm requests
     pip install --use-pep517 --no-deps --config-settings="--build-option=build_ext" learn2learn==0.2.0
 fi
-pip install -e ".[fewshot,dev]"
+pip install -e ".[fewshot,dev,docs]"

@@ -7,7 +7,8 @@
 - :class:`PeakMemory` and :func:`memory_meter`: the peak memory that a call adds, on CUDA, from the allocator's
   events, from the resident set size, or from the tensors saved for backward;
 - :func:`device_name` and :func:`machine_description`: what a report says about the machine it ran on;
-- :func:`estimator_spec` and :func:`require_positive`: the command lines' checks of estimator specs and counts.
+- :func:`estimator_spec` and :func:`require_positive`: the command lines' checks of estimator specs and counts;
+- :class:`Progress` and :func:`format_duration`: one line per unit of work of a study, with the time left.
 
 Lightning (and the package) is imported on first use, so that importing this module (e.g. from
 ``tests/test_memory.py``) is cheap.
@@ -23,7 +24,10 @@ import json
 import logging
 import os
 import platform
+import re
 import sys
+import tempfile
+import time
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -46,6 +50,53 @@ repository root (the studies run from there); the paper configs hold the same pa
 def log(message: str) -> None:
     """Progress on stderr (stdout gets the report)."""
     print(message, file=sys.stderr, flush=True)
+
+
+def format_duration(seconds: float) -> str:
+    """``1h02m03s``, ``2m03s`` or ``0m03s``."""
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+class Progress:
+    """The progress of a study's loop: one line per finished unit of work, with the time so far and the time left.
+
+    ``[3/12] memory fewshot rmd T=50: 12.0 MiB (0m41s elapsed, about 2m03s left)``; the last line ends in ``done``.
+    The time left is the time so far per unit of work times the work left, where each unit weighs ``work`` (its
+    number of inner steps, say: units that cost more count more); one per unit by default.
+
+    Args:
+        total: the number of units.
+        work: the work of all the units together (default ``total``: every unit weighs 1).
+        clock: the time in seconds (``time.perf_counter``; tests give another).
+    """
+
+    def __init__(self, total: int, work: float | None = None, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.total = total
+        self.work = float(total if work is None else work)
+        self.clock = clock
+        self.start = clock()
+        self.done = 0
+        self.work_done = 0.0
+
+    def line(self, message: str, work: float = 1.0) -> str:
+        """Counts one more unit done (of weight ``work``) and returns its line."""
+        self.done += 1
+        self.work_done += work
+        elapsed = self.clock() - self.start
+        if self.done >= self.total:
+            left = "done"
+        elif self.work_done <= 0:
+            left = "time left unknown"
+        else:
+            left = f"about {format_duration(elapsed / self.work_done * max(0.0, self.work - self.work_done))} left"
+        return f"[{self.done}/{self.total}] {message} ({format_duration(elapsed)} elapsed, {left})"
+
+    def step(self, message: str, work: float = 1.0) -> None:
+        """:meth:`line`, written on stderr (:func:`log`)."""
+        log(self.line(message, work))
 
 
 def omniglot_root(given: str | None = None) -> str:
@@ -213,7 +264,7 @@ class AllocatorPeak(PeakMemory):
         from torch.profiler import ProfilerActivity, profile
 
         gc.collect()
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with without_profiler_noise(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
         events = sorted(
             (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
@@ -223,6 +274,43 @@ class AllocatorPeak(PeakMemory):
             live += nbytes
             peak = max(peak, live)
         return peak
+
+
+PROFILER_NOISE = re.compile(
+    r"(USDT:.*\] profiler_(start|stop)|ERROR:.*DeviceProperties\.cpp:\d+\] gpuGetDeviceCount failed with code \d+)\s*"
+)
+"""The lines that torch.profiler's C++ library (Kineto) writes on stderr at each CPU-only profile: a probe at its
+start and stop, and, once per process on a machine without a usable GPU, the failure of its query of the GPUs'
+properties (for the trace's metadata, made whatever the profiled activities; no option of torch skips it)."""
+
+
+@contextlib.contextmanager
+def without_profiler_noise() -> Iterator[None]:
+    """Writes what the process writes on stderr (file descriptor 2) during the block, less :data:`PROFILER_NOISE`.
+
+    The C++ library writes to the descriptor, not to ``sys.stderr``, so the block's output is captured there (in a
+    temporary file) and written out when it ends, in order, every other line kept.
+    """
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode(errors="replace").splitlines(keepends=True)
+            kept = "".join(line for line in lines if not PROFILER_NOISE.fullmatch(line))
+            if kept:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
 
 
 # glibc's mallopt parameters and the two settings that the RSS measurement switches between

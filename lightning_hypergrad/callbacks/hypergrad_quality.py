@@ -49,7 +49,11 @@ class HypergradCallback(L.Callback):
 
     Example::
 
-        trainer = L.Trainer(callbacks=[HypergradCallback(every_n_steps=50, compare=[T1T2(), FO()])])
+        >>> from lightning_hypergrad import T1T2
+        >>> callback = HypergradCallback(every_n_steps=50, compare=[T1T2(), "greedy(0.9)"])
+        >>> [str(e) for e in (callback.reference, *callback.compare)]
+        ['rmd', 't1t2', 'greedy(0.9)']
+        >>> trainer = L.Trainer(callbacks=[callback], accelerator="cpu", logger=False)
     """
 
     def __init__(

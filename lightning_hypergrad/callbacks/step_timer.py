@@ -25,9 +25,16 @@ class StepTimer(L.Callback):
 
     Example::
 
-        timer = StepTimer()
-        L.Trainer(callbacks=[timer]).fit(model, data)
-        statistics.median(timer.durations[1:])  # without the first step, which warms up
+        >>> import statistics
+        >>> from lightning.pytorch.demos.boring_classes import BoringModel
+        >>> timer = StepTimer()
+        >>> trainer = L.Trainer(callbacks=[timer], max_steps=3, accelerator="cpu", logger=False,
+        ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(BoringModel())
+        >>> len(timer.durations)
+        3
+        >>> statistics.median(timer.durations[1:]) > 0  # without the first step, which warms up
+        True
     """
 
     def __init__(self) -> None:

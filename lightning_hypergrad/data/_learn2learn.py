@@ -19,10 +19,17 @@ def import_learn2learn() -> ModuleType:
     return learn2learn
 
 
+FEWSHOT_COMMAND = (
+    "pip install cython numpy gym scipy tqdm requests && pip install --use-pep517 --no-deps "
+    '--config-settings="--build-option=build_ext" learn2learn==0.2.0'
+)
+"""The few-shot extra for a pip user, the one command that the README gives and ``scripts/check_install.sh`` runs in a
+fresh environment: learn2learn 0.2.0's bundled C files do not compile on Python 3.11, so it is built from source
+with Cython (``build_ext``) and without pip resolving its dependencies, which the first half installs."""
+
 INSTALL_HINT = (
-    "install it with: pip install cython gym scipy && pip install --use-pep517 --no-deps "
-    '--config-settings="--build-option=build_ext" learn2learn==0.2.0 (plain pip cannot build learn2learn on Python '
-    "3.11; docs/guide.md, Installing learn2learn), or run scripts/install.sh"
+    f"install it with: {FEWSHOT_COMMAND} (plain pip cannot build learn2learn on Python 3.11; README, Installing with "
+    "pip), or, in a checkout, run scripts/install.sh"
 )
 
 

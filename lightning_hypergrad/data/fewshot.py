@@ -268,8 +268,9 @@ class FewShotDataModule(LightningDataModule):
     def _epoch_from_lightning(self, epoch: int) -> None:
         """The training sampler's ``set_epoch``: selects the tasks of the epoch the trainer is about to train.
 
-        Lightning passes its count of epochs *processed*, which equals :attr:`Trainer.current_epoch` in an
-        uninterrupted run but runs one ahead of it for the rest of a run resumed from a checkpoint written at an
+        Lightning passes its count of epochs *processed*, which equals
+        :attr:`Trainer.current_epoch <lightning.pytorch.Trainer.current_epoch>` in an uninterrupted run but runs one
+        ahead of it for the rest of a run resumed from a checkpoint written at an
         epoch's end (the restored epoch is processed but not completed, and Lightning finishes it without a batch).
         The trainer's current epoch is the epoch whose batches follow, so it is the one taken when there is a
         trainer.

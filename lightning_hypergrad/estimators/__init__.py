@@ -15,6 +15,7 @@ from lightning_hypergrad.estimators.greedy_variants import GreedyTail, MomentumG
 from lightning_hypergrad.estimators.neumann import Neumann
 from lightning_hypergrad.estimators.reverse import RMD, TruncatedRMD
 
+#: the estimator classes by the name of their spec string (the names :func:`get_estimator` knows)
 ESTIMATORS: dict[str, type[HypergradEstimator]] = {
     cls.name: cls
     for cls in (

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from lightning_hypergrad._checks import check_int
 from lightning_hypergrad.inner_loop import Trajectory, leaves
-from lightning_hypergrad.optim.base import OptimizerState
+from lightning_hypergrad.optim.base import DifferentiableOptimizer, OptimizerState
 from lightning_hypergrad.problem import BilevelProblem
 
 
@@ -249,7 +249,12 @@ class HypergradEstimator:
         """Raise ``ValueError`` if this estimator cannot handle ``problem``."""
         if problem.learned_init:
             self.check_learned_init()
-        settings = problem.optimizer.hyper_settings()
+        self.check_optimizer(problem.optimizer)
+
+    def check_optimizer(self, optimizer: DifferentiableOptimizer) -> None:
+        """Raise ``ValueError`` if this estimator cannot differentiate through ``optimizer``'s settings that are
+        functions of the hyperparameters (a learned learning rate)."""
+        settings = optimizer.hyper_settings()
         if settings and not self.supports_optimizer_settings:
             raise ValueError(
                 f"{type(self).__name__} cannot differentiate through the inner optimizer's own settings "
@@ -297,6 +302,11 @@ class HypergradEstimator:
     def _hypergrads(
         self, problem: BilevelProblem, h: Sequence[Tensor], h_leaf: list[Tensor]
     ) -> tuple[list[Tensor], Estimate]:
+        """The hypergradients of ``problem.hyperparameters`` and the raw :class:`Estimate`.
+
+        By default: :meth:`_estimate` on the leaves ``h_leaf``, the term of a learned initialization added, the
+        gradients mapped to the hyperparameters (through ``problem.features`` if set).
+        """
         estimate = self._estimate(problem, h_leaf)
         add_init_term(problem, h_leaf, estimate)
         return self._to_hyperparameters(problem, h, estimate.grads), estimate

@@ -165,6 +165,7 @@ class ImplicitEstimator(HypergradEstimator):
                 f"{owner} damping must be a finite number >= 0 or {DAMPING_ONE_OVER_LR!r}, got {damping!r}"
             )
         self.damping: float | str = damping if isinstance(damping, str) else float(damping)
+        #: what the solve of the last problem saw (``None`` before the first)
         self.last_stats: SolveStats | None = None
 
     def damping_value(self, problem: BilevelProblem) -> float:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_hypergrad as lh
+from studies.common import Progress
 
 WAYS, SUPPORT, QUERY, FEATURES = 5, 50, 50, 288
 
@@ -75,10 +76,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     print("| T | estimator | flat (ms) | module (ms) | module / flat |")
     print("| ---: | --- | ---: | ---: | ---: |")
+    progress = Progress(len(args.inner_steps) * len(args.estimators), work=sum(args.inner_steps) * len(args.estimators))
     for steps in args.inner_steps:
         for spec in args.estimators:
             r = measure(spec, steps, args.rounds)
             print(f"| {steps} | {spec} | {r['flat_ms']:.2f} | {r['module_ms']:.2f} | {r['ratio']:.3f} |", flush=True)
+            progress.step(f"{spec} T={steps}: module / flat {r['ratio']:.3f}", steps)
 
 
 if __name__ == "__main__":

@@ -40,9 +40,9 @@ import torch
 import lightning_hypergrad as lh
 from studies.common import (
     MEMORY_METHODS,
+    Progress,
     arm_rss_measurement,
     heap_reuse_for_timing,
-    log,
     machine_description,
     memory_meter,
     write_json,
@@ -158,17 +158,24 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         for steps in args.inner_steps
         for spec in (PLAIN, CHECKPOINTED)
     }
+    # units: each memory measurement (2 outer steps), then each T's timing of both estimators (2 x (1 + repeats)
+    # outer steps); an outer step's work is its T
+    memory, timing = 2, 2 * (1 + args.repeats)
+    work = sum(args.inner_steps) * (2 * len(meters) * memory + timing)
+    progress = Progress(len(meters) * len(records) + len(args.inner_steps), work)
     for steps in args.inner_steps:
         for name, meter in meters.items():
             for spec in (PLAIN, CHECKPOINTED):
                 peak = measure_memory(spec, steps, device, meter)
                 records[(spec, steps)]["peak_bytes"][name] = peak
-                log(f"memory ({name}) {spec} T={steps}: {peak / MIB:.1f} MiB")
+                progress.step(f"memory ({name}) {spec} T={steps}: {peak / MIB:.1f} MiB", memory * steps)
     with heap_reuse_for_timing():
         for steps in args.inner_steps:
-            for spec, seconds in alternating_seconds(steps, args.repeats, device).items():
+            timed = alternating_seconds(steps, args.repeats, device)
+            for spec, seconds in timed.items():
                 records[(spec, steps)]["seconds_per_step"] = seconds
-                log(f"time {spec} T={steps}: {seconds:.4f} s/step")
+            text = ", ".join(f"{spec} {seconds:.4f} s/step" for spec, seconds in timed.items())
+            progress.step(f"time T={steps}: {text}", timing * steps)
             gc.collect()
     result = list(records.values())
     header = (

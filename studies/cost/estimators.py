@@ -108,10 +108,10 @@ from lightning_hypergrad.fewshot import ConvBackbone
 from studies.common import (
     MEMORY_METHODS,
     PeakMemory,
+    Progress,
     arm_rss_measurement,
     estimator_spec,
     heap_reuse_for_timing,
-    log,
     machine_description,
     memory_meter,
     write_json,
@@ -463,10 +463,12 @@ def run_jobs(jobs: Sequence[Job], device: torch.device, meter: PeakMemory) -> li
     The memory passes all come first because the timing passes let glibc keep freed memory in its heap, which
     later allocations would reuse without raising the RSS.
     """
+    # the work of a job's pass: its outer steps (a warm-up and the measured ones) times its inner steps
+    progress = Progress(2 * len(jobs), work=sum((3 + job.repeats) * max(job.T, 1) for job in jobs))
     peaks = []
     for job in jobs:
         peaks.append(peak_bytes(job, device, meter))
-        log(f"memory {job.problem} {job.estimator} T={job.T}: {peaks[-1] / MIB:.1f} MiB")
+        progress.step(f"memory {job.problem} {job.estimator} T={job.T}: {peaks[-1] / MIB:.1f} MiB", 2 * max(job.T, 1))
         gc.collect()
     records = []
     with heap_reuse_for_timing():
@@ -478,7 +480,10 @@ def run_jobs(jobs: Sequence[Job], device: torch.device, meter: PeakMemory) -> li
             for index, seconds in zip(indices, interleaved_seconds_per_step([jobs[i] for i in indices], device)):
                 seconds_of[index] = seconds
                 job = jobs[index]
-                log(f"time {job.problem} {job.estimator} T={job.T}: {seconds:.4f} s/step")
+                progress.step(
+                    f"time {job.problem} {job.estimator} T={job.T}: {seconds:.4f} s/step",
+                    (1 + job.repeats) * max(job.T, 1),
+                )
             gc.collect()
         for index, (job, peak) in enumerate(zip(jobs, peaks)):
             records.append(Record(job.problem, job.estimator, job.T, seconds_of[index], peak))

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from studies.common import write_text
+from studies.common import Progress, write_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +49,8 @@ def worker(rank: int, args: argparse.Namespace, port: int, results) -> None:
     a = torch.randn(300, 300)
     x = torch.randn(args.numel)
     times: dict[str, list[float]] = {"blocking": [], "polled": []}
-    for _ in range(args.allreduce_rounds):
+    progress = Progress(args.allreduce_rounds)
+    for round_index in range(args.allreduce_rounds):
         for way in times:
             for _ in range(args.repeats):
                 start = time.perf_counter()
@@ -64,6 +65,8 @@ def worker(rank: int, args: argparse.Namespace, port: int, results) -> None:
                         pass
                     work.wait()
                 times[way].append(time.perf_counter() - start)
+        if rank == 0:
+            progress.step(f"all-reduce round {round_index}: both ways, {args.repeats} times each (process 0)")
     results[rank] = {way: statistics.median(t) for way, t in times.items()}
     dist.destroy_process_group()
 

@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from studies.common import REPOSITORY, write_json
+from studies.common import REPOSITORY, Progress, write_json
 
 EXAMPLE = REPOSITORY / "examples" / "ddp_fewshot.py"
 SETTINGS = ("meta_batch", "steps", "rounds", "width", "inner_steps", "broadcast_buffers")
@@ -66,11 +66,13 @@ def step_seconds(devices: int, args: argparse.Namespace) -> float:
 def run(args: argparse.Namespace, out: Path) -> dict:
     """Measures ``args.rounds`` rounds, prints them and writes the record; returns it."""
     rounds = []
+    progress = Progress(args.rounds)
     for r in range(args.rounds):
         order = (1, 2) if r % 2 == 0 else (2, 1)
         times = {devices: step_seconds(devices, args) for devices in order}
         rounds.append({"one": times[1], "two": times[2], "ratio": times[2] / times[1]})
-        print(f"round {r}: 1 process {times[1]:.4f} s, 2 processes {times[2]:.4f} s, ratio {times[2] / times[1]:.3f}")
+        text = f"round {r}: 1 process {times[1]:.4f} s, 2 processes {times[2]:.4f} s, ratio {times[2] / times[1]:.3f}"
+        print(progress.line(text), flush=True)
     ratios = [x["ratio"] for x in rounds]
     print(f"median ratio over {len(ratios)} rounds: {statistics.median(ratios):.3f} (min {min(ratios):.3f}, "
           f"max {max(ratios):.3f})")  # fmt: skip

@@ -43,8 +43,8 @@ import torch
 from torch import Tensor
 
 from studies.common import (
+    Progress,
     estimator_spec,
-    log,
     machine_description,
     omniglot_root,
     quiet,
@@ -195,6 +195,7 @@ def compare_devices(
     import lightning_hypergrad as lh
 
     rows = []
+    progress = Progress(len(inner_steps) * len(estimators), work=len(estimators) * sum(inner_steps))
     for steps in inner_steps:
         for name in estimators:
             row: dict[str, Any] = {"estimator": name, "inner_steps": steps}
@@ -212,7 +213,8 @@ def compare_devices(
                         with contextlib.nullcontext() if tf32 else tf32_off():
                             g_gpu = flat_hypergradient(copy.deepcopy(initial).to(device), on_device)
                         row[column] = float(torch.linalg.vector_norm(g_gpu - g_cpu) / torch.linalg.vector_norm(g_cpu))
-            log(f"GPU against CPU: {name}, T = {steps}: " + ", ".join(f"{c} {row[c]:.1e}" for c, _, _ in PRECISIONS))
+            errors = ", ".join(f"{c} {row[c]:.1e}" for c, _, _ in PRECISIONS)
+            progress.step(f"GPU against CPU: {name}, T = {steps}: {errors}", steps)
             rows.append(row)
     return rows
 

@@ -46,6 +46,7 @@ from lightning_hypergrad.hpo import HyperCleaner
 from studies.common import (
     REPOSITORY,
     AllocatorPeak,
+    Progress,
     estimator_spec,
     machine_description,
     quiet,
@@ -338,10 +339,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(machine_description("cpu"))
     steps = [] if args.steps is None else ["--trainer.max_steps", str(args.steps)]
     records = []
+    extra = len(args.lr_starts) + len(args.lr_outer_lrs) + 2 * len(args.grid)  # lr_schedule's further runs
+    per_seed = {example: len(args.estimators) + (extra if example == "lr_schedule" else 0) for example in args.examples}
+    progress = Progress(len(args.seeds) * sum(per_seed.values()))
 
     def add(record: dict) -> None:
         records.append(record)
         print(json.dumps(record), flush=True)
+        progress.step(f"{record['example']} {row_label(record)} seed {record['seed']}")
 
     with quiet():
         for example in args.examples:

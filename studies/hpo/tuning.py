@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from studies.common import machine_description, quiet, write_json, write_text
+from studies.common import Progress, machine_description, quiet, write_json, write_text
 from studies.hpo.comparison import GRID
 from studies.hpo.unseen import TUNING_SEEDS, fit
 
@@ -111,14 +111,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(machine)
     rules = candidates(args)
     records = []
+    progress = Progress(len(args.seeds) * (len(args.grid) + len(rules)))
     with quiet():
         for seed in args.seeds:
             for lr in args.grid:
                 records.append(fit("lr_schedule", seed, f"fixed_lr{lr}", ["--model.estimator", "fo", "--model.init_lr",
                                                                           str(lr)]))  # fmt: skip
+                progress.step(f"lr_schedule fixed_lr{lr} seed {seed}")
             for name, extra in rules.items():
                 records.append(fit("lr_schedule", seed, name, extra))
                 print(json.dumps(records[-1]), flush=True)
+                progress.step(f"lr_schedule {name} seed {seed}")
     write_json(out / f"{args.name}.json", {"machine": machine, "records": records}, indent=1)
     text = report(records, machine)
     write_text(out / f"{args.name}.md", text + "\n")

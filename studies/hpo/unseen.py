@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from lightning_hypergrad.callbacks import StepTimer
-from studies.common import machine_description, quiet, write_json, write_text
+from studies.common import Progress, machine_description, quiet, write_json, write_text
 from studies.hpo.comparison import GRID, build, evaluate, final_hyperparameters, plain_grid_run, plain_sgd, shipped
 
 EXAMPLES = ("lr_schedule", "weight_decay", "hypercleaning")
@@ -126,10 +126,17 @@ def measure(args: argparse.Namespace) -> list[dict]:
     if unknown:
         raise SystemExit(f"--lr-variants: unknown {sorted(unknown)}; choose from {', '.join(variants)}")
     records: list[dict] = []
+    per_seed = {
+        "lr_schedule": 1 + 2 * len(args.grid) + len(args.lr_variants),
+        "weight_decay": 2 + len(args.decays),
+        "hypercleaning": 2,
+    }
+    progress = Progress(len(args.seeds) * sum(n for example, n in per_seed.items() if example in args.examples))
 
     def add(record: dict) -> None:
         records.append(record)
         print(json.dumps(record), flush=True)
+        progress.step(f"{record['example']} {record['variant']} seed {record['seed']}")
 
     with quiet():
         fit("lr_schedule", args.seeds[0], "warm-up", ["--trainer.max_steps", "2"])  # not recorded: first-fit costs

@@ -26,8 +26,8 @@ import torch
 import lightning_hypergrad as lh
 from lightning_hypergrad.callbacks import StepTimer
 from studies.common import (
+    Progress,
     estimator_spec,
-    log,
     machine_description,
     omniglot_root,
     quiet,
@@ -53,6 +53,7 @@ def time_configs(
     cuda = device is not None and device.type == "cuda"
     times: dict[Config, list[float]] = {config: [] for config in configs}
     peaks: dict[Config, int | None] = {config: None for config in configs}
+    progress = Progress(rounds * len(configs), work=rounds * sum(t for _, t, _ in configs))  # a fit's work: its T
     for round_ in range(rounds):
         for config in configs:
             name, inner_steps, batched = config
@@ -70,8 +71,8 @@ def time_configs(
                 torch.cuda.synchronize(device)
                 peaks[config] = max(torch.cuda.max_memory_allocated(device), peaks[config] or 0)
             times[config] += timer.durations[1:]  # the first step warms up
-            log(f"round {round_ + 1}/{rounds}: {name}, T = {inner_steps}, {tasks_label(batched)}: "
-                f"{statistics.median(timer.durations[1:]):.4f} s/step")  # fmt: skip
+            progress.step(f"round {round_ + 1}/{rounds}: {name}, T = {inner_steps}, {tasks_label(batched)}: "
+                          f"{statistics.median(timer.durations[1:]):.4f} s/step", inner_steps)  # fmt: skip
             del model, trainer, timer
     return times, peaks
 

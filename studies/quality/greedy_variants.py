@@ -29,7 +29,7 @@ from torch import Tensor  # noqa: E402
 
 import lightning_hypergrad as lh  # noqa: E402
 from lightning_hypergrad.callbacks.hypergrad_quality import cosine_and_norm_ratio  # noqa: E402
-from studies.common import write_text  # noqa: E402
+from studies.common import Progress, write_text  # noqa: E402
 
 ESTIMATORS = (
     "fo",
@@ -87,12 +87,14 @@ def main(argv: list[str] | None = None) -> None:
     x, y = digits()
     columns = [(mu, steps) for mu in MOMENTA for steps in args.steps]
     cosines: dict[tuple[str, float, int], list[float]] = {}
+    progress = Progress(len(columns), work=args.tasks * sum(steps for _, steps in columns))
     for mu, steps in columns:
         for seed in range(args.tasks):
             reference = lh.RMD()(task_problem(x, y, seed, steps, args.lr, mu)).hypergrads
             for spec in ESTIMATORS:
                 estimate = lh.get_estimator(spec)(task_problem(x, y, seed, steps, args.lr, mu)).hypergrads
                 cosines.setdefault((spec, mu, steps), []).append(cosine_and_norm_ratio(estimate, reference)[0])
+        progress.step(f"mu={mu:g}, T={steps}: {args.tasks} tasks", args.tasks * steps)
 
     def beats(spec: str, other: str, mu: float, steps: int) -> str:
         pairs = zip(cosines[(spec, mu, steps)], cosines[(other, mu, steps)])

@@ -80,6 +80,7 @@ import lightning_hypergrad as lh  # noqa: E402
 from lightning_hypergrad.callbacks.hypergrad_quality import cosine_and_norm_ratio  # noqa: E402
 from lightning_hypergrad.module import split_meta_batch  # noqa: E402
 from studies.common import (  # noqa: E402
+    Progress,
     atomic_path,
     log,
     machine_description,
@@ -766,6 +767,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     measurements: list[Measurement] = []
     context: dict[int, dict[str, float]] = {}
+    progress = Progress(len(set(checkpoints)))  # a unit: training up to a checkpoint, then its measurement
     for step, state, train_metrics in train(model, datamodule, checkpoints, device):
         torch.save(state, out / f"backbone_step{step}.pt")
         measured_model = build_model(datamodule.image_shape, args.seed, device)
@@ -777,7 +779,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             context[step]["train_loss"] = train_metrics["outer_loss"]
         if "acc" in train_metrics:
             context[step]["train_acc"] = train_metrics["acc"]
-        log(f"measured checkpoint {step} in {time.perf_counter() - tick:.0f} s")
+        progress.step(f"measured checkpoint {step} in {time.perf_counter() - tick:.0f} s")
 
     records = [m.record() for m in measurements]
     write_json(out / "quality.json", records)

@@ -66,7 +66,7 @@ from torch import Tensor  # noqa: E402
 
 import lightning_hypergrad as lh  # noqa: E402
 from lightning_hypergrad.callbacks.hypergrad_quality import cosine_and_norm_ratio  # noqa: E402
-from studies.common import atomic_path, log, machine_description, write_json, write_text  # noqa: E402
+from studies.common import Progress, atomic_path, log, machine_description, write_json, write_text  # noqa: E402
 from studies.quality.quality import (  # noqa: E402
     DEFAULT_TRAIN_STEPS,
     INNER_LR,
@@ -623,13 +623,14 @@ def run_variants(args: argparse.Namespace, start: float) -> None:
     tasks = heldout_tasks(datamodule, n_tasks, device)
     model = build_model(datamodule.image_shape, args.seed, device)
     results: list[SettingResult] = []
+    progress = Progress(len(set(checkpoints)))  # a unit: training up to a checkpoint, then its measurement
     for step, state, _ in train(model, datamodule, checkpoints, device):
         torch.save(state, out / f"{name}_backbone_step{step}.pt")
         measured = build_model(datamodule.image_shape, args.seed, device)
         measured.load_state_dict(state)
         tick = time.perf_counter()
         results += measure_checkpoint(measured, step, tasks, t_values, n_reference)
-        log(f"measured checkpoint {step} in {time.perf_counter() - tick:.0f} s")
+        progress.step(f"measured checkpoint {step} in {time.perf_counter() - tick:.0f} s")
 
     meta = {
         "data": data.describe(),

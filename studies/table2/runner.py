@@ -45,7 +45,7 @@ import time
 import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
@@ -77,8 +77,10 @@ from lightning_hypergrad.fewshot import FewShotClassifier
 from lightning_hypergrad.optim import DifferentiableOptimizer
 from studies.common import (
     REPOSITORY,
+    Progress,
     atomic_path,
     estimator_spec,
+    format_duration,
     omniglot_root,
     quiet,
     quiet_trainer,
@@ -347,7 +349,7 @@ class CachedFewShotDataModule(FewShotDataModule):
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def run_data(
@@ -751,40 +753,34 @@ def load_records(out: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _format_duration(seconds: float) -> str:
-    seconds = round(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
-
-
-def _progress_line(index: int, total: int, config: RunConfig, record: dict[str, Any]) -> str:
+def _run_summary(config: RunConfig, record: dict[str, Any]) -> str:
     sps = record["seconds_per_step"]
     return (
-        f"[{index}/{total}] {config.describe()}: val {100 * record['val_acc']:.2f} ± {100 * record['val_ci95']:.2f}%, "
+        f"{config.describe()}: val {100 * record['val_acc']:.2f} ± {100 * record['val_ci95']:.2f}%, "
         f"test {100 * record['test_acc']:.2f} ± {100 * record['test_ci95']:.2f}%, "
         f"{'n/a' if sps is None else f'{sps:.3f}'} s/step, {record['wall_seconds']:.1f} s"
     )
 
 
 def execute(jobs: Sequence[RunConfig], runs_dir: Path, workers: int) -> tuple[int, int]:
-    """Runs ``jobs`` (in this process when ``workers == 1``), printing one line per finished run.
+    """Runs ``jobs`` (in this process when ``workers == 1``), printing one line per finished run, with the time so
+    far and an estimate of the time left (:class:`studies.common.Progress`: a run's work is its number of steps).
 
     Returns:
         The numbers of finished and failed runs.
     """
     finished = failed = 0
-    total = len(jobs)
+    progress = Progress(len(jobs), work=sum(job.steps for job in jobs))
     if workers == 1:
         for config in jobs:
             try:
                 record = run_one(config, runs_dir)
             except Exception as error:  # one failed run must not stop the others
                 failed += 1
-                print(f"[{finished + failed}/{total}] {config.describe()}: FAILED: {error!r}", flush=True)
+                print(progress.line(f"{config.describe()}: FAILED: {error!r}", config.steps), flush=True)
             else:
                 finished += 1
-                print(_progress_line(finished + failed, total, config, record), flush=True)
+                print(progress.line(_run_summary(config, record), config.steps), flush=True)
         return finished, failed
     context = multiprocessing.get_context("spawn")
     threads = jobs[0].threads if jobs else 1
@@ -817,10 +813,10 @@ def execute(jobs: Sequence[RunConfig], runs_dir: Path, workers: int) -> tuple[in
                         worker = pool[index] = _start_worker(context, threads)
                 if ok:
                     finished += 1
-                    print(_progress_line(finished + failed, total, config, answer), flush=True)
+                    print(progress.line(_run_summary(config, answer), config.steps), flush=True)
                 else:
                     failed += 1
-                    print(f"[{finished + failed}/{total}] {config.describe()}: FAILED: {answer}", flush=True)
+                    print(progress.line(f"{config.describe()}: FAILED: {answer}", config.steps), flush=True)
                 worker.job = queue.pop() if queue else None
                 if worker.job is not None:
                     worker.conn.send((worker.job, runs_dir))
@@ -1011,13 +1007,13 @@ def command_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         with runner_lock(runs_dir), _sigterm_as_interrupt():
             finished, failed = execute(todo, runs_dir, args.workers)
     except KeyboardInterrupt:
-        print(f"interrupted after {_format_duration(time.perf_counter() - start)}; rerun the same command to resume")
+        print(f"interrupted after {format_duration(time.perf_counter() - start)}; rerun the same command to resume")
         return 130
     except RunnerBusy as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(
-        f"total wall time {_format_duration(time.perf_counter() - start)}: {finished} runs finished, {failed} failed",
+        f"total wall time {format_duration(time.perf_counter() - start)}: {finished} runs finished, {failed} failed",
         flush=True,
     )
     code = report(out)
@@ -1411,7 +1407,7 @@ def render_markdown(records: Sequence[dict[str, Any]], entries: Sequence[Entry])
             "",
             *_cost_table(clean, ways_shown, rows),
             "",
-            f"Total compute: {_format_duration(compute)} ({compute / 3600:.2f} h), runs' wall time summed.",
+            f"Total compute: {format_duration(compute)} ({compute / 3600:.2f} h), runs' wall time summed.",
             "",
         ]
     lines += [
@@ -1423,7 +1419,7 @@ def render_markdown(records: Sequence[dict[str, Any]], entries: Sequence[Entry])
         "",
     ]
     total = sum(r.get("wall_seconds") or 0.0 for r in records)
-    lines += [f"Total compute, all records: {_format_duration(total)} ({total / 3600:.2f} h), {len(records)} runs.", ""]
+    lines += [f"Total compute, all records: {format_duration(total)} ({total / 3600:.2f} h), {len(records)} runs.", ""]
     return "\n".join(lines)
 
 

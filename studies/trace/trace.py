@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from lightning_hypergrad import SGD, FewShotClassifier, HypergradEstimator, get_estimator
 from lightning_hypergrad.estimators.base import Estimate, add_grads
-from studies.common import estimator_spec, quiet, quiet_trainer, require_positive, write_json
+from studies.common import Progress, estimator_spec, quiet, quiet_trainer, require_positive, write_json
 from studies.table2.runner import (
     CachedFewShotDataModule,
     PaperSettings,
@@ -91,9 +91,13 @@ def _estimator(method: str, correction_scale: float | None = None) -> HypergradE
 class Trace(L.Callback):
     """Records every outer step (see the module's docstring); freezes the last batch norm if asked."""
 
-    def __init__(self, freeze_last_norm: bool) -> None:
+    def __init__(self, freeze_last_norm: bool, total_steps: int = 0) -> None:
         self.freeze_last_norm = freeze_last_norm
         self.steps: list[dict[str, float]] = []
+        # progress: a line every tenth of the run (a unit: that many steps)
+        self.total_steps = total_steps
+        self.every = max(1, math.ceil(total_steps / 10))
+        self.progress = Progress(math.ceil(total_steps / self.every)) if total_steps > 0 else None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: FewShotClassifier) -> None:
         if self.freeze_last_norm:  # no .grad reaches them: Adam leaves them as they are
@@ -117,6 +121,11 @@ class Trace(L.Callback):
                 "adam_second_moment_max": max((float(v.max()) for v in second), default=0.0),
             }
         )
+        done = len(self.steps)
+        if self.progress is not None and (done % self.every == 0 or done == self.total_steps):
+            self.progress.step(
+                f"trained {done} of {self.total_steps} steps: outer loss {self.steps[-1]['outer_loss']:.3f}"
+            )
 
 
 def _setup(args: argparse.Namespace, seed: int, steps: int) -> tuple[PaperSettings, CachedFewShotDataModule]:
@@ -153,7 +162,7 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
     if args.correction_scale is not None:
         changes.append(f"correction{args.correction_scale:g}")
     precision = {32: "32-true", 64: "64-true"}[args.precision]
-    trace = Trace(args.freeze_last_norm)
+    trace = Trace(args.freeze_last_norm, args.steps)
     with quiet():
         paper, data = _setup(args, args.seed, args.steps)
         inner = paper.optimizer()
@@ -222,6 +231,7 @@ def command_init(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     methods = list(dict.fromkeys(["fo", "rmd", *args.methods]))
     seeds: dict[str, Any] = {}
+    progress = Progress(args.seeds)
     for seed in range(args.seeds):
         with quiet():
             paper, data = _setup(args, seed, 1)
@@ -242,6 +252,7 @@ def command_init(args: argparse.Namespace) -> dict[str, Any]:
             }
             for name, g in flat.items()
         }
+        progress.step(f"seed {seed}: the hypergradients of {', '.join(methods)} at initialization")
     record = {
         "dataset": args.dataset,
         "ways": args.ways,
