@@ -23,7 +23,9 @@ def _on_signal(signum, frame) -> None:
 
 
 def _excepthook(kind, value, traceback) -> None:
-    if issubclass(kind, KeyboardInterrupt):
+    # After a stop signal, any error is its consequence: an import cut short can leave a module half initialized
+    # when a library swallows the KeyboardInterrupt (numpy without `iterable`, seen in a loaded machine).
+    if issubclass(kind, KeyboardInterrupt) or _received:
         name = _received[-1] if _received else "SIGINT"
         sys.stderr.write(stopped_before_training(name))
         sys.stderr.flush()

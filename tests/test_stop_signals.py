@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -50,3 +51,16 @@ def test_ctrl_c_while_the_imports_run_exits_130_with_one_line(tmp_path):
     assert status == 130, err[-2000:]
     assert "stopped by SIGINT before training started: nothing to resume, run the command again" in err
     assert "Traceback" not in err and "partially initialized" not in err
+
+
+def test_an_error_left_by_an_import_cut_short_by_ctrl_c_is_reported_as_the_stop() -> None:
+    """A library that swallows the KeyboardInterrupt of an import leaves a half-initialized module, and the error that
+    follows (``module 'numpy' has no attribute 'iterable'``) must read as the stop it comes from, not as a traceback."""
+    code = (
+        "import lightning_hypergrad._console as c\n"
+        "c._received.append('SIGINT')\n"
+        "c._excepthook(AttributeError, AttributeError(\"module 'numpy' has no attribute 'iterable'\"), None)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130
+    assert done.stderr == "stopped by SIGINT before training started: nothing to resume, run the command again\n"
