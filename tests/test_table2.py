@@ -569,3 +569,28 @@ def test_one_runner_at_a_time_per_records_folder(tmp_path):
     (tmp_path / LOCK_NAME).write_text(gone.stdout.strip())  # the pid of a process that has ended
     with runner_lock(runs):
         assert (tmp_path / LOCK_NAME).read_text() == str(os.getpid())
+
+
+def test_a_stopped_worker_leaves_even_when_a_library_swallows_its_exit(tmp_path: Path) -> None:
+    """The stop signal raises ``SystemExit`` in the worker; code that catches ``BaseException`` (an import under way)
+    would keep it running until the runner kills it seconds later. It leaves by itself after the watchdog's delay."""
+    code = (
+        "import signal, time\n"
+        "from studies.table2.runner import _stop_worker\n"
+        "signal.signal(signal.SIGTERM, _stop_worker)\n"
+        "print('ready', flush=True)\n"
+        "while True:\n"
+        "    try:\n"
+        "        time.sleep(0.05)\n"
+        "    except BaseException:\n"
+        "        pass\n"
+    )
+    worker = subprocess.Popen([sys.executable, "-c", code], cwd=REPOSITORY, stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout is not None and worker.stdout.readline().strip() == "ready"
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=20) == 128 + signal.SIGTERM
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()

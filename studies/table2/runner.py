@@ -493,6 +493,8 @@ PARENT_POLL_SECONDS = 0.2
 """How often a worker checks that the runner that started it is still alive."""
 STOP_GRACE_SECONDS = 10.0
 """How long a stopped worker may take to leave (its run's temporary file removed) before it is killed."""
+STOP_WATCHDOG_SECONDS = 2.0
+"""How long after its stop signal a worker leaves by itself, whatever its main thread is doing."""
 _stopping = False
 
 
@@ -502,7 +504,14 @@ def _stop_worker(signum: int, frame: Any) -> None:
     global _stopping
     if not _stopping:  # a second signal must not interrupt the cleanup of the first
         _stopping = True
+        # and should a library swallow the SystemExit (an import under way that catches BaseException), leave anyway
+        threading.Thread(target=_leave_after, args=(STOP_WATCHDOG_SECONDS, 128 + signum), daemon=True).start()
         raise SystemExit(128 + signum)
+
+
+def _leave_after(seconds: float, code: int) -> None:
+    time.sleep(seconds)
+    os._exit(code)  # the runner removes what a run under way left (its temporary file)
 
 
 def _watch_parent(parent: int) -> None:
@@ -612,6 +621,7 @@ def _stop_workers(pool: Sequence[_Worker], runs_dir: Path, wait: bool) -> None:
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join()
+            if worker.job is not None:  # a run abandoned: its temporary file, if it was left (see _leave_after)
                 for tmp in runs_dir.glob(f".*.{worker.process.pid}.tmp.json"):  # see studies.common.atomic_path
                     with contextlib.suppress(OSError):
                         tmp.unlink()
