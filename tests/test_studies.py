@@ -23,7 +23,7 @@ import lightning_hypergrad as lh
 from studies.common import atomic_path, quiet_trainer, quiet_trainer_args, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDIES = ("table2", "cost", "quality", "hpo", "ddp", "lightning_step", "trace")
+STUDIES = ("table2", "cost", "quality", "hpo", "ddp", "lightning_step", "trace", "horizon")
 
 
 def results_snapshot() -> dict[str, tuple[int, int]]:
