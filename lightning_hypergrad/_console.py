@@ -18,8 +18,13 @@ def stopped_before_training(name: str) -> str:
 
 
 def _on_signal(signum, frame) -> None:
-    _received.append(signal.Signals(signum).name)
-    raise KeyboardInterrupt
+    # Nothing is started yet (no checkpoint, no logger): leave at once, rather than raise a KeyboardInterrupt through
+    # an import under way, which torch's C++ part can turn into an abort (status -6) and a library can swallow.
+    name = signal.Signals(signum).name
+    _received.append(name)
+    sys.stderr.write(stopped_before_training(name))
+    sys.stderr.flush()
+    os._exit(143 if name == "SIGTERM" else 130)
 
 
 def _excepthook(kind, value, traceback) -> None:

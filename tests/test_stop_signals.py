@@ -64,3 +64,23 @@ def test_an_error_left_by_an_import_cut_short_by_ctrl_c_is_reported_as_the_stop(
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 130
     assert done.stderr == "stopped by SIGINT before training started: nothing to resume, run the command again\n"
+
+
+def test_a_stop_signal_during_the_imports_leaves_at_once_whatever_the_import_does() -> None:
+    """Before ``main`` runs nothing is started, so the early handler leaves at once with the one line: a
+    KeyboardInterrupt raised through an import could be swallowed by it (or abort in torch's C++ part, status -6)."""
+    code = (
+        "import os, signal, sys, time\n"
+        "sys.argv[0] = 'lightning-hypergrad'\n"
+        "import lightning_hypergrad._console as c\n"
+        "c.install()\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(5)\n"
+        "except BaseException:\n"
+        "    pass\n"
+        "print('still running')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (130, "")
+    assert done.stderr == "stopped by SIGINT before training started: nothing to resume, run the command again\n"
