@@ -41,7 +41,7 @@ class InnerStep:
         state_before: ``s_{t-1}``; its tensors are leaves that require grad in ``LOCAL`` mode.
         params: ``w_t``, connected to ``h`` (and to the inputs) unless the mode is ``CONSTANT``.
         state: ``s_t``.
-        loss: ``L_train(w_{t-1}, h)``, detached.
+        loss: ``L_train(w_{t-1}, h)`` (the step's own loss, see ``BilevelProblem.inner_step_loss``), detached.
     """
 
     t: int
@@ -106,9 +106,10 @@ def unroll(
     with torch.enable_grad():
         for t in range(first, (problem.steps if stop is None else stop) + 1):
             step_mode = mode(t)
+            step_loss = problem.step_loss(t)
             if step_mode is StepMode.CONSTANT:
                 w_in, s_in = leaves(w), state.detached()
-                loss = problem.inner_loss(w_in, h_const)
+                loss = step_loss(w_in, h_const)
                 grads = torch.autograd.grad(loss, w_in, materialize_grads=True)
                 with torch.no_grad():
                     w_new, s_new = opt.update(w_in, grads, s_in, h_const)
@@ -118,7 +119,7 @@ def unroll(
                 else:
                     w_in = [x if x.requires_grad else x.detach().requires_grad_() for x in w]
                     s_in = state
-                loss = problem.inner_loss(w_in, h)
+                loss = step_loss(w_in, h)
                 grads = torch.autograd.grad(loss, w_in, create_graph=True, materialize_grads=True)
                 w_new, s_new = opt.update(w_in, grads, s_in, h)
             losses.append(loss.detach())

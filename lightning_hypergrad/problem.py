@@ -39,6 +39,12 @@ class BilevelProblem:
         init_state: optional; the inner optimizer's state at the start (e.g. the momentum buffers carried over
             from the previous outer step in online mode). ``None``: a fresh state. Treated as a constant, like
             ``init_params``.
+        inner_step_loss: optional; ``L_train^t(w, h, t)``, the loss that step ``t`` (1 to T) descends, e.g. on the
+            ``t``-th mini-batch of a training run. The inner loop then calls it in place of ``inner_loss`` at every
+            step, with the step's index, however an estimator orders or repeats the steps (checkpointed reverse
+            mode recomputes segments, truncated reverse mode replays the last ``K``), so it must depend on ``t``
+            alone, never on how often it was called. ``inner_loss`` stays the objective whose stationary point
+            the implicit estimators assume (e.g. the loss on the whole training set).
     """
 
     inner_loss: LossFn
@@ -49,9 +55,15 @@ class BilevelProblem:
     steps: int
     features: Callable[[], Sequence[Tensor]] | None = None
     init_state: OptimizerState | None = None
+    inner_step_loss: Callable[[Sequence[Tensor], Sequence[Tensor], int], Tensor] | None = None
 
     def __post_init__(self) -> None:
         self.inner_loss = _scalar_loss("inner_loss", self.inner_loss)
+        if self.inner_step_loss is not None and not callable(self.inner_step_loss):
+            raise TypeError(
+                "inner_step_loss must be a function loss(w, h, t) -> scalar tensor of the step t (1 to T), got "
+                f"{type(self.inner_step_loss).__name__}"
+            )
         self.outer_loss = _scalar_loss("outer_loss", self.outer_loss)
         check_int("steps (T, the number of inner steps)", self.steps)
         self.hyperparameters = list(self.hyperparameters)
@@ -73,6 +85,13 @@ class BilevelProblem:
                 f"lightning_hypergrad.Adam, got {type(self.optimizer).__name__} (torch.optim optimizers update in "
                 "place and cannot be differentiated)"
             )
+
+    def step_loss(self, t: int) -> LossFn:
+        """The loss that step ``t`` descends: ``inner_step_loss(w, h, t)``, or ``inner_loss`` without one."""
+        if self.inner_step_loss is None:
+            return self.inner_loss
+        step_loss = self.inner_step_loss
+        return _scalar_loss(f"inner_step_loss (step {t})", lambda w, h: step_loss(w, h, t))
 
     @property
     def learned_init(self) -> bool:

@@ -157,6 +157,8 @@ def check_dependence(problem: BilevelProblem, h: Sequence[Tensor], h_leaf: Seque
         w = leaves(w0)
         try:
             roots = [problem.inner_loss(w, h_leaf), problem.outer_loss(w, h_leaf)]
+            if problem.inner_step_loss is not None:
+                roots.append(problem.step_loss(1)(w, h_leaf))
         except RuntimeError as error:
             _explain_dtypes(error, w, h_leaf)
             raise
