@@ -1,6 +1,7 @@
-"""``python -m studies.horizon nqm [run|report] ...``: see :mod:`studies.horizon.nqm_study`.
+"""``python -m studies.horizon {nqm,cnn} [run|report] ...``: the short-horizon-bias study in two parts.
 
-One subcommand per part of the study: ``nqm`` (the noisy quadratic model); a network part would be a second one.
+``nqm``: the noisy quadratic model (:mod:`studies.horizon.nqm_study`); ``cnn``: a CNN's per-layer learning rates and
+weight decays tuned over its whole training on Omniglot (:mod:`studies.horizon.cnn_study`).
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from studies.horizon import nqm_study
+from studies.horizon import cnn_study, nqm_study
 
 
 def parser() -> argparse.ArgumentParser:
@@ -21,6 +22,13 @@ def parser() -> argparse.ArgumentParser:
     )
     nqm_study.add_arguments(nqm)
     nqm.set_defaults(check=lambda args: nqm_study.check_arguments(nqm, args), main=nqm_study.main)
+    cnn = parts.add_parser(
+        "cnn",
+        help="a CNN's per-layer learning rates and weight decays, tuned over its whole training on Omniglot",
+        description=cnn_study.__doc__.splitlines()[0],
+    )
+    cnn_study.add_arguments(cnn)
+    cnn.set_defaults(check=lambda args: cnn_study.check_arguments(cnn, args), main=cnn_study.main)
     return top
 
 
