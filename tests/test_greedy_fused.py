@@ -76,9 +76,7 @@ def test_fused_equals_streamed_for_learned_optimizer_settings():
     log_wd = torch.tensor(-4.0, dtype=torch.float64, requires_grad=True)
 
     def make():
-        opt = lh.SGD(
-            lr=lambda h: h[1].exp(), momentum=lambda h: torch.sigmoid(h[2]), weight_decay=lambda h: h[3].exp()
-        )
+        opt = lh.SGD(lr=lambda h: h[1].exp(), momentum=lambda h: torch.sigmoid(h[2]), weight_decay=lambda h: h[3].exp())
         return task.problem(7, opt, hyperparameters=[task.log_wd, task.log_lr, logit_mu, log_wd])
 
     _equal(*_both(make))

@@ -17,7 +17,14 @@ def peak_saved_bytes(estimator: lh.HypergradEstimator, steps: int) -> int:
 
 @pytest.mark.parametrize(
     "estimator",
-    [lh.FO(), lh.T1T2(), lh.Greedy(0.99, fused=False), lh.Neumann(iterations=5), lh.ConjugateGradient(iterations=5), lh.FMD()],
+    [
+        lh.FO(),
+        lh.T1T2(),
+        lh.Greedy(0.99, fused=False),
+        lh.Neumann(iterations=5),
+        lh.ConjugateGradient(iterations=5),
+        lh.FMD(),
+    ],
     ids=lambda e: type(e).__name__,
 )
 @pytest.mark.filterwarnings("ignore:ConjugateGradient met non-positive curvature")

@@ -23,7 +23,7 @@ it, and every schedule's expected final loss is known without sampling.
 
 **The bilevel problem** (:func:`sampled_problem`): one inner trajectory with a fresh draw of the noise; the inner
 loss is the noiseless quadratic and the optimizer (:class:`ScheduledSGD`) adds the step's sampled noise ``xi_t``
-to its gradient (the losses of a :class:`~lightning_hypergrad.BilevelProblem` do not see the step index; the noise
+to its gradient (it could as well be a per-step loss, ``BilevelProblem.inner_step_loss``; the noise
 does not depend on ``w``, so the gradient and every Jacobian are those of the sampled quadratic). The outer loss is
 the deterministic ``L(w_T)``. Its exact hypergradient (RMD) is an unbiased estimate of the gradient of the expected
 final loss.
