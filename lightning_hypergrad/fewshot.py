@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from lightning_hypergrad._checks import check_choice, check_int
 from lightning_hypergrad.estimators import HypergradEstimator
-from lightning_hypergrad.inner_model import INITS, InnerModel
+from lightning_hypergrad.inner_model import INITS, InnerModel, per_task_batch_norm
 from lightning_hypergrad.module import BilevelModule, Task
 from lightning_hypergrad.nets import BACKBONES, ConvBackbone, build_backbone  # noqa: F401 (ConvBackbone: public)
 from lightning_hypergrad.optim import DifferentiableOptimizer
@@ -204,6 +204,20 @@ class FewShotClassifier(BilevelModule):
         images = torch.cat([task["support_x"], task["query_x"]])
         out = self.backbone(images)  # one pass: batch norm sees the support and query images together
         return [out[:n_support], out[n_support:]]
+
+    def stacked_features(self, stacked):
+        """One backbone call over the images of every task (``batch_tasks=True``), batch norm per task
+        (:func:`~lightning_hypergrad.inner_model.per_task_batch_norm`): the features, gradients and running statistics
+        of one call per task. ``None`` (one call per task) where a subclass overrides :meth:`features`."""
+        if type(self).features is not FewShotClassifier.features:
+            return None
+        support, query = stacked.tensors["support_x"], stacked.tensors["query_x"]
+        tasks, n_support = support.shape[:2]
+        images = torch.cat([support, query], dim=1).flatten(0, 1)  # task by task: its support, then its query
+        with per_task_batch_norm(self.backbone, tasks):
+            out = self.backbone(images)
+        out = out.reshape(tasks, -1, *out.shape[1:])
+        return [out[:, :n_support], out[:, n_support:]]
 
     def inner_loss(self, model, h, task):
         return F.cross_entropy(model(h[0]), task["support_y"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -248,3 +249,54 @@ def _batch_statistics(norms: Sequence[nn.Module]) -> Iterator[None]:
     finally:
         for m, (training, track) in zip(norms, saved):
             m.training, m.track_running_stats = training, track
+
+
+def per_task_batch_norm(module: nn.Module, tasks: int) -> contextlib.AbstractContextManager[None]:
+    """Within the block, ``module``'s batch norm treats its input as ``tasks`` equal groups along the batch dimension:
+    each task's images are normalized with that task's statistics, and the running statistics are updated once per
+    task in task order, as ``tasks`` separate calls would update them.
+
+    So one call of a backbone on the images of a meta-batch's tasks, concatenated task by task, gives the features
+    (and, through them, the gradients) and the buffers of one call per task, up to the order of floating-point sums.
+    Outside training, or without running statistics tracked, batch norm with running statistics is unchanged.
+    """
+    norms = [m for m in module.modules() if isinstance(m, _BatchNorm)]
+    return _per_task(norms, tasks)
+
+
+@contextlib.contextmanager
+def _per_task(norms: Sequence[_BatchNorm], tasks: int) -> Iterator[None]:
+    try:
+        for m in norms:
+            m.forward = functools.partial(_per_task_norm, m, tasks)  # an instance attribute: Module.__call__ uses it
+        yield
+    finally:
+        for m in norms:
+            m.__dict__.pop("forward", None)
+
+
+def _per_task_norm(m: _BatchNorm, tasks: int, x: Tensor) -> Tensor:
+    """``m``'s forward with one set of batch statistics per task (see :func:`per_task_batch_norm`)."""
+    uses_batch = m.training or not m.track_running_stats or m.running_mean is None
+    if not uses_batch:
+        return type(m).forward(m, x)
+    if x.shape[0] % tasks:
+        raise ValueError(f"per-task batch norm: a batch of {x.shape[0]} does not split into {tasks} equal tasks")
+    groups = x.reshape(tasks, x.shape[0] // tasks, *x.shape[1:])  # (tasks, n, C, ...)
+    dims = [1, *range(3, groups.dim())]
+    mean = groups.mean(dims, keepdim=True)
+    var = groups.var(dims, correction=0, keepdim=True)
+    out = (groups - mean) * torch.rsqrt(var + m.eps)
+    if m.affine:
+        shape = (1, 1, -1) + (1,) * (groups.dim() - 3)
+        out = out * m.weight.reshape(shape) + m.bias.reshape(shape)
+    if m.training and m.track_running_stats and m.running_mean is not None:
+        count = groups[0].numel() // groups.shape[2]  # values per channel in one task
+        with torch.no_grad():
+            for k in range(tasks):
+                m.num_batches_tracked.add_(1)
+                factor = 1.0 / float(m.num_batches_tracked) if m.momentum is None else m.momentum
+                m.running_mean.mul_(1 - factor).add_(mean[k].reshape(-1), alpha=factor)
+                unbiased = var[k].reshape(-1) * (count / max(count - 1, 1))
+                m.running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
+    return out.reshape(x.shape)

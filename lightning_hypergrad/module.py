@@ -257,6 +257,16 @@ class BilevelModule(L.LightningModule):
         """
         return None
 
+    def stacked_features(self, stacked: StackedTasks) -> list[Tensor] | None:
+        """:meth:`features` of all the stacked tasks at once (``batch_tasks``), or ``None`` (the default): one call
+        of :meth:`features` per task, stacked.
+
+        An override returns each tensor with a first (task) dimension, equal to stacking the tasks' own
+        :meth:`features`, including what they do to buffers (:class:`~lightning_hypergrad.FewShotClassifier` runs
+        its backbone once over every task's images, with per-task batch norm).
+        """
+        return None
+
     def task_metrics(self, params: Sequence[Tensor], h: Sequence[Tensor], task: Task) -> dict[str, Tensor]:
         """Numbers to log for one task after its inner loop (e.g. ``{"acc": ...}``); none by default."""
         return {}
@@ -390,8 +400,11 @@ class BilevelModule(L.LightningModule):
         if self._uses_features():
 
             def features():
-                per_task = [self.features(task) for task in tasks]
-                cache["h"] = [torch.stack(column) for column in zip(*per_task)]
+                together = self.stacked_features(stacked)
+                if together is None:
+                    per_task = [self.features(task) for task in tasks]
+                    together = [torch.stack(column) for column in zip(*per_task)]
+                cache["h"] = list(together)
                 return cache["h"]
 
         h_dim = 0 if self._uses_features() else None

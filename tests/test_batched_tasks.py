@@ -205,3 +205,78 @@ def test_a_meta_batch_reads_no_number_back_from_the_device(monkeypatch, spec, ba
     result = model.meta_gradient(tasks)
     monkeypatch.undo()
     assert all(bool(torch.isfinite(g).all()) for g in result.hypergrads)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the backbone over every task at once, batch norm per task
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _meta_batch64(tasks: int = 3):
+    batch = random_meta_batch(tasks=tasks)
+    return split_meta_batch({k: v.double() if v.is_floating_point() else v for k, v in batch.items()})
+
+
+@pytest.mark.parametrize("spec", ["fo", "t1t2", "greedy(0.99)", "rmd"])
+def test_one_backbone_call_gives_the_one_by_one_hypergradient_and_buffers(float64, spec):
+    """batch_tasks=True calls the backbone once for the meta-batch; the hypergradient, the metrics and the batch-norm
+    buffers (running mean, variance, count) equal those of one call per task."""
+    tasks = _meta_batch64(4)
+    results, buffers, calls = [], [], []
+    for batched in (False, True):
+        model = classifier(lh.get_estimator(spec), batched)
+        model.train()
+        count = []
+        handle = model.backbone.register_forward_hook(lambda *args, count=count: count.append(1))
+        results.append(model.meta_gradient(tasks))
+        handle.remove()
+        calls.append(len(count))
+        buffers.append({k: v.clone() for k, v in model.backbone.named_buffers()})
+    assert calls == [4, 1]
+    assert_close(results[0].hypergrads, results[1].hypergrads)
+    assert any("running_mean" in k for k in buffers[0])
+    for key in buffers[0]:
+        torch.testing.assert_close(buffers[0][key], buffers[1][key], rtol=1e-10, atol=1e-14)
+    tracked = [v for k, v in buffers[1].items() if k.endswith("num_batches_tracked")]
+    assert tracked and all(int(v) == 4 for v in tracked)  # updated once per task
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize(
+    ("norm", "shape"),
+    [(torch.nn.BatchNorm2d, (5, 3, 4, 4)), (torch.nn.BatchNorm1d, (5, 3)), (torch.nn.BatchNorm1d, (5, 3, 6))],
+)
+def test_per_task_batch_norm_is_one_call_per_task(float64, norm, shape, momentum):
+    from lightning_hypergrad.inner_model import per_task_batch_norm
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4 * shape[0], *shape[1:], generator=g).requires_grad_()
+    one, together = norm(3, momentum=momentum), norm(3, momentum=momentum)
+    with torch.no_grad():
+        for m in (one, together):
+            m.weight.copy_(torch.tensor([0.5, 1.5, -1.0]))
+            m.bias.copy_(torch.tensor([0.1, 0.0, -0.2]))
+    expected = torch.cat([one(part) for part in x.split(shape[0])])
+    with per_task_batch_norm(together, 4):
+        got = together(x)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-13)
+    for a, b in zip(one.buffers(), together.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    (grad_expected,) = torch.autograd.grad((expected**3).sum(), x)
+    (grad_got,) = torch.autograd.grad((got**3).sum(), x)
+    torch.testing.assert_close(grad_got, grad_expected, rtol=1e-10, atol=1e-13)
+    together.eval()  # outside training: the running statistics, as without the context
+    with per_task_batch_norm(together, 4):
+        torch.testing.assert_close(together(x), torch.cat([together(part) for part in x.split(shape[0])]))
+    assert "forward" not in together.__dict__  # the module is left as it was
+
+
+def test_a_subclass_with_its_own_features_keeps_one_call_per_task(float64):
+    class Scaled(lh.FewShotClassifier):
+        def features(self, task):
+            return [2 * f for f in super().features(task)]
+
+    torch.manual_seed(0)
+    model = Scaled(ways=3, image_shape=(1, 8, 8), depth=1, width=4, inner_steps=2, batch_tasks=True).double()
+    stacked = stack_tasks(_meta_batch64(2))
+    assert model.stacked_features(stacked) is None
