@@ -291,12 +291,34 @@ def _per_task_norm(m: _BatchNorm, tasks: int, x: Tensor) -> Tensor:
         shape = (1, 1, -1) + (1,) * (groups.dim() - 3)
         out = out * m.weight.reshape(shape) + m.bias.reshape(shape)
     if m.training and m.track_running_stats and m.running_mean is not None:
-        count = groups[0].numel() // groups.shape[2]  # values per channel in one task
         with torch.no_grad():
-            for k in range(tasks):
-                m.num_batches_tracked.add_(1)
-                factor = 1.0 / float(m.num_batches_tracked) if m.momentum is None else m.momentum
-                m.running_mean.mul_(1 - factor).add_(mean[k].reshape(-1), alpha=factor)
-                unbiased = var[k].reshape(-1) * (count / max(count - 1, 1))
-                m.running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
+            _update_running_stats(
+                m, mean.reshape(tasks, -1), var.reshape(tasks, -1), groups[0].numel() // groups.shape[2]
+            )
     return out.reshape(x.shape)
+
+
+def _update_running_stats(m: _BatchNorm, means: Tensor, variances: Tensor, count: int) -> None:
+    """The running statistics after one update per task, in task order (``means``, ``variances``: ``(tasks, C)``,
+    biased, from ``count`` values per channel each).
+
+    With a fixed momentum ``mu`` the ``K`` updates ``r <- (1 - mu) r + mu x_k`` are one weighted sum,
+    ``(1 - mu)^K r + sum_k mu (1 - mu)^(K-1-k) x_k`` (a few operations whatever ``K``); with ``momentum=None``
+    (a cumulative average, whose factors depend on the count so far) one update per task.
+    """
+    tasks = means.shape[0]
+    unbiased = variances * (count / max(count - 1, 1))
+    if m.momentum is None:
+        for k in range(tasks):
+            m.num_batches_tracked.add_(1)
+            factor = 1.0 / float(m.num_batches_tracked)
+            m.running_mean.mul_(1 - factor).add_(means[k], alpha=factor)
+            m.running_var.mul_(1 - factor).add_(unbiased[k], alpha=factor)
+        return
+    mu = float(m.momentum)
+    m.num_batches_tracked.add_(tasks)
+    weights = torch.tensor([mu * (1 - mu) ** (tasks - 1 - k) for k in range(tasks)], dtype=means.dtype)
+    weights = weights.to(means.device, non_blocking=True)
+    keep = (1 - mu) ** tasks
+    m.running_mean.mul_(keep).add_(weights @ means)
+    m.running_var.mul_(keep).add_(weights @ unbiased)
