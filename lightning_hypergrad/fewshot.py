@@ -56,6 +56,12 @@ class FewShotClassifier(BilevelModule):
             of a meta-batch always share their shapes here, so ``batch_tasks=True`` runs them together; it is off by
             default, as it keeps every task's backbone activations alive at once (on 2 CPU cores, meta-batch 10:
             about 9x the peak memory for 1.0-1.2x the speed; see docs/scale.md).
+        batch_backbone: with ``batch_tasks=True``, run the backbone once over every task's images, batch norm per
+            task (:func:`~lightning_hypergrad.inner_model.per_task_batch_norm`: the same features, gradients and
+            running statistics as one call per task), instead of once per task. ``None`` (default): on a GPU, where
+            it issues one set of kernels instead of one per task; not on a CPU, where one pass over the whole
+            meta-batch's activations is slower than ten cache-sized ones (3.5x on the cost study's problem, see
+            docs/scale.md). ``True`` or ``False``: always or never.
 
     Raises:
         ValueError: ``depth`` or ``width`` < 1, an unknown backbone or head_init, or ``ways``/``image_shape``
@@ -80,6 +86,7 @@ class FewShotClassifier(BilevelModule):
         gradient_clip_algorithm: str = "norm",
         nonfinite: str = "skip",
         batch_tasks: bool = False,
+        batch_backbone: bool | None = None,
     ) -> None:
         super().__init__(
             estimator=estimator,
@@ -104,6 +111,9 @@ class FewShotClassifier(BilevelModule):
             )
         if head_init is not None:
             check_choice("head_init", head_init, INITS, owner=owner)
+        if batch_backbone is not None and not isinstance(batch_backbone, bool):
+            raise TypeError(f"{owner} batch_backbone must be true, false or null (automatic), got {batch_backbone!r}")
+        self.batch_backbone = batch_backbone
         if ways is not None:
             check_int("ways (or null to take the data module's)", ways, 2, owner=owner)
         self.save_hyperparameters(
@@ -208,8 +218,10 @@ class FewShotClassifier(BilevelModule):
     def stacked_features(self, stacked):
         """One backbone call over the images of every task (``batch_tasks=True``), batch norm per task
         (:func:`~lightning_hypergrad.inner_model.per_task_batch_norm`): the features, gradients and running statistics
-        of one call per task. ``None`` (one call per task) where a subclass overrides :meth:`features`."""
-        if type(self).features is not FewShotClassifier.features:
+        of one call per task. ``None`` (one call per task) where ``batch_backbone`` says so or a subclass overrides
+        :meth:`features`."""
+        batched = self.batch_backbone if self.batch_backbone is not None else self.device.type != "cpu"
+        if not batched or type(self).features is not FewShotClassifier.features:
             return None
         support, query = stacked.tensors["support_x"], stacked.tensors["query_x"]
         tasks, n_support = support.shape[:2]

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
@@ -282,32 +283,30 @@ def _per_task_norm(m: _BatchNorm, tasks: int, x: Tensor) -> Tensor:
         return type(m).forward(m, x)
     if x.shape[0] % tasks:
         raise ValueError(f"per-task batch norm: a batch of {x.shape[0]} does not split into {tasks} equal tasks")
-    groups = x.reshape(tasks, x.shape[0] // tasks, *x.shape[1:])  # (tasks, n, C, ...)
-    dims = [1, *range(3, groups.dim())]
-    mean = groups.mean(dims, keepdim=True)
-    var = groups.var(dims, correction=0, keepdim=True)
-    out = (groups - mean) * torch.rsqrt(var + m.eps)
-    if m.affine:
-        shape = (1, 1, -1) + (1,) * (groups.dim() - 3)
-        out = out * m.weight.reshape(shape) + m.bias.reshape(shape)
-    if m.training and m.track_running_stats and m.running_mean is not None:
+    n, channels = x.shape[0] // tasks, x.shape[1]
+    # each (task, channel) pair a channel of its own: torch's batch norm then takes the statistics of each task
+    grouped = x.reshape(tasks, n, channels, -1).transpose(0, 1).reshape(n, tasks * channels, -1)
+    track = m.training and m.track_running_stats and m.running_mean is not None
+    means = torch.zeros(tasks * channels, dtype=x.dtype, device=x.device) if track else None
+    variances = torch.ones(tasks * channels, dtype=x.dtype, device=x.device) if track else None
+    weight = m.weight.repeat(tasks) if m.affine else None
+    bias = m.bias.repeat(tasks) if m.affine else None
+    out = F.batch_norm(grouped, means, variances, weight, bias, True, 1.0, m.eps)  # momentum 1: the batch's own
+    if track:
         with torch.no_grad():
-            _update_running_stats(
-                m, mean.reshape(tasks, -1), var.reshape(tasks, -1), groups[0].numel() // groups.shape[2]
-            )
-    return out.reshape(x.shape)
+            _update_running_stats(m, means.reshape(tasks, channels), variances.reshape(tasks, channels))
+    return out.reshape(n, tasks, channels, -1).transpose(0, 1).reshape(x.shape)
 
 
-def _update_running_stats(m: _BatchNorm, means: Tensor, variances: Tensor, count: int) -> None:
-    """The running statistics after one update per task, in task order (``means``, ``variances``: ``(tasks, C)``,
-    biased, from ``count`` values per channel each).
+def _update_running_stats(m: _BatchNorm, means: Tensor, unbiased: Tensor) -> None:
+    """The running statistics after one update per task, in task order (``means``, ``unbiased``: ``(tasks, C)``, each
+    task's mean and unbiased variance).
 
     With a fixed momentum ``mu`` the ``K`` updates ``r <- (1 - mu) r + mu x_k`` are one weighted sum,
     ``(1 - mu)^K r + sum_k mu (1 - mu)^(K-1-k) x_k`` (a few operations whatever ``K``); with ``momentum=None``
     (a cumulative average, whose factors depend on the count so far) one update per task.
     """
     tasks = means.shape[0]
-    unbiased = variances * (count / max(count - 1, 1))
     if m.momentum is None:
         for k in range(tasks):
             m.num_batches_tracked.add_(1)

@@ -31,7 +31,7 @@ def float64():
     torch.set_default_dtype(previous)
 
 
-def classifier(estimator, batch_tasks: bool, inner=None, steps: int = 4) -> lh.FewShotClassifier:
+def classifier(estimator, batch_tasks: bool, inner=None, steps: int = 4, batch_backbone=None) -> lh.FewShotClassifier:
     torch.manual_seed(0)
     model = lh.FewShotClassifier(
         ways=3,
@@ -42,6 +42,7 @@ def classifier(estimator, batch_tasks: bool, inner=None, steps: int = 4) -> lh.F
         inner_optimizer=inner or lh.SGD(lr=0.3, momentum=0.9),
         inner_steps=steps,
         batch_tasks=batch_tasks,
+        batch_backbone=batch_backbone,
     )
     return model.double()
 
@@ -224,7 +225,7 @@ def test_one_backbone_call_gives_the_one_by_one_hypergradient_and_buffers(float6
     tasks = _meta_batch64(4)
     results, buffers, calls = [], [], []
     for batched in (False, True):
-        model = classifier(lh.get_estimator(spec), batched)
+        model = classifier(lh.get_estimator(spec), batched, batch_backbone=True)
         model.train()
         count = []
         handle = model.backbone.register_forward_hook(lambda *args, count=count: count.append(1))
@@ -277,6 +278,17 @@ def test_a_subclass_with_its_own_features_keeps_one_call_per_task(float64):
             return [2 * f for f in super().features(task)]
 
     torch.manual_seed(0)
-    model = Scaled(ways=3, image_shape=(1, 8, 8), depth=1, width=4, inner_steps=2, batch_tasks=True).double()
+    model = Scaled(ways=3, image_shape=(1, 8, 8), depth=1, width=4, inner_steps=2, batch_tasks=True)
+    model = model.double()
+    model.batch_backbone = True
     stacked = stack_tasks(_meta_batch64(2))
     assert model.stacked_features(stacked) is None
+
+
+def test_on_a_cpu_the_backbone_runs_per_task_unless_asked(float64):
+    stacked = stack_tasks(_meta_batch64(2))
+    assert classifier("fo", True).stacked_features(stacked) is None  # automatic: one call per task on a CPU
+    assert classifier("fo", True, batch_backbone=True).stacked_features(stacked) is not None
+    assert classifier("fo", True, batch_backbone=False).stacked_features(stacked) is None
+    with pytest.raises(TypeError, match="batch_backbone must be true, false or null"):
+        lh.FewShotClassifier(ways=3, image_shape=(1, 8, 8), batch_backbone="yes")

@@ -229,7 +229,9 @@ def make_fewshot_step(spec: str, steps: int, meta_batch: int, device: torch.devi
     return outer_step
 
 
-def make_fewshot_batched_step(spec: str, steps: int, meta_batch: int, device: torch.device, seed: int = 0) -> OuterStep:
+def make_fewshot_batched_step(
+    spec: str, steps: int, meta_batch: int, device: torch.device, seed: int = 0, batch_backbone: bool | None = None
+) -> OuterStep:
     """The ``fewshot`` outer step through :meth:`FewShotClassifier.meta_gradient` with the tasks batched.
 
     Same backbone, tasks, inner optimizer and Adam step as :func:`make_fewshot_step`; the meta-batch's inner loops
@@ -244,6 +246,7 @@ def make_fewshot_batched_step(spec: str, steps: int, meta_batch: int, device: to
         inner_optimizer=lh.SGD(lr=FEWSHOT_INNER_LR, momentum=INNER_MOMENTUM),
         inner_steps=steps,
         batch_tasks=True,
+        batch_backbone=batch_backbone,
     ).to(device)
     tasks = [random_task(generator, device) for _ in range(meta_batch)]
     tasks = [

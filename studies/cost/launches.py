@@ -7,9 +7,10 @@ Run from the repository root::
 On a GPU every operation that computes is a kernel launch, and the few-shot head's operations are so small that a
 step costs about what its launches cost; on a CPU the same count is deterministic, so it is measured here. The
 problem is the cost study's ``fewshot`` one (:func:`studies.cost.estimators.make_fewshot_step`: the 3 x 32 conv
-backbone, a linear head, 5-way 10-shot tasks of random 32x32 images, SGD with momentum 0.9), one by one
-(``fewshot``: one estimator call per task) and batched (``fewshot_batched``: ``FewShotClassifier(batch_tasks=True)``,
-the tasks' inner loops stacked and the backbone run once over every task's images, batch norm per task).
+backbone, a linear head, 5-way 10-shot tasks of random 32x32 images, SGD with momentum 0.9) three ways: one by one
+(``fewshot``: one estimator call per task); batched (``FewShotClassifier(batch_tasks=True)``: the tasks' inner loops
+stacked) with the backbone once per task (``batch_backbone=False``, the default on a CPU); and batched with one
+backbone call over every task's images, batch norm per task (``batch_backbone=True``, the default on a GPU).
 
 Counted with a ``TorchDispatchMode`` over one outer step after a warm-up one (the forward, the estimator, the
 backward passes and the outer Adam step): ``ops``, every ATen operation that reaches the dispatcher, and
@@ -55,6 +56,14 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+PATHS = {
+    "one by one": make_fewshot_step,
+    "batched, backbone per task": partial(make_fewshot_batched_step, batch_backbone=False),
+    "batched": partial(make_fewshot_batched_step, batch_backbone=True),
+}
+"""How the outer step runs the meta-batch (see the module docstring)."""
+
+
 def count_ops(make_step: Callable[[], Callable[[], None]]) -> tuple[int, int]:
     """``(ops, compute ops)`` of one outer step of a fresh configuration, after a warm-up step."""
     step = make_step()
@@ -71,7 +80,7 @@ def measure(specs: Sequence[str], steps_list: Sequence[int], meta_batch: int, ro
     for steps in steps_list:
         jobs = []
         for spec in specs:
-            for path, make in (("one by one", make_fewshot_step), ("batched", make_fewshot_batched_step)):
+            for path, make in PATHS.items():
                 jobs.append(Job(path, spec, steps, partial(make, spec, steps, meta_batch, cpu), rounds))
         seconds = interleaved_seconds_per_step(jobs, cpu)
         for job, secs in zip(jobs, seconds):
@@ -91,21 +100,23 @@ def measure(specs: Sequence[str], steps_list: Sequence[int], meta_batch: int, ro
 
 def markdown(rows: list[dict[str, Any]], meta_batch: int) -> str:
     lines = [
-        f"Per outer step, meta-batch {meta_batch}: ATen operations dispatched (all / compute), one by one and batched, "
-        "and the batched path's share of them; CPU seconds (one thread) and the batched/one-by-one time ratio.",
+        f"Per outer step, meta-batch {meta_batch}: ATen operations dispatched (all, and compute: less views and "
+        "detaches), and CPU seconds (one torch thread, median of interleaved rounds); each batched path also as a "
+        "share of the one-by-one figure.",
         "",
-        "| estimator | T | ops one by one | ops batched | batched / one by one | compute ops one by one | compute ops "
-        "batched | batched / one by one | s one by one | s batched | time ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| estimator | T | path | ops | share | compute ops | share | s / outer step | time ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     by = {(r["estimator"], r["T"], r["path"]): r for r in rows}
     for estimator, steps in dict.fromkeys((r["estimator"], r["T"]) for r in rows):
-        one, bat = by[(estimator, steps, "one by one")], by[(estimator, steps, "batched")]
-        lines.append(
-            f"| `{estimator}` | {steps} | {one['ops']} | {bat['ops']} | {bat['ops'] / one['ops']:.3f} | "
-            f"{one['compute_ops']} | {bat['compute_ops']} | {bat['compute_ops'] / one['compute_ops']:.3f} | "
-            f"{one['seconds']:.3f} | {bat['seconds']:.3f} | {bat['seconds'] / one['seconds']:.2f} |"
-        )
+        one = by[(estimator, steps, "one by one")]
+        for path in PATHS:
+            r = by[(estimator, steps, path)]
+            lines.append(
+                f"| `{estimator}` | {steps} | {path} | {r['ops']} | {r['ops'] / one['ops']:.3f} | {r['compute_ops']} | "
+                f"{r['compute_ops'] / one['compute_ops']:.3f} | {r['seconds']:.3f} | "
+                f"{r['seconds'] / one['seconds']:.2f} |"
+            )
     return "\n".join(lines)
 
 
