@@ -1,0 +1,1 @@
+"""The peers study: the project's hypergradients against learn2learn, higher and TorchOpt (see ``study.py``)."""

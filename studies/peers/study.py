@@ -1,0 +1,447 @@
+"""The project's hypergradients side by side with learn2learn, higher and TorchOpt on the same problems.
+
+Run from the repository root, after ``bash scripts/install_peers.sh`` (higher and TorchOpt into ``.peers/``, never
+into the environment; learn2learn comes with the ``fewshot`` extra)::
+
+    python -m studies.peers [--rounds 5] [--out studies/peers/results]
+
+Problems (the cost study's networks, random data, fixed seeds):
+
+``anil``
+    The paper's setting: the 3 x 32 conv backbone (32x32 RGB images to 512 features) is the hyperparameter, a
+    linear head 512 -> 5 starting at zero takes T = 10 steps of plain SGD (lr 0.1) on each task's support features;
+    4 tasks of 5-way 10-shot. Peer: learn2learn's ``MAML`` wrapped around the head (``first_order`` False: the
+    project's ``rmd``; True: its ``fo``); the backbone's gradient is compared.
+``maml``
+    Whole-network MAML: the cost study's small conv net (1x28x28 images, 10 classes) is the inner model, its
+    initialization the hyperparameter; T = 5 steps of plain SGD (lr 0.05) on each of 4 tasks' support sets (50
+    images), outer loss on the query sets (50). Peer: learn2learn's ``MAML`` around the whole net, both orders.
+``hpo``
+    Whole-network hyperparameter optimization: the same net, one log weight decay per parameter entry (the inner
+    loss is the cross-entropy of a batch of 64 plus ``0.5 sum exp(lwd) w^2``), T = 10 and 100 steps of SGD (lr
+    0.05, momentum 0.9), outer loss on a validation batch of 64. Peers: higher's ``innerloop_ctx`` (with
+    ``torch.optim.SGD``) and TorchOpt's ``MetaSGD``, both exact; beside them the project's ``rmd``,
+    ``rmd(checkpoint_every='sqrt')``, ``greedy(0.99)`` and ``t1t2`` (these two are estimates: no equality).
+
+Measured: the largest relative difference of each exact hypergradient to the peer's, in float64 (``max |a - b| /
+max |b|`` over all entries); then in float32, the seconds of one outer step (the hypergradient, from building the
+problem to the gradients in ``.grad``; median of ``--rounds`` interleaved rounds, one torch thread) and its peak
+memory (live tensor bytes, ``torch.profiler``), as ratios to the peer's. A peer that cannot be imported is left out,
+with the reason in the table's notes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import lightning_hypergrad as lh
+from studies.common import AllocatorPeak, machine_description, write_json, write_text
+from studies.cost.estimators import fewshot_backbone, task_features, whole_network
+
+PEERS_DIR = ".peers"
+INSTALL = "bash scripts/install_peers.sh"
+PEERS = ("learn2learn", "higher", "torchopt")
+
+
+def import_peers(folder: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The peers that import (``folder`` first on the path where it exists), and why the others do not."""
+    folder = Path(folder)
+    if folder.is_dir() and str(folder.resolve()) not in sys.path:
+        sys.path.insert(0, str(folder.resolve()))
+    found, missing = {}, {}
+    for name in PEERS:
+        try:
+            found[name] = importlib.import_module(name)
+        except Exception as error:  # noqa: BLE001 (any import failure means: not available here)
+            missing[name] = f"{name} does not import ({type(error).__name__}: {error}); install it with {INSTALL}"
+    return found, missing
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the problems
+# ---------------------------------------------------------------------------------------------------------------------
+
+Grads = list[Tensor]
+Method = Callable[[], Grads]
+"""One outer step's hypergradient: it computes and returns the gradients of the hyperparameters."""
+
+
+@dataclass
+class Case:
+    """A problem and the ways to compute its hypergradient: the project's and the peers'."""
+
+    problem: str
+    steps: int
+    ours: dict[str, Method]
+    peers: dict[str, Method]
+    exact: tuple[str, ...]
+    """Our methods that compute the peers' hypergradient (compared for equality)."""
+    pairs: dict[str, str]
+    """Each of our methods -> the peer it is set beside."""
+
+
+def _tasks(generator: torch.Generator, n: int, shape: tuple[int, ...], ways: int, shots: int, queries: int):
+    tasks = []
+    for _ in range(n):
+        ys = torch.arange(ways).repeat_interleave(shots)
+        yq = torch.arange(ways).repeat_interleave(queries)
+        xs = torch.randn(len(ys), *shape, generator=generator)
+        xq = torch.randn(len(yq), *shape, generator=generator)
+        tasks.append((xs, ys, xq, yq))
+    return tasks
+
+
+def _grads(params: Sequence[Tensor]) -> Grads:
+    out = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+    for p in params:
+        p.grad = None
+    return out
+
+
+def anil_case(peers: dict[str, Any], dtype: torch.dtype, steps: int = 10, lr: float = 0.1) -> Case:
+    torch.manual_seed(0)
+    backbone = fewshot_backbone().to(dtype).train()
+    generator = torch.Generator().manual_seed(1)
+    tasks = [tuple(x.to(dtype) if x.is_floating_point() else x for x in t)
+             for t in _tasks(generator, 4, (3, 32, 32), 5, 10, 10)]  # fmt: skip
+    head_init = [torch.zeros(5, backbone.out_features, dtype=dtype), torch.zeros(5, dtype=dtype)]
+    params = list(backbone.parameters())
+
+    def ours(spec: str) -> Method:
+        estimator = lh.get_estimator(spec)
+
+        def run() -> Grads:
+            for xs, ys, xq, yq in tasks:
+                task = _Task(xs, ys, xq, yq)
+                problem = lh.BilevelProblem(
+                    inner_loss=lambda w, h, ys=ys: F.cross_entropy(F.linear(h[0], w[0], w[1]), ys),
+                    outer_loss=lambda w, h, yq=yq: F.cross_entropy(F.linear(h[1], w[0], w[1]), yq),
+                    hyperparameters=params,
+                    init_params=head_init,
+                    optimizer=lh.SGD(lr=lr),
+                    steps=steps,
+                    features=lambda task=task: task_features(backbone, task),
+                )
+                estimator(problem, accumulate=True, check=False)
+            return _grads(params)
+
+        return run
+
+    def l2l(first_order: bool) -> Method:
+        head = nn.Linear(backbone.out_features, 5).to(dtype)
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.zero_()
+        maml = peers["learn2learn"].algorithms.MAML(head, lr=lr, first_order=first_order)
+
+        def run() -> Grads:
+            for xs, ys, xq, yq in tasks:
+                support, query = task_features(backbone, _Task(xs, ys, xq, yq))
+                learner = maml.clone()
+                for _ in range(steps):
+                    learner.adapt(F.cross_entropy(learner(support), ys))
+                F.cross_entropy(learner(query), yq).backward()
+            for p in head.parameters():
+                p.grad = None
+            return _grads(params)
+
+        return run
+
+    peer_methods = {}
+    if "learn2learn" in peers:
+        peer_methods = {"learn2learn MAML(head)": l2l(False), "learn2learn MAML(head, first_order)": l2l(True)}
+    return Case(
+        "anil",
+        steps,
+        {"rmd": ours("rmd"), "fo": ours("fo")},
+        peer_methods,
+        ("rmd", "fo"),
+        {"rmd": "learn2learn MAML(head)", "fo": "learn2learn MAML(head, first_order)"},
+    )
+
+
+@dataclass
+class _Task:
+    x_support: Tensor
+    y_support: Tensor
+    x_query: Tensor
+    y_query: Tensor
+
+
+def maml_case(peers: dict[str, Any], dtype: torch.dtype, steps: int = 5, lr: float = 0.05) -> Case:
+    torch.manual_seed(0)
+    net = whole_network().to(dtype)
+    generator = torch.Generator().manual_seed(2)
+    tasks = [tuple(x.to(dtype) if x.is_floating_point() else x for x in t)
+             for t in _tasks(generator, 4, (1, 28, 28), 10, 5, 5)]  # fmt: skip
+    inner = lh.InnerModel(net, init="learned")
+    params = list(net.parameters())
+
+    def ours(spec: str) -> Method:
+        estimator = lh.get_estimator(spec)
+
+        def run() -> Grads:
+            for xs, ys, xq, yq in tasks:
+                problem = lh.BilevelProblem(
+                    inner_loss=lambda w, h, xs=xs, ys=ys: F.cross_entropy(inner(w, xs), ys),
+                    outer_loss=lambda w, h, xq=xq, yq=yq: F.cross_entropy(inner(w, xq), yq),
+                    hyperparameters=params,
+                    init_params=inner.init_params(params),
+                    optimizer=lh.SGD(lr=lr),
+                    steps=steps,
+                )
+                estimator(problem, accumulate=True, check=False)
+            return _grads(params)
+
+        return run
+
+    def l2l(first_order: bool) -> Method:
+        maml = peers["learn2learn"].algorithms.MAML(net, lr=lr, first_order=first_order)
+
+        def run() -> Grads:
+            for xs, ys, xq, yq in tasks:
+                learner = maml.clone()
+                for _ in range(steps):
+                    learner.adapt(F.cross_entropy(learner(xs), ys))
+                F.cross_entropy(learner(xq), yq).backward()
+            return _grads(params)
+
+        return run
+
+    peer_methods = {}
+    if "learn2learn" in peers:
+        peer_methods = {"learn2learn MAML": l2l(False), "learn2learn MAML(first_order)": l2l(True)}
+    return Case(
+        "maml",
+        steps,
+        {"rmd": ours("rmd"), "fo": ours("fo")},
+        peer_methods,
+        ("rmd", "fo"),
+        {"rmd": "learn2learn MAML", "fo": "learn2learn MAML(first_order)"},
+    )
+
+
+def hpo_case(peers: dict[str, Any], dtype: torch.dtype, steps: int, lr: float = 0.05, momentum: float = 0.9) -> Case:
+    torch.manual_seed(0)
+    net = whole_network().to(dtype)
+    generator = torch.Generator().manual_seed(3)
+    x, xv = (torch.randn(64, 1, 28, 28, generator=generator).to(dtype) for _ in range(2))
+    y, yv = (torch.randint(0, 10, (64,), generator=generator) for _ in range(2))
+    init = [p.detach().clone() for p in net.parameters()]
+    log_wd = [torch.full_like(p, -7.0).requires_grad_() for p in init]
+    inner = lh.InnerModel(net, init="fixed")
+
+    def penalty(ws: Sequence[Tensor], lwd: Sequence[Tensor]) -> Tensor:
+        return 0.5 * sum((a.exp() * w.square()).sum() for w, a in zip(ws, lwd))
+
+    def ours(spec: str) -> Method:
+        estimator = lh.get_estimator(spec)
+
+        def run() -> Grads:
+            problem = lh.BilevelProblem(
+                inner_loss=lambda w, h: F.cross_entropy(inner(w, x), y) + penalty(w, h),
+                outer_loss=lambda w, h: F.cross_entropy(inner(w, xv), yv),
+                hyperparameters=log_wd,
+                init_params=init,
+                optimizer=lh.SGD(lr=lr, momentum=momentum),
+                steps=steps,
+            )
+            estimator(problem, accumulate=True, check=False)
+            return _grads(log_wd)
+
+        return run
+
+    def fresh_net() -> nn.Module:
+        model = whole_network().to(dtype)
+        with torch.no_grad():
+            for p, w in zip(model.parameters(), init):
+                p.copy_(w)
+        return model
+
+    def higher_run() -> Grads:
+        model = fresh_net()
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+        with peers["higher"].innerloop_ctx(model, opt, copy_initial_weights=True) as (fmodel, diffopt):
+            for _ in range(steps):
+                diffopt.step(F.cross_entropy(fmodel(x), y) + penalty(list(fmodel.parameters()), log_wd))
+            F.cross_entropy(fmodel(xv), yv).backward()
+        return _grads(log_wd)
+
+    def torchopt_run() -> Grads:
+        model = fresh_net()
+        opt = peers["torchopt"].MetaSGD(model, lr=lr, momentum=momentum)
+        for _ in range(steps):
+            opt.step(F.cross_entropy(model(x), y) + penalty(list(model.parameters()), log_wd))
+        F.cross_entropy(model(xv), yv).backward()
+        return _grads(log_wd)
+
+    peer_methods = {}
+    if "higher" in peers:
+        peer_methods["higher innerloop_ctx"] = higher_run
+    if "torchopt" in peers:
+        peer_methods["TorchOpt MetaSGD"] = torchopt_run
+    reference = next(iter(peer_methods), "")
+    specs = ("rmd", "rmd(checkpoint_every='sqrt')", "greedy(0.99)", "t1t2")
+    return Case(
+        "hpo",
+        steps,
+        {spec: ours(spec) for spec in specs},
+        peer_methods,
+        ("rmd", "rmd(checkpoint_every='sqrt')"),
+        {spec: reference for spec in specs},
+    )
+
+
+def cases(peers: dict[str, Any], dtype: torch.dtype, hpo_steps: Sequence[int]) -> list[Case]:
+    return [anil_case(peers, dtype), maml_case(peers, dtype), *(hpo_case(peers, dtype, t) for t in hpo_steps)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# measuring
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def relative_difference(a: Grads, b: Grads) -> float:
+    num = max(float((x - y).abs().max()) for x, y in zip(a, b))
+    den = max(float(y.abs().max()) for y in b)
+    return num / den if den > 0 else num
+
+
+def equality(peers: dict[str, Any], hpo_steps: Sequence[int]) -> list[dict[str, Any]]:
+    """float64: each exact method of ours against the peers that compute the same hypergradient."""
+    rows = []
+    for case in cases(peers, torch.float64, hpo_steps):
+        for method in case.exact:
+            ours = case.ours[method]()
+            for peer, run in case.peers.items():
+                if case.problem != "hpo" and case.pairs[method] != peer:
+                    continue
+                rows.append(
+                    {"problem": case.problem, "T": case.steps, "method": method, "peer": peer,
+                     "relative_difference": relative_difference(ours, run())}
+                )  # fmt: skip
+    return rows
+
+
+def timing(peers: dict[str, Any], hpo_steps: Sequence[int], rounds: int) -> list[dict[str, Any]]:
+    """float32: seconds (median of interleaved rounds) and peak memory of every method of every case."""
+    rows = []
+    meter = AllocatorPeak()
+    for case in cases(peers, torch.float32, hpo_steps):
+        methods = {**{f"ours:{k}": v for k, v in case.ours.items()}, **{f"peer:{k}": v for k, v in case.peers.items()}}
+        peaks = {}
+        for name, run in methods.items():
+            run()  # warm-up
+            peaks[name] = meter.measure(run)
+        seconds: dict[str, list[float]] = {name: [] for name in methods}
+        for _ in range(rounds):
+            for name, run in methods.items():
+                start = time.perf_counter()
+                run()
+                seconds[name].append(time.perf_counter() - start)
+        for name in methods:
+            who, method = name.split(":", 1)
+            rows.append(
+                {"problem": case.problem, "T": case.steps, "who": who, "method": method,
+                 "seconds": statistics.median(seconds[name]), "peak_bytes": peaks[name],
+                 "beside": case.pairs.get(method) if who == "ours" else None}
+            )  # fmt: skip
+    return rows
+
+
+def markdown(eq: list[dict[str, Any]], times: list[dict[str, Any]], missing: dict[str, str]) -> str:
+    lines = [
+        "## Equality (float64): largest difference relative to the peer's largest entry",
+        "",
+        "| problem | T | ours | peer | relative difference |",
+        "|---|---|---|---|---|",
+    ]
+    for r in eq:
+        lines.append(f"| {r['problem']} | {r['T']} | `{r['method']}` | {r['peer']} | {r['relative_difference']:.1e} |")
+    lines += [
+        "",
+        "## Time and memory (float32): one outer step, ours beside the peer (ratio: ours / peer)",
+        "",
+        "| problem | T | ours | s | MiB | peer | s | MiB | time ratio | memory ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    peer_rows = {(r["problem"], r["T"], r["method"]): r for r in times if r["who"] == "peer"}
+    for r in times:
+        if r["who"] != "ours":
+            continue
+        p = peer_rows.get((r["problem"], r["T"], r["beside"]))
+        if p is None:
+            lines.append(
+                f"| {r['problem']} | {r['T']} | `{r['method']}` | {r['seconds']:.4f} | {r['peak_bytes'] / 2**20:.1f} | "
+                "(no peer) | - | - | - | - |"
+            )
+            continue
+        lines.append(
+            f"| {r['problem']} | {r['T']} | `{r['method']}` | {r['seconds']:.4f} | {r['peak_bytes'] / 2**20:.1f} | "
+            f"{p['method']} | {p['seconds']:.4f} | {p['peak_bytes'] / 2**20:.1f} | {r['seconds'] / p['seconds']:.2f} | "
+            f"{r['peak_bytes'] / max(p['peak_bytes'], 1):.2f} |"
+        )
+    others = [r for r in times if r["who"] == "peer" and r["problem"] == "hpo"]
+    hpo_ref = {(r["problem"], r["T"]): r for r in times if r["who"] == "ours" and r["method"] == "rmd"}
+    if others:
+        lines += ["", "Every peer against the project's `rmd` on `hpo`:", ""]
+        lines += ["| T | peer | s | MiB | `rmd` / peer time | `rmd` / peer memory |", "|---|---|---|---|---|---|"]
+        for r in others:
+            ours = hpo_ref.get((r["problem"], r["T"]))
+            if ours:
+                lines.append(
+                    f"| {r['T']} | {r['method']} | {r['seconds']:.4f} | {r['peak_bytes'] / 2**20:.1f} | "
+                    f"{ours['seconds'] / r['seconds']:.2f} | {ours['peak_bytes'] / max(r['peak_bytes'], 1):.2f} |"
+                )
+    if missing:
+        lines += ["", "Left out: " + "; ".join(missing.values()) + "."]
+    return "\n".join(lines)
+
+
+def _version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "(version unknown)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m studies.peers", description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default 5)")
+    parser.add_argument("--hpo-steps", type=int, nargs="+", default=[10, 100], help="T of the hpo problem (10 100)")
+    parser.add_argument("--peers-dir", default=os.environ.get("PEERS_DIR", PEERS_DIR), help="(default .peers)")
+    parser.add_argument("--out", default="studies/peers/results", help="where peers.md and peers.json go")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or min(args.hpo_steps) < 1:
+        parser.error("--rounds and --hpo-steps must be at least 1")
+    torch.set_num_threads(args.threads)
+    peers, missing = import_peers(args.peers_dir)
+    for reason in missing.values():
+        print(f"note: {reason}: left out", file=sys.stderr)
+    eq = equality(peers, args.hpo_steps)
+    times = timing(peers, args.hpo_steps, args.rounds)
+    machine = machine_description("cpu")
+    versions = ", ".join(f"{name} {_version(name)}" for name in peers)
+    text = markdown(eq, times, missing) + f"\n\nPeers: {versions or 'none'}. Machine: {machine}.\n"
+    out = Path(args.out)
+    write_text(out / "peers.md", "# Side by side with the peers\n\n" + text)
+    write_json(out / "peers.json", {"equality": eq, "timing": times, "missing": missing, "machine": machine,
+                                    "peers": versions})  # fmt: skip
+    print(text)
+    return 0
