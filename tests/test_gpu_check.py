@@ -77,13 +77,20 @@ def test_the_script_is_bash_and_runs_the_check() -> None:
     assert text.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in text
     assert SCRIPT.stat().st_mode & 0o111, "scripts/gpu_check.sh should be executable"
     commands = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
-    assert commands == [  # installs nothing but through the README's install command, and that only without .venv
+    assert commands[:5] == [  # installs nothing but through the README's install command, and that only without .venv
         "set -euo pipefail",
         'cd "$(dirname "$0")/.."',
         'export VENV="${VENV:-.venv}"',
         '[ -x "$VENV/bin/python" ] || bash scripts/install.sh',
-        'exec "$VENV/bin/python" -m studies.gpu_check "$@"',
+        '"$VENV/bin/python" -m studies.gpu_check "$@"',
     ]
+    assert commands[5] == 'case " $* " in *" --device cpu "*) exit 0 ;; esac'  # the CPU form: part 1 alone
+    rest = "\n".join(commands[6:])
+    for part in ("-m studies.cost.estimators --device cuda", "-m studies.cost.launches --device cuda",
+                 "-m studies.peers --device cuda"):  # fmt: skip
+        assert part in rest
+    installs = [c for c in commands if "install" in c and "scripts/" in c]
+    assert all("scripts/install.sh" in c or "scripts/install_peers.sh" in c for c in installs)
     assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
 
 

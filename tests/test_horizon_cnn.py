@@ -150,6 +150,8 @@ def _tiny_command(out: Path, *extra: str) -> list[str]:
         "2",
         "--eval-seeds",
         "2",
+        "--seeds",
+        "1",
         "--memory",
         "saved",
         "--methods",

@@ -74,8 +74,10 @@ def count_ops(make_step: Callable[[], Callable[[], None]]) -> tuple[int, int]:
     return counter.ops, counter.compute_ops
 
 
-def measure(specs: Sequence[str], steps_list: Sequence[int], meta_batch: int, rounds: int) -> list[dict[str, Any]]:
-    cpu = torch.device("cpu")
+def measure(
+    specs: Sequence[str], steps_list: Sequence[int], meta_batch: int, rounds: int, device: str = "cpu"
+) -> list[dict[str, Any]]:
+    cpu = torch.device(device)
     rows = []
     for steps in steps_list:
         jobs = []
@@ -128,16 +130,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--estimators", nargs="+", default=list(SPECS), help="spec strings (default: 4)")
     parser.add_argument("--out", default="studies/cost/results", help="where launches.md/.json go")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
     if args.meta_batch < 2 or args.rounds < 1 or any(t < 1 for t in args.steps):
         parser.error("--meta-batch must be at least 2, --rounds and --steps at least 1")
     torch.set_num_threads(args.threads)
-    rows = measure(args.estimators, args.steps, args.meta_batch, args.rounds)
-    machine = machine_description("cpu")
+    rows = measure(args.estimators, args.steps, args.meta_batch, args.rounds, args.device)
+    machine = machine_description(args.device)
     text = markdown(rows, args.meta_batch) + f"\n\nMachine: {machine}.\n"
     out = Path(args.out)
-    write_text(out / "launches.md", "# Launch counts\n\n" + text)
-    write_json(out / "launches.json", {"meta_batch": args.meta_batch, "rows": rows, "machine": machine})
+    name = "launches" if args.device == "cpu" else f"launches_{args.device}"
+    write_text(out / f"{name}.md", "# Launch counts\n\n" + text)
+    write_json(out / f"{name}.json", {"meta_batch": args.meta_batch, "rows": rows, "machine": machine})
     print(text)
     return 0
 

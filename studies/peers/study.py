@@ -48,12 +48,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lightning_hypergrad as lh
-from studies.common import AllocatorPeak, machine_description, write_json, write_text
+from studies.common import machine_description, memory_meter, write_json, write_text
 from studies.cost.estimators import fewshot_backbone, task_features, whole_network
 
 PEERS_DIR = ".peers"
 INSTALL = "bash scripts/install_peers.sh"
 PEERS = ("learn2learn", "higher", "torchopt")
+DEVICE = torch.device("cpu")
+"""Where the problems run (``--device``)."""
+
+
+def _on(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x.to(DEVICE, dtype) if x.is_floating_point() else x.to(DEVICE)
 
 
 def import_peers(folder: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
@@ -113,11 +119,13 @@ def _grads(params: Sequence[Tensor]) -> Grads:
 
 def anil_case(peers: dict[str, Any], dtype: torch.dtype, steps: int = 10, lr: float = 0.1) -> Case:
     torch.manual_seed(0)
-    backbone = fewshot_backbone().to(dtype).train()
+    backbone = fewshot_backbone().to(DEVICE, dtype).train()
     generator = torch.Generator().manual_seed(1)
-    tasks = [tuple(x.to(dtype) if x.is_floating_point() else x for x in t)
-             for t in _tasks(generator, 4, (3, 32, 32), 5, 10, 10)]  # fmt: skip
-    head_init = [torch.zeros(5, backbone.out_features, dtype=dtype), torch.zeros(5, dtype=dtype)]
+    tasks = [tuple(_on(x, dtype) for x in t) for t in _tasks(generator, 4, (3, 32, 32), 5, 10, 10)]
+    head_init = [
+        torch.zeros(5, backbone.out_features, dtype=dtype, device=DEVICE),
+        torch.zeros(5, dtype=dtype, device=DEVICE),
+    ]
     params = list(backbone.parameters())
 
     def ours(spec: str) -> Method:
@@ -141,7 +149,7 @@ def anil_case(peers: dict[str, Any], dtype: torch.dtype, steps: int = 10, lr: fl
         return run
 
     def l2l(first_order: bool) -> Method:
-        head = nn.Linear(backbone.out_features, 5).to(dtype)
+        head = nn.Linear(backbone.out_features, 5).to(DEVICE, dtype)
         with torch.no_grad():
             head.weight.zero_()
             head.bias.zero_()
@@ -183,10 +191,9 @@ class _Task:
 
 def maml_case(peers: dict[str, Any], dtype: torch.dtype, steps: int = 5, lr: float = 0.05) -> Case:
     torch.manual_seed(0)
-    net = whole_network().to(dtype)
+    net = whole_network().to(DEVICE, dtype)
     generator = torch.Generator().manual_seed(2)
-    tasks = [tuple(x.to(dtype) if x.is_floating_point() else x for x in t)
-             for t in _tasks(generator, 4, (1, 28, 28), 10, 5, 5)]  # fmt: skip
+    tasks = [tuple(_on(x, dtype) for x in t) for t in _tasks(generator, 4, (1, 28, 28), 10, 5, 5)]
     inner = lh.InnerModel(net, init="learned")
     params = list(net.parameters())
 
@@ -236,10 +243,10 @@ def maml_case(peers: dict[str, Any], dtype: torch.dtype, steps: int = 5, lr: flo
 
 def hpo_case(peers: dict[str, Any], dtype: torch.dtype, steps: int, lr: float = 0.05, momentum: float = 0.9) -> Case:
     torch.manual_seed(0)
-    net = whole_network().to(dtype)
+    net = whole_network().to(DEVICE, dtype)
     generator = torch.Generator().manual_seed(3)
-    x, xv = (torch.randn(64, 1, 28, 28, generator=generator).to(dtype) for _ in range(2))
-    y, yv = (torch.randint(0, 10, (64,), generator=generator) for _ in range(2))
+    x, xv = (_on(torch.randn(64, 1, 28, 28, generator=generator), dtype) for _ in range(2))
+    y, yv = (_on(torch.randint(0, 10, (64,), generator=generator), dtype) for _ in range(2))
     init = [p.detach().clone() for p in net.parameters()]
     log_wd = [torch.full_like(p, -7.0).requires_grad_() for p in init]
     inner = lh.InnerModel(net, init="fixed")
@@ -265,7 +272,7 @@ def hpo_case(peers: dict[str, Any], dtype: torch.dtype, steps: int, lr: float = 
         return run
 
     def fresh_net() -> nn.Module:
-        model = whole_network().to(dtype)
+        model = whole_network().to(DEVICE, dtype)
         with torch.no_grad():
             for p, w in zip(model.parameters(), init):
                 p.copy_(w)
@@ -314,6 +321,11 @@ def cases(peers: dict[str, Any], dtype: torch.dtype, hpo_steps: Sequence[int]) -
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def relative_difference(a: Grads, b: Grads) -> float:
     num = max(float((x - y).abs().max()) for x, y in zip(a, b))
     den = max(float(y.abs().max()) for y in b)
@@ -339,7 +351,7 @@ def equality(peers: dict[str, Any], hpo_steps: Sequence[int]) -> list[dict[str, 
 def timing(peers: dict[str, Any], hpo_steps: Sequence[int], rounds: int) -> list[dict[str, Any]]:
     """float32: seconds (median of interleaved rounds) and peak memory of every method of every case."""
     rows = []
-    meter = AllocatorPeak()
+    meter = memory_meter(DEVICE)
     for case in cases(peers, torch.float32, hpo_steps):
         methods = {**{f"ours:{k}": v for k, v in case.ours.items()}, **{f"peer:{k}": v for k, v in case.peers.items()}}
         peaks = {}
@@ -349,8 +361,10 @@ def timing(peers: dict[str, Any], hpo_steps: Sequence[int], rounds: int) -> list
         seconds: dict[str, list[float]] = {name: [] for name in methods}
         for _ in range(rounds):
             for name, run in methods.items():
+                _synchronize()
                 start = time.perf_counter()
                 run()
+                _synchronize()
                 seconds[name].append(time.perf_counter() - start)
         for name in methods:
             who, method = name.split(":", 1)
@@ -427,21 +441,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--peers-dir", default=os.environ.get("PEERS_DIR", PEERS_DIR), help="(default .peers)")
     parser.add_argument("--out", default="studies/peers/results", help="where peers.md and peers.json go")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
     args = parser.parse_args(argv)
     if args.rounds < 1 or min(args.hpo_steps) < 1:
         parser.error("--rounds and --hpo-steps must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     peers, missing = import_peers(args.peers_dir)
     for reason in missing.values():
         print(f"note: {reason}: left out", file=sys.stderr)
     eq = equality(peers, args.hpo_steps)
     times = timing(peers, args.hpo_steps, args.rounds)
-    machine = machine_description("cpu")
+    machine = machine_description(DEVICE)
     versions = ", ".join(f"{name} {_version(name)}" for name in peers)
     text = markdown(eq, times, missing) + f"\n\nPeers: {versions or 'none'}. Machine: {machine}.\n"
     out = Path(args.out)
-    write_text(out / "peers.md", "# Side by side with the peers\n\n" + text)
-    write_json(out / "peers.json", {"equality": eq, "timing": times, "missing": missing, "machine": machine,
+    name = "peers" if DEVICE.type == "cpu" else f"peers_{DEVICE.type}"
+    write_text(out / f"{name}.md", "# Side by side with the peers\n\n" + text)
+    write_json(out / f"{name}.json", {"equality": eq, "timing": times, "missing": missing, "machine": machine,
                                     "peers": versions})  # fmt: skip
     print(text)
     return 0
