@@ -77,8 +77,8 @@ class _WeightedGreedy(HypergradEstimator):
         """Whether the per-step terms of ``problem`` are computed fused (one batched call) rather than streamed.
 
         ``fused=True`` or ``"auto"`` needs: no per-step loss (``inner_step_loss``: each step's batch differs), an
-        inner optimizer of :data:`FUSED_OPTIMIZERS`, and more than one weighted step; ``"auto"`` also needs the stored
-        trajectory to hold at most :data:`FUSE_MAX_ENTRIES` numbers.
+        inner optimizer of ``FUSED_OPTIMIZERS``, and more than one weighted step; ``"auto"`` also needs the stored
+        trajectory to hold at most ``FUSE_MAX_ENTRIES`` numbers.
         """
         if self.fused is False or getattr(self, "_fusing_failed", False):
             return False
@@ -115,7 +115,7 @@ class _WeightedGreedy(HypergradEstimator):
         ``g_t`` for all of them by one backward of the ``vmap``-ed outer loss, the steps ``Phi(w_{t-1}, s_{t-1}, h)``
         recomputed at once (the inner loss ``vmap``-ed, one gradient with a graph, one optimizer update on the
         stacked tensors), and ``sum_t c_t g_t B_t`` as one backward of ``sum_t c_t <g_t, Phi_t>`` to ``h``; in chunks
-        of steps whose graph holds at most :data:`FUSE_MAX_SAVED_BYTES`. The direct term is one more backward of
+        of steps whose graph holds at most ``FUSE_MAX_SAVED_BYTES``. The direct term is one more backward of
         ``L_val(w_T, h)``. Equal to the streamed form up to rounding.
         """
         steps = problem.steps
@@ -206,7 +206,7 @@ class Greedy(_WeightedGreedy):
     Args:
         gamma: the discount, in (0, 1]. ``gamma = 1`` weights every step equally; ``gamma -> 0`` gives T1-T2
             (Proposition 4.1). The paper found 0.99 best.
-        fused: ``"auto"`` (default): fused where the stored trajectory holds at most :data:`FUSE_MAX_ENTRIES`
+        fused: ``"auto"`` (default): fused where the stored trajectory holds at most ``FUSE_MAX_ENTRIES``
             numbers (2^22: 16 MiB in float32), the inner optimizer is :class:`~lightning_hypergrad.SGD` itself (not
             a subclass, which may depend on the step), there is no per-step loss (``inner_step_loss``) and the
             initialization is not learned; else streamed. Should ``vmap`` fail on the losses, it streams from then
@@ -219,7 +219,7 @@ class Greedy(_WeightedGreedy):
     Example::
 
         >>> Greedy(gamma=0.99)
-        Greedy(gamma=0.99)
+        Greedy(gamma=0.99, fused='auto')
     """
 
     name = "greedy"
