@@ -24,7 +24,6 @@ same command resumes; records made with other settings are refused. ``report`` w
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
@@ -58,6 +57,7 @@ from studies.horizon.cnn import (
     train_and_measure,
     training_problem,
 )
+from studies.horizon.records import check_settings, read_record
 
 OUT = "studies/horizon/results"
 RANDOM_SEARCH = "random_search"
@@ -350,26 +350,6 @@ def run_one(
     }
 
 
-def _read(path: Path) -> dict[str, Any]:
-    """A record, or ``SystemExit`` naming the file and what is wrong with it."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"error: {path} is no JSON record ({error}); delete it to redo it") from None
-    if not isinstance(data, dict) or not isinstance(data.get("settings"), dict):
-        raise SystemExit(f"error: {path} is no record of this study (no settings); delete it to redo it")
-    return data
-
-
-def _check_settings(path: Path, data: dict[str, Any], expected: dict[str, Any]) -> None:
-    if data["settings"] != expected:
-        differ = sorted(k for k in {*expected, *data["settings"]} if data["settings"].get(k) != expected.get(k))
-        raise SystemExit(
-            f"error: {path} was made with other settings ({', '.join(differ)} differ): use another --out, or delete "
-            "the records to redo them"
-        )
-
-
 def _runs(args: argparse.Namespace) -> list[tuple[int, str, int]]:
     """``(T, method, seed)`` in the order they run: by horizon, random search after the other methods."""
     return [
@@ -392,7 +372,7 @@ def _budget(args: argparse.Namespace, steps: int, seed: int) -> float:
     """The median search wall-clock of the hypergradient methods' records at this horizon and seed."""
     folder = folder_of(args, steps)
     times = [
-        _read(record_path(folder, m, seed))["search_seconds"]
+        read_record(record_path(folder, m, seed))["search_seconds"]
         for m in args.methods
         if m != RANDOM_SEARCH and record_path(folder, m, seed).exists()
     ]
@@ -407,7 +387,7 @@ def run(args: argparse.Namespace) -> int:
     for steps, method, seed in runs:  # refuse before any work
         path = record_path(folder_of(args, steps), method, seed)
         if path.exists():
-            _check_settings(path, _read(path), settings(args, steps))
+            check_settings(path, read_record(path), settings(args, steps))
     todo = [r for r in runs if not record_path(folder_of(args, r[0]), r[1], r[2]).exists()]
     if todo:
         splits = _splits(args)
@@ -436,8 +416,8 @@ def load_records(args: argparse.Namespace, steps: int) -> dict[str, list[dict[st
     for _, method, seed in (r for r in _runs(args) if r[0] == steps):
         path = record_path(folder, method, seed)
         if path.exists():
-            data = _read(path)
-            _check_settings(path, data, expected)
+            data = read_record(path)
+            check_settings(path, data, expected)
             records.setdefault(method, []).append(data)
     return records
 

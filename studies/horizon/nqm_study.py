@@ -17,7 +17,6 @@ refused. ``report`` writes ``<out>/nqm.md`` and ``<out>/nqm.png`` from the recor
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
@@ -47,6 +46,7 @@ from studies.horizon.nqm import (
     sampled_problem,
     schedule_rates,
 )
+from studies.horizon.records import check_settings, read_record
 
 OUT = "studies/horizon/results"
 TRUNCATIONS = (10, 100, 300)
@@ -200,26 +200,6 @@ def run_one(args: argparse.Namespace, method: str, seed: int) -> dict[str, Any]:
     }
 
 
-def _read(path: Path) -> dict[str, Any]:
-    """A record, or ``SystemExit`` naming the file and what is wrong with it."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"error: {path} is no JSON record ({error}); delete it to redo it") from None
-    if not isinstance(data, dict) or not isinstance(data.get("settings"), dict):
-        raise SystemExit(f"error: {path} is no record of this study (no settings); delete it to redo it")
-    return data
-
-
-def _check_settings(path: Path, data: dict[str, Any], expected: dict[str, Any]) -> None:
-    if data["settings"] != expected:
-        differ = sorted(k for k in {*expected, *data["settings"]} if data["settings"].get(k) != expected.get(k))
-        raise SystemExit(
-            f"error: {path} was made with other settings ({', '.join(differ)} differ): use another --out, or delete "
-            "the records to redo them"
-        )
-
-
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     folder = Path(args.out) / "nqm"
@@ -228,13 +208,13 @@ def run(args: argparse.Namespace) -> int:
     for method, seed in runs:  # refuse before any work
         path = record_path(folder, method, seed)
         if path.exists():
-            _check_settings(path, _read(path), expected)
+            check_settings(path, read_record(path), expected)
     optimum_path = folder / "optimum.json"
     todo = [(m, s) for m, s in runs if not record_path(folder, m, s).exists()]
     progress = Progress(len(todo) + 1)
     if optimum_path.exists():
-        data = _read(optimum_path)
-        _check_settings(optimum_path, data, expected)
+        data = read_record(optimum_path)
+        check_settings(optimum_path, data, expected)
         progress.step(f"nqm optimum: found ({len(runs) - len(todo)} of {len(runs)} runs found)")
     else:
         data = {"settings": expected, **compute_optimum(_model(args), args.lr_init)}
@@ -274,15 +254,15 @@ def load_records(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, li
     optimum_path = folder / "optimum.json"
     if not optimum_path.exists():
         raise SystemExit(f"error: no {optimum_path}: run `python -m studies.horizon nqm` with the same settings first")
-    optimum = _read(optimum_path)
-    _check_settings(optimum_path, optimum, expected)
+    optimum = read_record(optimum_path)
+    check_settings(optimum_path, optimum, expected)
     records: dict[str, list[dict[str, Any]]] = {}
     for method in args.methods:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             path = record_path(folder, method, seed)
             if path.exists():
-                data = _read(path)
-                _check_settings(path, data, expected)
+                data = read_record(path)
+                check_settings(path, data, expected)
                 records.setdefault(method, []).append(data)
     return optimum, records
 
