@@ -15,20 +15,17 @@ from studies.horizon import cnn_study, nqm_study
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m studies.horizon", description=__doc__.splitlines()[0])
     parts = top.add_subparsers(dest="part", required=True)
-    nqm = parts.add_parser(
-        "nqm",
-        help="meta-learned SGD schedules on the noisy quadratic model against the exact optimum",
-        description=nqm_study.__doc__.splitlines()[0],
-    )
-    nqm_study.add_arguments(nqm)
-    nqm.set_defaults(check=lambda args: nqm_study.check_arguments(nqm, args), main=nqm_study.main)
-    cnn = parts.add_parser(
-        "cnn",
-        help="a CNN's per-layer learning rates and weight decays, tuned over its whole training on Omniglot",
-        description=cnn_study.__doc__.splitlines()[0],
-    )
-    cnn_study.add_arguments(cnn)
-    cnn.set_defaults(check=lambda args: cnn_study.check_arguments(cnn, args), main=cnn_study.main)
+    for name, study, summary in (
+        ("nqm", nqm_study, "meta-learned SGD schedules on the noisy quadratic model against the exact optimum"),
+        (
+            "cnn",
+            cnn_study,
+            "a CNN's per-layer learning rates and weight decays, tuned over its whole training on Omniglot",
+        ),
+    ):
+        part = parts.add_parser(name, help=summary, description=study.__doc__.splitlines()[0])
+        study.add_arguments(part)
+        part.set_defaults(check=lambda args, study=study, part=part: study.check_arguments(part, args), main=study.main)
     return top
 
 

@@ -57,7 +57,7 @@ from studies.horizon.cnn import (
     train_and_measure,
     training_problem,
 )
-from studies.horizon.records import check_settings, read_record
+from studies.horizon.records import add_action, check_settings, read_record, record_path, run_or_report
 
 OUT = "studies/horizon/results"
 RANDOM_SEARCH = "random_search"
@@ -89,13 +89,7 @@ def _method(text: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "action",
-        nargs="?",
-        choices=("run", "report"),
-        default="run",
-        help="run: the missing records, then the report (default); report: the report only",
-    )
+    add_action(parser)
     parser.add_argument("--out", default=OUT, help=f"results folder (default {OUT}): records in <out>/cnn/")
     parser.add_argument(
         "--root", default=None, help="Omniglot's folder (default $OMNIGLOT_ROOT, else ../shared/data/omniglot)"
@@ -197,10 +191,6 @@ def settings(args: argparse.Namespace, steps: int) -> dict[str, Any]:
 
 def folder_of(args: argparse.Namespace, steps: int) -> Path:
     return Path(args.out) / "cnn" / f"T{steps}-knots{args.knots}"
-
-
-def record_path(folder: Path, method: str, seed: int) -> Path:
-    return folder / f"{method.replace(' ', '')}-seed{seed}.json"
 
 
 def _clip(log_lr: torch.Tensor, log_wd: torch.Tensor) -> None:
@@ -594,10 +584,4 @@ def plot(path: Path, all_records: dict[int, dict[str, list[dict[str, Any]]]]) ->
 
 def main(args: argparse.Namespace) -> int:
     """``cnn run`` (the default) or ``cnn report``; Ctrl-C stops a run, keeping the records written so far."""
-    if args.action == "report":
-        return report(args)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        log("interrupted; the records written so far stay: rerun the same command to resume")
-        return 130
+    return run_or_report(args, run, report)

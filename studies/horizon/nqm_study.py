@@ -30,7 +30,6 @@ from studies.common import (
     Progress,
     atomic_path,
     estimator_spec,
-    log,
     machine_description,
     require_positive,
     write_json,
@@ -46,7 +45,7 @@ from studies.horizon.nqm import (
     sampled_problem,
     schedule_rates,
 )
-from studies.horizon.records import check_settings, read_record
+from studies.horizon.records import add_action, check_settings, read_record, record_path, run_or_report
 
 OUT = "studies/horizon/results"
 TRUNCATIONS = (10, 100, 300)
@@ -67,13 +66,7 @@ def default_methods(lr_init: float, steps: int) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "action",
-        nargs="?",
-        choices=("run", "report"),
-        default="run",
-        help="run: the missing records, then the report (default); report: the report only",
-    )
+    add_action(parser)
     parser.add_argument("--out", default=OUT, help=f"results folder (default {OUT}): records in <out>/nqm/")
     parser.add_argument("--dims", type=int, default=1000, help="coordinates n, curvatures 1/i (default 1000)")
     parser.add_argument("--steps", type=int, default=1000, help="inner SGD steps T (default 1000)")
@@ -136,10 +129,6 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "meta_lr": args.meta_lr,
         "eval_every": args.eval_every,
     }
-
-
-def record_path(folder: Path, method: str, seed: int) -> Path:
-    return folder / f"{method.replace(' ', '')}-seed{seed}.json"
 
 
 def _rates_summary(nqm: NQM, rates: torch.Tensor) -> dict[str, Any]:
@@ -379,10 +368,4 @@ def plot(path: Path, nqm: NQM, optimum: dict[str, Any], records: dict[str, list[
 
 def main(args: argparse.Namespace) -> int:
     """``nqm run`` (the default) or ``nqm report``; Ctrl-C stops a run, keeping the records written so far."""
-    if args.action == "report":
-        return report(args)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        log("interrupted; the records written so far stay: rerun the same command to resume")
-        return 130
+    return run_or_report(args, run, report)

@@ -1,10 +1,15 @@
-"""The horizon study's records: reading one, and refusing one made with other settings (shared by both parts)."""
+"""What both parts of the horizon study share: their records (path, reading, refusing other settings) and the
+``run`` / ``report`` action."""
 
 from __future__ import annotations
 
+import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from studies.common import log
 
 
 def read_record(path: Path) -> dict[str, Any]:
@@ -26,3 +31,32 @@ def check_settings(path: Path, data: dict[str, Any], expected: dict[str, Any]) -
             f"error: {path} was made with other settings ({', '.join(differ)} differ): use another --out, or delete "
             "the records to redo them"
         )
+
+
+def record_path(folder: Path, method: str, seed: int) -> Path:
+    """The record of ``method`` (its spec string, spaces left out) on ``seed`` in ``folder``."""
+    return folder / f"{method.replace(' ', '')}-seed{seed}.json"
+
+
+def add_action(parser: argparse.ArgumentParser) -> None:
+    """The ``run`` / ``report`` positional argument of both parts."""
+    parser.add_argument(
+        "action",
+        nargs="?",
+        choices=("run", "report"),
+        default="run",
+        help="run: the missing records, then the report (default); report: the report only",
+    )
+
+
+def run_or_report(
+    args: argparse.Namespace, run: Callable[[argparse.Namespace], int], report: Callable[[argparse.Namespace], int]
+) -> int:
+    """``report`` for the action ``report``, else ``run``; Ctrl-C stops a run, keeping the records written so far."""
+    if args.action == "report":
+        return report(args)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        log("interrupted; the records written so far stay: rerun the same command to resume")
+        return 130

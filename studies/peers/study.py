@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 import lightning_hypergrad as lh
 from studies.common import machine_description, memory_meter, write_json, write_text
-from studies.cost.estimators import fewshot_backbone, task_features, whole_network
+from studies.cost.estimators import Task, fewshot_backbone, task_features, whole_network
 
 PEERS_DIR = ".peers"
 INSTALL = "bash scripts/install_peers.sh"
@@ -121,7 +121,7 @@ def anil_case(peers: dict[str, Any], dtype: torch.dtype, steps: int = 10, lr: fl
     torch.manual_seed(0)
     backbone = fewshot_backbone().to(DEVICE, dtype).train()
     generator = torch.Generator().manual_seed(1)
-    tasks = [tuple(_on(x, dtype) for x in t) for t in _tasks(generator, 4, (3, 32, 32), 5, 10, 10)]
+    tasks = [Task(*(_on(x, dtype) for x in t)) for t in _tasks(generator, 4, (3, 32, 32), 5, 10, 10)]
     head_init = [
         torch.zeros(5, backbone.out_features, dtype=dtype, device=DEVICE),
         torch.zeros(5, dtype=dtype, device=DEVICE),
@@ -132,11 +132,10 @@ def anil_case(peers: dict[str, Any], dtype: torch.dtype, steps: int = 10, lr: fl
         estimator = lh.get_estimator(spec)
 
         def run() -> Grads:
-            for xs, ys, xq, yq in tasks:
-                task = _Task(xs, ys, xq, yq)
+            for task in tasks:
                 problem = lh.BilevelProblem(
-                    inner_loss=lambda w, h, ys=ys: F.cross_entropy(F.linear(h[0], w[0], w[1]), ys),
-                    outer_loss=lambda w, h, yq=yq: F.cross_entropy(F.linear(h[1], w[0], w[1]), yq),
+                    inner_loss=lambda w, h, y=task.y_support: F.cross_entropy(F.linear(h[0], w[0], w[1]), y),
+                    outer_loss=lambda w, h, y=task.y_query: F.cross_entropy(F.linear(h[1], w[0], w[1]), y),
                     hyperparameters=params,
                     init_params=head_init,
                     optimizer=lh.SGD(lr=lr),
@@ -156,12 +155,12 @@ def anil_case(peers: dict[str, Any], dtype: torch.dtype, steps: int = 10, lr: fl
         maml = peers["learn2learn"].algorithms.MAML(head, lr=lr, first_order=first_order)
 
         def run() -> Grads:
-            for xs, ys, xq, yq in tasks:
-                support, query = task_features(backbone, _Task(xs, ys, xq, yq))
+            for task in tasks:
+                support, query = task_features(backbone, task)
                 learner = maml.clone()
                 for _ in range(steps):
-                    learner.adapt(F.cross_entropy(learner(support), ys))
-                F.cross_entropy(learner(query), yq).backward()
+                    learner.adapt(F.cross_entropy(learner(support), task.y_support))
+                F.cross_entropy(learner(query), task.y_query).backward()
             for p in head.parameters():
                 p.grad = None
             return _grads(params)
@@ -179,14 +178,6 @@ def anil_case(peers: dict[str, Any], dtype: torch.dtype, steps: int = 10, lr: fl
         ("rmd", "fo"),
         {"rmd": "learn2learn MAML(head)", "fo": "learn2learn MAML(head, first_order)"},
     )
-
-
-@dataclass
-class _Task:
-    x_support: Tensor
-    y_support: Tensor
-    x_query: Tensor
-    y_query: Tensor
 
 
 def maml_case(peers: dict[str, Any], dtype: torch.dtype, steps: int = 5, lr: float = 0.05) -> Case:
