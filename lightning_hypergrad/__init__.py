@@ -2,38 +2,53 @@
 
 The core engine works in plain PyTorch: describe a :class:`BilevelProblem`, pick an estimator
 (:class:`Greedy`, :class:`FO`, :class:`T1T2`, :class:`RMD`, :class:`TruncatedRMD`, :class:`Neumann`,
-:class:`ConjugateGradient`, :class:`FMD`) and call it.
+:class:`ConjugateGradient`, :class:`FMD`, or any name of :func:`list_estimators`) and call it.
+
+Importing the package does nothing else: each public name is imported from its module on first use, so that
+``import lightning_hypergrad`` is fast, has no side effects and needs Lightning only for the Lightning layer.
 """
 
-from lightning_hypergrad import _console
+from __future__ import annotations
 
-_console.install()  # the console command only: a Ctrl-C while torch loads is one line (see _console)
-
-from lightning_hypergrad.estimators import (  # noqa: E402
-    ESTIMATORS,
-    FMD,
-    FO,
-    RMD,
-    T1T2,
-    AutoGreedy,
-    ConjugateGradient,
-    Greedy,
-    GreedyTail,
-    HypergradEstimator,
-    HypergradResult,
-    MomentumGreedy,
-    Neumann,
-    TruncatedRMD,
-    get_estimator,
-)
-from lightning_hypergrad.inner_model import InnerModel  # noqa: E402
-from lightning_hypergrad.optim import SGD, Adam, AdamW, DifferentiableOptimizer, OptimizerState  # noqa: E402
-from lightning_hypergrad.problem import BilevelProblem  # noqa: E402
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# The Lightning layer is imported on first use, so that the core engine works (and imports fast) without it.
-_LIGHTNING_NAMES = {
+_ESTIMATORS = "lightning_hypergrad.estimators"
+_OPTIM = "lightning_hypergrad.optim"
+
+#: every public name and the module that defines it
+_PUBLIC = {
+    **dict.fromkeys(
+        (
+            "ESTIMATORS",
+            "FMD",
+            "FO",
+            "RMD",
+            "T1T2",
+            "AutoGreedy",
+            "Capabilities",
+            "ConjugateGradient",
+            "Greedy",
+            "GreedyTail",
+            "HypergradEstimator",
+            "HypergradResult",
+            "MomentumGreedy",
+            "Neumann",
+            "TruncatedRMD",
+            "get_estimator",
+            "list_estimators",
+            "register_estimator",
+        ),
+        _ESTIMATORS,
+    ),
+    **dict.fromkeys(("SGD", "Adam", "AdamW", "DifferentiableOptimizer", "OptimizerState"), _OPTIM),
+    "BilevelProblem": "lightning_hypergrad.problem",
+    "InnerModel": "lightning_hypergrad.inner_model",
+    "HyperModule": "lightning_hypergrad.hyper_module",
+    "MetaGradient": "lightning_hypergrad.meta_gradient",
+    "meta_gradient": "lightning_hypergrad.meta_gradient",
     "BilevelModule": "lightning_hypergrad.module",
     "FewShotClassifier": "lightning_hypergrad.fewshot",
     "MAML": "lightning_hypergrad.fewshot",
@@ -42,40 +57,41 @@ _LIGHTNING_NAMES = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LIGHTNING_NAMES:
-        import importlib
-
-        return getattr(importlib.import_module(_LIGHTNING_NAMES[name]), name)
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        if name != "ESTIMATORS":  # the registry can grow; the others are cached here after the first use
+            globals()[name] = value
+        return value
     raise AttributeError(f"module 'lightning_hypergrad' has no attribute {name!r}")
 
 
-__all__ = [
-    "AutoGreedy",
-    "BilevelModule",
-    "FewShotClassifier",
-    "FewShotDataModule",
-    "HypergradCallback",
-    "ESTIMATORS",
-    "FMD",
-    "FO",
-    "RMD",
-    "SGD",
-    "T1T2",
-    "Adam",
-    "AdamW",
-    "BilevelProblem",
-    "ConjugateGradient",
-    "DifferentiableOptimizer",
-    "Greedy",
-    "GreedyTail",
-    "HypergradEstimator",
-    "HypergradResult",
-    "InnerModel",
-    "MAML",
-    "MomentumGreedy",
-    "Neumann",
-    "OptimizerState",
-    "TruncatedRMD",
-    "get_estimator",
-]
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})
+
+
+if TYPE_CHECKING:  # for type checkers and editors: the names that __getattr__ provides
+    from lightning_hypergrad.estimators import (  # noqa: F401
+        FMD,
+        FO,
+        RMD,
+        T1T2,
+        AutoGreedy,
+        Capabilities,
+        ConjugateGradient,
+        Greedy,
+        GreedyTail,
+        HypergradEstimator,
+        HypergradResult,
+        MomentumGreedy,
+        Neumann,
+        TruncatedRMD,
+        get_estimator,
+        list_estimators,
+        register_estimator,
+    )
+    from lightning_hypergrad.inner_model import InnerModel  # noqa: F401
+    from lightning_hypergrad.optim import SGD, Adam, AdamW, DifferentiableOptimizer, OptimizerState  # noqa: F401
+    from lightning_hypergrad.problem import BilevelProblem  # noqa: F401
+
+__all__ = sorted(_PUBLIC)

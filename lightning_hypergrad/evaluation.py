@@ -1,4 +1,5 @@
-"""Validation and test of a :class:`~lightning_hypergrad.BilevelModule`: per-task numbers, their mean and interval."""
+"""Validation and test of a :class:`~lightning_hypergrad.BilevelModule`: its hooks (:class:`EvaluationHooks`), and the
+per-task numbers, their mean and interval (:class:`TaskMetrics`)."""
 
 from __future__ import annotations
 
@@ -76,3 +77,58 @@ def clone_task(task: Any) -> Any:
     if isinstance(task, (list, tuple)):
         return type(task)(clone_task(v) for v in task)
     return task
+
+
+_STAGE_NAMES = {"val": "meta-validation", "test": "meta-test"}
+
+
+class EvaluationHooks:
+    """The validation and test hooks of a :class:`~lightning_hypergrad.BilevelModule`, as a mixin.
+
+    Each task of a validation or test batch is adapted (the inner loop without a hypergradient) and its
+    ``outer_loss`` and task metrics gathered in :class:`TaskMetrics`; at the stage's end each metric's mean and 95%
+    interval over the tasks are logged (``val/acc``, ``val/acc_ci95``), with ``val/nonfinite_tasks``.
+    """
+
+    def evaluate_task(self, task: Any) -> dict[str, Tensor]:
+        """``outer_loss`` and the task metrics of ``task`` after :meth:`adapt` (the trained network, online)."""
+        with torch.inference_mode(False), torch.enable_grad():
+            task = clone_task(task)
+            params, h = self.adapt(task)
+            with torch.no_grad():
+                family = self.task_family()
+                return {"outer_loss": family.bound(self.outer_loss)(params, h, task), **family.metrics(params, h, task)}
+
+    def _evaluate(self, batch: Any, stage: str) -> None:
+        for task in self.split_tasks(batch):
+            self.evaluation.update(stage, self.evaluate_task(task), self.device)
+
+    def _log_evaluation(self, stage: str) -> None:
+        summary = self.evaluation.summary(stage)
+        for key, (mean, ci95) in summary.metrics.items():
+            self.log(f"{stage}/{key}", mean, prog_bar=key == "acc")
+            self.log(f"{stage}/{key}_ci95", ci95)
+        if not summary.tasks:
+            return
+        self.log(f"{stage}/nonfinite_tasks", float(summary.nonfinite_tasks))
+        if summary.nonfinite_tasks:
+            message = (
+                f"{summary.nonfinite_tasks} of the {summary.tasks} {_STAGE_NAMES.get(stage, stage)} tasks have NaN or "
+                f"infinite numbers (their inner loop has probably diverged: lower the inner optimizer's learning rate "
+                f"or inner_steps); {stage}/outer_loss is logged as NaN and the count as {stage}/nonfinite_tasks"
+            )
+            if self.nonfinite == "raise":
+                raise FloatingPointError(f"{message}; nonfinite='raise' stops the run (nonfinite: skip goes on)")
+            self._warn_once(f"nonfinite_{stage}", message)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from lightning_hypergrad.optim.base import OptimizerState
-from lightning_hypergrad.problem import BilevelProblem
+from lightning_hypergrad.problem import BilevelProblem, leaves  # noqa: F401 (leaves: imported from here too)
 
 
 class StepMode(enum.Enum):
@@ -60,11 +60,6 @@ class Trajectory:
     params: list[Tensor]
     state: OptimizerState
     inner_losses: Tensor
-
-
-def leaves(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """Detached copies that require grad, so that a gradient can be taken with respect to them."""
-    return [x.detach().requires_grad_() for x in tensors]
 
 
 def unroll(

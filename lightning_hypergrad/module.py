@@ -1,11 +1,16 @@
-"""``BilevelModule``: the LightningModule that runs the inner loop and steps the hyperparameters."""
+"""``BilevelModule``: the LightningModule that runs the inner loops and steps the hyperparameters.
+
+Lightning's part only: the subclass hooks, setup, the training step (the meta-gradient into ``.grad``, the
+processes' average, the non-finite policy, clipping, the outer step and its schedulers). The meta-gradient itself is
+:mod:`lightning_hypergrad.meta_gradient` (no Lightning), the tasks' stacking :mod:`lightning_hypergrad.meta_batch`,
+the checkpoint hooks :mod:`lightning_hypergrad.checkpointing`, validation and test
+:mod:`lightning_hypergrad.evaluation`.
+"""
 
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -15,104 +20,23 @@ from torch import Tensor
 
 from lightning_hypergrad._checks import check_choice, check_int, check_positive_number
 from lightning_hypergrad.callbacks.step_timer import StepTimer
+from lightning_hypergrad.checkpointing import CheckpointHooks
 from lightning_hypergrad.distributed import average_across_processes
 from lightning_hypergrad.estimators import HypergradEstimator, get_estimator
-from lightning_hypergrad.evaluation import TaskMetrics, clone_task
+from lightning_hypergrad.evaluation import EvaluationHooks, TaskMetrics
 from lightning_hypergrad.inner_loop import StepMode, unroll
 from lightning_hypergrad.inner_model import InnerModel
+from lightning_hypergrad.meta_batch import StackedTasks, Task, split_meta_batch, stack_tasks
+from lightning_hypergrad.meta_gradient import MetaGradient, TaskFamily, meta_gradient
 from lightning_hypergrad.optim import SGD, DifferentiableOptimizer, OptimizerState
 from lightning_hypergrad.problem import BilevelProblem
-
-Task = Any
-
-_STAGE_NAMES = {"val": "meta-validation", "test": "meta-test"}
+from lightning_hypergrad.schedulers import step_schedulers
 
 DEFAULT_ESTIMATOR = "rmd(checkpoint_every='sqrt')"
 """The estimator of a :class:`BilevelModule` built without one (see the README's "Which to use")."""
 
 
-@dataclass
-class MetaGradient:
-    """What :meth:`BilevelModule.meta_gradient` returns for a meta-batch.
-
-    Attributes:
-        hypergrads: the mean hypergradient over the tasks, one tensor per hyperparameter tensor.
-        metrics: the mean of each task metric over the tasks, with ``outer_loss`` (0-dim tensors on the module's
-            device).
-        params: the final inner parameters of the last task (what online mode carries on).
-        state: the inner optimizer's final state of the last task.
-    """
-
-    hypergrads: list[Tensor]
-    metrics: dict[str, Tensor]
-    params: list[Tensor]
-    state: OptimizerState | None
-
-
-def split_meta_batch(batch: Any) -> list[Task]:
-    """The tasks of a meta-batch: a list as it is, or a dict of tensors stacked along a first (task) dimension."""
-    if isinstance(batch, (list, tuple)):
-        return list(batch)
-    if isinstance(batch, dict):
-        sizes = {v.shape[0] for v in batch.values() if isinstance(v, Tensor)}
-        if len(sizes) != 1:
-            raise ValueError(
-                "a meta-batch given as a dict must hold tensors with one shared first (task) dimension, got first "
-                f"dimensions {sorted(sizes)}; return a list of tasks from the dataloader, or override split_tasks"
-            )
-        return [{k: v[i] if isinstance(v, Tensor) else v for k, v in batch.items()} for i in range(sizes.pop())]
-    raise TypeError(f"cannot split a meta-batch of type {type(batch).__name__}; override BilevelModule.split_tasks")
-
-
-@dataclass
-class StackedTasks:
-    """Tasks of equal shapes as one batch: each tensor entry stacked along a new first (task) dimension.
-
-    Attributes:
-        tensors: the stacked tensor entries (``{"support_x": [B, ...], ...}``).
-        constants: the entries that are not tensors, equal in every task.
-        size: the number of tasks ``B``.
-    """
-
-    tensors: dict[str, Tensor]
-    constants: dict[str, Any]
-    size: int
-
-    def task(self, tensors: dict[str, Tensor]) -> dict[str, Any]:
-        """One task from the (unbatched) tensors ``vmap`` hands to a per-task function."""
-        return {**tensors, **self.constants}
-
-
-def stack_tasks(tasks: Sequence[Task]) -> StackedTasks | None:
-    """``tasks`` stacked into one :class:`StackedTasks`, or ``None`` where they cannot be.
-
-    Tasks can be stacked when they are dicts with the same keys whose tensor entries have equal shapes and dtypes,
-    and whose other entries are equal.
-    """
-    if not tasks or not all(isinstance(t, dict) for t in tasks):
-        return None
-    first = tasks[0]
-    if any(t.keys() != first.keys() for t in tasks):
-        return None
-    tensors: dict[str, Tensor] = {}
-    constants: dict[str, Any] = {}
-    for key, value in first.items():
-        column = [t[key] for t in tasks]
-        if isinstance(value, Tensor):
-            if not all(
-                isinstance(v, Tensor) and v.shape == value.shape and v.dtype == value.dtype and v.device == value.device
-                for v in column
-            ):
-                return None
-            tensors[key] = torch.stack(column)
-        else:
-            if any(isinstance(v, Tensor) or v != value for v in column):
-                return None
-            constants[key] = value
-    return StackedTasks(tensors, constants, len(tasks)) if tensors else None
-
-
-class BilevelModule(L.LightningModule):
+class BilevelModule(CheckpointHooks, EvaluationHooks, L.LightningModule):
     """A LightningModule for bilevel optimization with manual optimization.
 
     The module's own parameters are the hyperparameters ``alpha`` (e.g. a backbone), stepped by the optimizer of
@@ -160,19 +84,23 @@ class BilevelModule(L.LightningModule):
             as usual), ``"raise"`` raises.
         online: carry the inner parameters and the inner optimizer's state from one outer step to the next
             (the model keeps training between hyperparameter updates, as in Luketina et al. 2016) instead of
-            starting each task from :meth:`init_params`. Needs one task per meta-batch; the carried state is
-            saved in checkpoints.
+            starting each task from :meth:`init_params`. Needs one task per meta-batch and an initialization that is
+            not learned (the carried parameters replace ``w_0``, so a learned one would get no hypergradient): both
+            are refused at setup, before any work. The carried state is saved in checkpoints.
         batch_tasks: run the inner loops of a meta-batch's tasks together, as one problem whose inner parameters
             are the tasks' parameters stacked along a first (task) dimension: the losses are the sums of the
             per-task losses, each computed by ``torch.func.vmap`` over :meth:`inner_loss`, :meth:`outer_loss`
             and :meth:`task_metrics`, so each inner step issues one set of kernels for the whole meta-batch. The
             tasks' problems are independent and every inner optimizer acts element-wise, so the hypergradient is
             the one-by-one path's (up to the order of floating-point sums). The tasks are stacked by
-            :meth:`stack_tasks` (dicts with equal keys and tensor shapes); the module runs them one by one where
-            they cannot be stacked, where the estimator's result is not a sum over the tasks
-            (``estimator.batchable`` is false: ``ConjugateGradient`` and ``Neumann(scale="auto")``, whose steps
-            or scale depend on the whole problem), in online mode, where the inner optimizer's settings are
-            hyperparameters, and with a learned initialization. The losses and metrics must be written with
+            :meth:`stack_tasks` (dicts with equal keys and tensor shapes). They run one by one instead, and the
+            module says so once on the console with the reason, where: they cannot be stacked; the estimator's
+            result is not a sum over the tasks (``estimator.batchable`` is false: ``ConjugateGradient`` and
+            ``Neumann(scale="auto")``, whose steps or scale depend on the whole problem); in online mode (one task);
+            where the inner optimizer's settings are hyperparameters (a setting computed from ``h`` is one value for
+            all the stacked tasks, not one per task); and with a learned initialization (one ``w_0`` shared by
+            every task, which the stacked problem would need broadcast along the task dimension). The losses and
+            metrics must be written with
             operations ``vmap`` supports (no ``.item()``, no data-dependent Python branches). :meth:`features` is
             still called once per task, and the graphs of all the tasks' features stay alive until the
             hypergradient's backward pass: the memory of that part grows with the meta-batch (one by one, each
@@ -232,7 +160,7 @@ class BilevelModule(L.LightningModule):
         self.carried_params: list[Tensor] | None = None
         self.carried_state: OptimizerState | None = None
         self.skipped_steps = 0
-        self._checked = False
+        self._checked = False  # whether the hyperparameters' dependence on the losses was checked
         self.evaluation = TaskMetrics()
         self._warned: set[str] = set()
         self._last_epoch_end: int | None = None
@@ -289,7 +217,7 @@ class BilevelModule(L.LightningModule):
         """The tasks as one :class:`StackedTasks` for ``batch_tasks``, or ``None`` to run them one by one."""
         return stack_tasks(tasks)
 
-    # ----------------------------------------------------------------- the engine
+    # ----------------------------------------------------------------- the problem of each task
     def _uses_features(self) -> bool:
         return type(self).features is not BilevelModule.features
 
@@ -301,51 +229,43 @@ class BilevelModule(L.LightningModule):
         inner = self._inner_model()
         return inner is not None and inner.init == "learned"
 
-    def _bound(self, fn):
-        """``fn(w, h, task)`` for the flat list ``w``: ``fn`` itself, or ``fn`` given the inner model bound to ``w``."""
+    def task_family(self) -> TaskFamily:
+        """How each task becomes a bilevel problem, from this module's hooks and settings (no Lightning involved)."""
         inner = self._inner_model()
+        hyperparameters = self.hyperparameters()
         if inner is None:
-            return fn
-        return lambda w, h, task: fn(inner.bind(w), h, task)
-
-    def make_problem(self, task: Task, cache: dict | None = None) -> BilevelProblem:
-        """The :class:`BilevelProblem` of one task; ``cache['h']`` receives the features when computed."""
-        cache = {} if cache is None else cache
-        inner = self._inner_model()
-        carried = self.online and self.carried_params is not None
-        learned = self._learned_init() and not carried
-        # a learned w_0 with features: the problem's h is the features followed by the inner model's parameters,
-        # and the losses receive the features alone (``split``)
-        tail = inner.parameter_tensors() if learned and self._uses_features() else []
-        cache["split"] = split = (lambda h: list(h)[: len(h) - len(tail)]) if tail else list
-        features = None
-        if self._uses_features():
-
-            def features():
-                cache["h"] = self.features(task)
-                return [*cache["h"], *tail]
-
-        if carried:  # a checkpoint restores them on the CPU
-            self.carried_params = [p.to(self.device) for p in self.carried_params]
-            self.carried_state = self.carried_state.replace([t.to(self.device) for t in self.carried_state.tensors()])
-            init = self.carried_params
-        elif tail:
-            init = lambda h: list(h)[len(h) - len(tail) :]  # noqa: E731
-        elif inner is not None:
-            init = inner.init_params(self.hyperparameters())
+            init, bind, tail = self.init_params, list, []
         else:
-            init = self.init_params(task)
-        inner_loss, outer_loss = self._bound(self.inner_loss), self._bound(self.outer_loss)
-        return BilevelProblem(
-            inner_loss=lambda w, h: inner_loss(w, split(h), task),
-            outer_loss=lambda w, h: outer_loss(w, split(h), task),
-            hyperparameters=self.hyperparameters(),
-            init_params=init,
+            w0 = inner.init_params(hyperparameters) if not self._uses_features() else inner.initial()
+            init, bind = (lambda task: w0), inner.bind
+            tail = inner.parameter_tensors() if self._learned_init() and self._uses_features() else []
+        names = {id(p): n for n, p in self.named_parameters()}
+        return TaskFamily(
+            inner_loss=self.inner_loss,
+            outer_loss=self.outer_loss,
+            hyperparameters=hyperparameters,
             optimizer=self.inner_optimizer,
             steps=self.inner_steps,
-            features=features,
-            init_state=self.carried_state if carried else None,
+            init=init,
+            learned_tensors=tail,
+            bind=bind,
+            features=self.features if self._uses_features() else None,
+            stacked_features=self.stacked_features if self._uses_features() else None,
+            task_metrics=self.task_metrics,
+            hyperparameter_names=[names.get(id(a), f"hyperparameters[{i}]") for i, a in enumerate(hyperparameters)],
         )
+
+    def _start(self) -> tuple[list[Tensor], OptimizerState] | None:
+        """Online mode, once training has started: the carried inner parameters and state (on this device)."""
+        if not self.online or self.carried_params is None:
+            return None
+        self.carried_params = [p.to(self.device) for p in self.carried_params]  # a checkpoint restores them on the CPU
+        self.carried_state = self.carried_state.replace([t.to(self.device) for t in self.carried_state.tensors()])
+        return self.carried_params, self.carried_state
+
+    def make_problem(self, task: Task) -> BilevelProblem:
+        """The :class:`BilevelProblem` of one task (online: from the carried inner parameters)."""
+        return self.task_family().problem(task, self._start()).problem
 
     def meta_gradient(self, tasks: Sequence[Task], estimator: HypergradEstimator | None = None) -> MetaGradient:
         """The mean hypergradient over ``tasks`` and the mean of the task metrics (with ``outer_loss``).
@@ -363,96 +283,34 @@ class BilevelModule(L.LightningModule):
                 "tasks; use meta_batch_size 1 (or online=False)"
             )
         stacked = self._stacked(tasks, estimator)
-        if stacked is not None:
-            return self._meta_gradient_stacked(tasks, stacked, estimator)
-        alpha = self.hyperparameters()
-        total = [torch.zeros_like(a) for a in alpha]
-        sums: dict[str, Tensor] = {}
-        result = None
-        for task in tasks:
-            cache: dict = {}
-            problem = self.make_problem(task, cache)
-            result = estimator(problem, check=not self._checked, check_finite=False)
-            self._checked = True
-            for t, g in zip(total, result.hypergrads):
-                t.add_(g)
-            h = [x.detach() for x in cache["h"]] if "h" in cache else [a.detach() for a in alpha]
-            with torch.no_grad():
-                metrics = {"outer_loss": result.loss, **self._bound(self.task_metrics)(result.params, h, task)}
-            for key, value in metrics.items():
-                value = _as_float(value).detach().to(self.device).reshape(())
-                sums[key] = value if key not in sums else sums[key] + value
-        n = max(len(tasks), 1)
-        return MetaGradient(
-            hypergrads=[t / n for t in total],
-            metrics={k: v / n for k, v in sums.items()},
-            params=[] if result is None else result.params,
-            state=None if result is None else result.state,
+        step = meta_gradient(
+            self.task_family(),
+            tasks,
+            estimator,
+            stacked=stacked,
+            start=self._start(),
+            check=not self._checked,
+            device=self.device,
         )
+        self._checked = True
+        return step
 
     def _stacked(self, tasks: Sequence[Task], estimator: HypergradEstimator) -> StackedTasks | None:
-        if not self.batch_tasks or self.online or len(tasks) < 2 or not estimator.batchable:
+        """The tasks stacked for ``batch_tasks``, or ``None`` (said once, with the reason, where they could not be)."""
+        if not self.batch_tasks or len(tasks) < 2:
             return None
-        if self.inner_optimizer.hyper_settings() or self._learned_init():
-            return None
-        return self.stack_tasks(tasks)
-
-    def _meta_gradient_stacked(
-        self, tasks: Sequence[Task], stacked: StackedTasks, estimator: HypergradEstimator
-    ) -> MetaGradient:
-        """:meth:`meta_gradient` for ``tasks``, stacked into one problem as ``stacked`` (``batch_tasks``)."""
-        cache: dict = {}
-        features = None
-        if self._uses_features():
-
-            def features():
-                together = self.stacked_features(stacked)
-                if together is None:
-                    per_task = [self.features(task) for task in tasks]
-                    together = [torch.stack(column) for column in zip(*per_task)]
-                cache["h"] = list(together)
-                return cache["h"]
-
-        h_dim = 0 if self._uses_features() else None
-
-        def summed(fn):
-            fn = self._bound(fn)
-
-            def per_task(w, h, tensors):
-                return fn(w, h, stacked.task(tensors)).reshape(())
-
-            batched = torch.func.vmap(per_task, in_dims=(0, h_dim, 0))
-            return lambda w, h: batched(list(w), list(h), stacked.tensors).sum()
-
-        inner = self._inner_model()
-        per_task_init = (inner.initial() if inner is not None else self.init_params(task) for task in tasks)
-        init = [torch.stack(column) for column in zip(*per_task_init)]
-        problem = BilevelProblem(
-            inner_loss=summed(self.inner_loss),
-            outer_loss=summed(self.outer_loss),
-            hyperparameters=self.hyperparameters(),
-            init_params=init,
-            optimizer=self.inner_optimizer,
-            steps=self.inner_steps,
-            features=features,
-        )
-        result = estimator(problem, check=not self._checked, check_finite=False)
-        self._checked = True
-        n = stacked.size
-        h = [x.detach() for x in cache["h"]] if "h" in cache else [a.detach() for a in self.hyperparameters()]
-        with torch.no_grad():
-            metrics = torch.func.vmap(
-                lambda w, hh, tensors: self._bound(self.task_metrics)(w, hh, stacked.task(tensors)),
-                in_dims=(0, h_dim, 0),
-            )(result.params, h, stacked.tensors)
-        means = {"outer_loss": result.loss / n}
-        means.update({k: _as_float(v).detach().to(self.device).mean() for k, v in metrics.items()})
-        return MetaGradient(
-            hypergrads=[g / n for g in result.hypergrads],
-            metrics=means,
-            params=[p[-1] for p in result.params],
-            state=result.state.replace([x[-1] for x in result.state.tensors()]),
-        )
+        reasons = [
+            (self.online, "online mode carries one task's inner model"),
+            (not estimator.batchable, f"{estimator} takes its steps or scale from the whole problem"),
+            (bool(self.inner_optimizer.hyper_settings()), "the inner optimizer's settings are hyperparameters"),
+            (self._learned_init(), "the initialization is learned (one w_0 shared by every task)"),
+        ]
+        reason = next((why for applies, why in reasons if applies), None)
+        stacked = self.stack_tasks(tasks) if reason is None else None
+        if stacked is None:
+            reason = reason or "the tasks cannot be stacked (other keys, shapes or dtypes)"
+            self._warn_once(f"unbatched:{reason}", f"batch_tasks=True: the tasks run one by one, since {reason}")
+        return stacked
 
     def adapt(self, task: Task) -> tuple[list[Tensor], list[Tensor]]:
         """Run the inner loop of ``task`` without any hypergradient; the final parameters and ``h``.
@@ -460,15 +318,15 @@ class BilevelModule(L.LightningModule):
         In online mode, once training has started, the inner model is the one being trained: its carried
         parameters are returned as they are, without further inner steps.
         """
-        cache: dict = {}
-        problem = self.make_problem(task, cache)
+        task_problem = self.task_family().problem(task, self._start())
+        problem = task_problem.problem
         with torch.no_grad():
             h = problem.features() if problem.features is not None else problem.hyperparameters
             h = [x.detach() for x in h]
         if self.online and self.carried_params is not None:
-            return [p.detach().to(self.device) for p in self.carried_params], cache["split"](h)
+            return [p.detach().to(self.device) for p in self.carried_params], task_problem.losses_h(h)
         trajectory = unroll(problem, h, lambda t: StepMode.CONSTANT)
-        return trajectory.params, cache["split"](h)
+        return trajectory.params, task_problem.losses_h(h)
 
     # ----------------------------------------------------------------- Lightning hooks
     def setup(self, stage: str) -> None:
@@ -482,14 +340,32 @@ class BilevelModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if hasattr(datamodule, "meta_batch_size"):
             self.settings_from_data("meta_batch_size")
+        if self.online and self.meta_batch_size not in (None, 1):
+            raise ValueError(
+                f"online=True carries one inner model from step to step, but meta_batch_size is "
+                f"{self.meta_batch_size}; set meta_batch_size 1 (model and data), or online: false"
+            )
         self.check_inner_model()
 
     def check_inner_model(self) -> None:
-        """Refuse, before any work, an estimator that defines no hypergradient for a learned initialization.
+        """Refuse, before any work, what defines no hypergradient: an estimator without a term for a learned
+        initialization, online mode with a learned initialization, an ``init_params`` beside an ``inner_model``.
 
         :meth:`setup` calls it; a subclass that builds its inner model in ``setup`` calls it again after.
         """
+        if self._inner_model() is not None and type(self).init_params is not BilevelModule.init_params:
+            raise ValueError(
+                f"{type(self).__name__} has both an inner_model (InnerModel) and its own init_params; the inner "
+                "loop starts where the InnerModel's init says, so init_params would be ignored: remove init_params "
+                "(set InnerModel(init=...) instead), or drop inner_model and return the flat list from init_params"
+            )
         if self._learned_init():
+            if self.online:
+                raise ValueError(
+                    "online=True with a learned initialization (InnerModel init='learned'): from the second step on "
+                    "the carried inner parameters replace w_0, so the initialization would get no hypergradient; use "
+                    "online: false for MAML-style learning, or init 'fixed' with online"
+                )
             self.estimator.check_learned_init()
 
     def problem_outline(self) -> BilevelProblem:
@@ -567,9 +443,7 @@ class BilevelModule(L.LightningModule):
             )
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        with warnings.catch_warnings():  # the module applies its own policy below, once per step
-            warnings.filterwarnings("ignore", message=".*NaN or infinite", category=RuntimeWarning)
-            step = self.meta_gradient(tasks)
+        step = self.meta_gradient(tasks)  # not checked for NaN: the policy below applies, once per step
         if self.online:  # the inner model trains on: the next step starts where this one ended
             self.carried_params = [p.detach().clone() for p in step.params]
             self.carried_state = step.state
@@ -591,12 +465,13 @@ class BilevelModule(L.LightningModule):
                 "skipped (nonfinite='skip'); later skips are counted in train/skipped_steps without a warning",
             )
             # every .grad is None, so the optimizer leaves the hyperparameters and its state as they are; the call
-            # keeps Lightning's step counter (max_steps, schedulers, checkpoints) in step with the batches
+            # keeps Lightning's step counter (max_steps, checkpoints) in step with the batches, and the schedulers
+            # below follow that counter, as they follow the batches in automatic optimization
             optimizer.zero_grad(set_to_none=True)
             optimizer.step()
         else:
             for a, g in zip(self.hyperparameters(), hypergrads):
-                a.grad = g if a.grad is None else a.grad + g
+                a.grad = g  # zero_grad() above left every .grad None
             if self.gradient_clip_val is not None:
                 self.clip_gradients(
                     optimizer,
@@ -604,7 +479,7 @@ class BilevelModule(L.LightningModule):
                     gradient_clip_algorithm=self.gradient_clip_algorithm,
                 )
             optimizer.step()
-            self._step_schedulers("step")
+        step_schedulers(self, "step", batch_idx)
         batch_size = len(tasks)
         self.log("train/outer_loss", metrics.pop("outer_loss"), prog_bar=True, batch_size=batch_size)
         for key, value in metrics.items():
@@ -613,142 +488,16 @@ class BilevelModule(L.LightningModule):
         self.log("train/skipped_steps", float(self.skipped_steps), batch_size=batch_size)
         return {"loss": torch.zeros(()), "hypergrad": [g.detach() for g in hypergrads]}
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = self.carried_state
-        checkpoint["lightning_hypergrad"] = {
-            "skipped_steps": self.skipped_steps,
-            "carried_params": self.carried_params,
-            "carried_state": None if state is None else {"step": state.step, "buffers": state.buffers},
-            "estimator": self.estimator.state_dict() if hasattr(self.estimator, "state_dict") else None,
-            "last_epoch_end": self._last_epoch_end,
-            "method": self._method(),
-        }
-
-    def _method(self) -> dict[str, Any]:
-        """The settings of the hypergradient computation, as strings: what a checkpoint says it was written with."""
-        return {
-            "estimator": str(self.estimator),
-            "inner_optimizer": repr(self.inner_optimizer),
-            "inner_steps": str(self.inner_steps),
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._check_weights(checkpoint.get("state_dict"))
-        saved = checkpoint.get("lightning_hypergrad", {})
-        written, ours = saved.get("method") or {}, self._method()
-        changed = [f"{k}: {ours[k]} (checkpoint: {v})" for k, v in written.items() if k in ours and ours[k] != v]
-        if changed:
-            rank_zero_warn(
-                f"the checkpoint was written with other settings of the hypergradient than this module's: "
-                f"{'; '.join(changed)}; the run goes on with this module's",
-                category=UserWarning,
-            )
-        self.skipped_steps = saved.get("skipped_steps", 0)
-        self.carried_params = saved.get("carried_params")
-        state = saved.get("carried_state")
-        self.carried_state = None if state is None else OptimizerState(state["step"], state["buffers"])
-        self._last_epoch_end = saved.get("last_epoch_end")
-        if saved.get("estimator") is not None and hasattr(self.estimator, "load_state_dict"):
-            self.estimator.load_state_dict(saved["estimator"])  # e.g. AutoGreedy's fitted discount
-
-    def _check_weights(self, state_dict: dict[str, Tensor] | None) -> None:
-        """One line, instead of Lightning's wall of missing keys, where a checkpoint holds another model's weights."""
-        if state_dict is None:
-            return
-        ours = self.state_dict()
-        missing = [k for k in ours if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in ours]
-        reshaped = [
-            f"{k} {tuple(state_dict[k].shape)} (this model: {tuple(v.shape)})"
-            for k, v in ours.items()
-            if k in state_dict and isinstance(state_dict[k], Tensor) and state_dict[k].shape != v.shape
-        ]
-        if not (missing or unexpected or reshaped):
-            return
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} of this model's weights are not in it ({', '.join(missing[:3])}...)")
-        if unexpected:
-            parts.append(
-                f"it holds {len(unexpected)} weights this model does not have ({', '.join(unexpected[:3])}...)"
-            )
-        if reshaped:
-            parts.append(f"{len(reshaped)} have other shapes ({'; '.join(reshaped[:2])})")
-        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
-        which = f"the checkpoint {path}" if path else "the checkpoint"
-        raise ValueError(
-            f"{which} was written by another model than {type(self).__name__} with these settings: "
-            f"{'; '.join(parts)}; give a checkpoint of this config's model, or the settings it was written with"
-        )
-
     def on_train_epoch_end(self) -> None:
         # a run resumed from a checkpoint written at the end of an epoch ends that epoch again (Lightning repeats the
         # epoch-end hooks); its schedulers were stepped for it before the checkpoint
         if self._trainer is not None and self.current_epoch == self._last_epoch_end:
             return
         self._last_epoch_end = self.current_epoch
-        self._step_schedulers("epoch")
-
-    def _step_schedulers(self, interval: str) -> None:
-        if self._trainer is None:
-            return
-        for config in self.trainer.lr_scheduler_configs:
-            if config.interval == interval and (
-                self.trainer.global_step % config.frequency == 0 or interval == "epoch"
-            ):
-                config.scheduler.step()
-
-    def evaluate_task(self, task: Task) -> dict[str, Tensor]:
-        """``outer_loss`` and the task metrics of ``task`` after :meth:`adapt` (the trained network, online)."""
-        with torch.inference_mode(False), torch.enable_grad():
-            task = clone_task(task)
-            params, h = self.adapt(task)
-            with torch.no_grad():
-                outer_loss, task_metrics = self._bound(self.outer_loss), self._bound(self.task_metrics)
-                return {"outer_loss": outer_loss(params, h, task), **task_metrics(params, h, task)}
-
-    def _evaluate(self, batch: Any, stage: str) -> None:
-        for task in self.split_tasks(batch):
-            self.evaluation.update(stage, self.evaluate_task(task), self.device)
-
-    def _log_evaluation(self, stage: str) -> None:
-        summary = self.evaluation.summary(stage)
-        for key, (mean, ci95) in summary.metrics.items():
-            self.log(f"{stage}/{key}", mean, prog_bar=key == "acc")
-            self.log(f"{stage}/{key}_ci95", ci95)
-        if not summary.tasks:
-            return
-        self.log(f"{stage}/nonfinite_tasks", float(summary.nonfinite_tasks))
-        if summary.nonfinite_tasks:
-            message = (
-                f"{summary.nonfinite_tasks} of the {summary.tasks} {_STAGE_NAMES.get(stage, stage)} tasks have NaN or "
-                f"infinite numbers (their inner loop has probably diverged: lower the inner optimizer's learning rate "
-                f"or inner_steps); {stage}/outer_loss is logged as NaN and the count as {stage}/nonfinite_tasks"
-            )
-            if self.nonfinite == "raise":
-                raise FloatingPointError(f"{message}; nonfinite='raise' stops the run (nonfinite: skip goes on)")
-            self._warn_once(f"nonfinite_{stage}", message)
+        step_schedulers(self, "epoch", self.current_epoch)
 
     def _warn_once(self, key: str, message: str) -> None:
         """A console warning, once per run and kind (on the main process)."""
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message, category=RuntimeWarning)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_evaluation("val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_evaluation("test")
-
-
-def _as_float(value: Any) -> Tensor:
-    """A metric as a floating-point tensor (a count or a flag becomes the default float dtype)."""
-    value = torch.as_tensor(value)
-    return value if value.is_floating_point() else value.to(torch.get_default_dtype())

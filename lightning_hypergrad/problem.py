@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from lightning_hypergrad._checks import check_int
@@ -45,6 +46,8 @@ class BilevelProblem:
             mode recomputes segments, truncated reverse mode replays the last ``K``), so it must depend on ``t``
             alone, never on how often it was called. ``inner_loss`` stays the objective whose stationary point
             the implicit estimators assume (e.g. the loss on the whole training set).
+        hyperparameter_names: optional; a name per hyperparameter tensor (a module's parameter names), which the
+            error messages use instead of indices.
     """
 
     inner_loss: LossFn
@@ -56,6 +59,7 @@ class BilevelProblem:
     features: Callable[[], Sequence[Tensor]] | None = None
     init_state: OptimizerState | None = None
     inner_step_loss: Callable[[Sequence[Tensor], Sequence[Tensor], int], Tensor] | None = None
+    hyperparameter_names: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         self.inner_loss = _scalar_loss("inner_loss", self.inner_loss)
@@ -69,6 +73,13 @@ class BilevelProblem:
         self.hyperparameters = list(self.hyperparameters)
         if not self.hyperparameters:
             raise ValueError("hyperparameters is empty: give at least one hyperparameter tensor")
+        if self.hyperparameter_names is not None:
+            self.hyperparameter_names = [str(n) for n in self.hyperparameter_names]
+            if len(self.hyperparameter_names) != len(self.hyperparameters):
+                raise ValueError(
+                    f"hyperparameter_names has {len(self.hyperparameter_names)} names for "
+                    f"{len(self.hyperparameters)} hyperparameter tensors; give one name per tensor (or none)"
+                )
         if not callable(self.init_params):
             self.init_params = list(self.init_params)
             _check_init("init_params", self.init_params)
@@ -106,6 +117,13 @@ class BilevelProblem:
         _check_init("init_params(h)", w0)
         return w0
 
+    def describe(self, indices: Sequence[int]) -> str:
+        """Hyperparameter tensors as a message names them: by name where given (``'meta_net.0.weight'``), else by
+        index (``hyperparameters[0, 2]``)."""
+        if self.hyperparameter_names is None:
+            return f"hyperparameters{list(indices)}"
+        return ", ".join(repr(self.hyperparameter_names[i]) for i in indices)
+
 
 def _check_init(name: str, tensors: Sequence[Tensor]) -> None:
     if not tensors:
@@ -136,3 +154,88 @@ def _scalar_loss(name: str, loss: LossFn) -> LossFn:
 
     checked._checked_as = name  # type: ignore[attr-defined]
     return checked
+
+
+def leaves(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Detached copies that require grad, so that a gradient can be taken with respect to them."""
+    return [x.detach().requires_grad_() for x in tensors]
+
+
+def _explain_dtypes(error: RuntimeError, w: Sequence[Tensor], h: Sequence[Tensor]) -> None:
+    """Raise a ``TypeError`` naming the problem's dtypes where a loss failed on mixed floating-point dtypes."""
+    text = str(error)
+    if not any(key in text for key in ("dtype", "scalar type", "Double", "Float", "Half", "BFloat16")):
+        return
+    dtypes = lambda xs: ", ".join(sorted({str(x.dtype).replace("torch.", "") for x in xs}))  # noqa: E731
+    raise TypeError(
+        f"a loss failed on mixed dtypes ({text.splitlines()[0][:120]}): the inner parameters (init_params) are "
+        f"{dtypes(w)} and h (the hyperparameters or features) {dtypes(h)}; give init_params, the hyperparameters and "
+        "the data one dtype (e.g. .float() or .double())"
+    ) from error
+
+
+def _reachable_leaves(roots: Sequence[Tensor]) -> set[int]:
+    """The ids of the leaf tensors that the autograd graphs of ``roots`` reach."""
+    found: set[int] = set()
+    stack = []
+    for r in roots:
+        if not isinstance(r, Tensor) or not r.requires_grad:
+            continue
+        if r.grad_fn is None:
+            found.add(id(r))
+        else:
+            stack.append(r.grad_fn)
+    seen = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            found.add(id(variable))
+        stack.extend(fn for fn, _ in node.next_functions)
+    return found
+
+
+def _flatten_settings(values: object) -> list[Tensor]:
+    if isinstance(values, Tensor):
+        return [values]
+    if isinstance(values, (list, tuple)):
+        return [v for v in values if isinstance(v, Tensor)]
+    return []
+
+
+def check_dependence(problem: BilevelProblem, h: Sequence[Tensor], h_leaf: Sequence[Tensor]) -> None:
+    """Raise if a hyperparameter reaches no loss and no optimizer setting, or a loss captures one directly."""
+    with torch.enable_grad():
+        w0 = problem.initial(h_leaf)
+        w = leaves(w0)
+        try:
+            roots = [problem.inner_loss(w, h_leaf), problem.outer_loss(w, h_leaf)]
+            if problem.inner_step_loss is not None:
+                roots.append(problem.step_loss(1)(w, h_leaf))
+        except RuntimeError as error:
+            _explain_dtypes(error, w, h_leaf)
+            raise
+        if problem.learned_init:
+            roots += w0
+        for name in problem.optimizer.hyper_settings():
+            roots += _flatten_settings(getattr(problem.optimizer, name)(h_leaf))
+    reached = _reachable_leaves(roots)
+    captured = [i for i, a in enumerate(problem.hyperparameters) if id(a) in reached]
+    if captured:
+        raise ValueError(
+            f"the losses or the optimizer settings use {problem.describe(captured)} directly instead of the `h` "
+            "argument they receive; write them as functions of that argument (with `features`, of the tensors "
+            "`features()` returns), so that the estimators can differentiate them"
+        )
+    used_h = [x for x, leaf in zip(h, h_leaf) if id(leaf) in reached]
+    used = {id(x) for x in used_h} if problem.features is None else _reachable_leaves(used_h)
+    unused = [i for i, a in enumerate(problem.hyperparameters) if id(a) not in used]
+    if unused:
+        raise ValueError(
+            f"{problem.describe(unused)} affect neither the inner loss, the outer loss, the inner optimizer's "
+            "settings nor the initialization, so their hypergradient is undefined; remove them from "
+            "`hyperparameters` or make the losses depend on them"
+        )

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
-from lightning_hypergrad.estimators.base import Estimate
+from lightning_hypergrad.estimators.base import Estimate, weighted_step_vjp
 from lightning_hypergrad.estimators.greedy import Greedy
+from lightning_hypergrad.estimators.registry import Capabilities, register_estimator
 from lightning_hypergrad.inner_loop import InnerStep, StepMode, unroll
 from lightning_hypergrad.problem import BilevelProblem
 
 
+@register_estimator
 class AutoGreedy(Greedy):
     """Greedy (eq. 6) whose discount ``gamma`` is chosen from ``grid`` by how close it comes to the exact hypergradient.
 
@@ -39,8 +40,13 @@ class AutoGreedy(Greedy):
     """
 
     name = "auto_greedy"
-    supports_learned_init = False
-    learned_init_refusal = "the grid's sums are mapped without the initialization's term"
+    capabilities = Capabilities(
+        computes="Greedy whose gamma `HypergradCallback` fits to RMD every N steps (best cosine over `grid`)",
+        cost="as Greedy; G features backwards on reference steps",
+        memory="O(P+GH)",
+        example="auto_greedy(0.99)",
+        learned_init_refusal="the grid's sums are mapped without the initialization's term",
+    )
     spec_args = ("gamma",)
     spec_options = ("grid", "nonfinite")
 
@@ -99,14 +105,12 @@ class AutoGreedy(Greedy):
     ) -> tuple[list[list[Tensor | None]], Estimate]:
         """``sum_t gamma^(T-t) v_t`` for every ``gamma``, from one run of the inner loop (Horner's rule)."""
         steps = problem.steps
-        h_const = [x.detach() for x in h]
         sums: list[list[Tensor | None]] = [[None] * len(h) for _ in gammas]
         final: dict = {}
 
         def on_step(step: InnerStep) -> None:
             last = step.t == steps
-            loss = problem.outer_loss(step.params, h if last else h_const)
-            v = torch.autograd.grad(loss, h, allow_unused=True)
+            loss, v = weighted_step_vjp(problem, step.params, h, 1.0, last)
             for s, gamma in zip(sums, gammas):
                 for i, g in enumerate(v):
                     if s[i] is not None:
@@ -114,7 +118,7 @@ class AutoGreedy(Greedy):
                     elif g is not None:
                         s[i] = g
             if last:
-                final["loss"] = loss.detach()
+                final["loss"] = loss
 
         trajectory = unroll(problem, h, lambda t: StepMode.LOCAL, on_step)
         return sums, Estimate(sums[-1], trajectory, final["loss"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -12,9 +13,10 @@ import torch
 from torch import Tensor
 
 from lightning_hypergrad._checks import check_int
+from lightning_hypergrad.estimators.registry import Capabilities, capable_names
 from lightning_hypergrad.inner_loop import Trajectory, leaves
 from lightning_hypergrad.optim.base import DifferentiableOptimizer, OptimizerState
-from lightning_hypergrad.problem import BilevelProblem
+from lightning_hypergrad.problem import BilevelProblem, check_dependence
 
 
 @dataclass
@@ -105,93 +107,15 @@ def add_init_term(problem: BilevelProblem, h: Sequence[Tensor], estimate: Estima
         add_grads(estimate.grads, found)
 
 
-def _explain_dtypes(error: RuntimeError, w: Sequence[Tensor], h: Sequence[Tensor]) -> None:
-    """Raise a ``TypeError`` naming the problem's dtypes where a loss failed on mixed floating-point dtypes."""
-    text = str(error)
-    if not any(key in text for key in ("dtype", "scalar type", "Double", "Float", "Half", "BFloat16")):
-        return
-    dtypes = lambda xs: ", ".join(sorted({str(x.dtype).replace("torch.", "") for x in xs}))  # noqa: E731
-    raise TypeError(
-        f"a loss failed on mixed dtypes ({text.splitlines()[0][:120]}): the inner parameters (init_params) are "
-        f"{dtypes(w)} and h (the hyperparameters or features) {dtypes(h)}; give init_params, the hyperparameters and "
-        "the data one dtype (e.g. .float() or .double())"
-    ) from error
-
-
-def _reachable_leaves(roots: Sequence[Tensor]) -> set[int]:
-    """The ids of the leaf tensors that the autograd graphs of ``roots`` reach."""
-    found: set[int] = set()
-    stack = []
-    for r in roots:
-        if not isinstance(r, Tensor) or not r.requires_grad:
-            continue
-        if r.grad_fn is None:
-            found.add(id(r))
-        else:
-            stack.append(r.grad_fn)
-    seen = set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if variable is not None:
-            found.add(id(variable))
-        stack.extend(fn for fn, _ in node.next_functions)
-    return found
-
-
-def _flatten_settings(values: object) -> list[Tensor]:
-    if isinstance(values, Tensor):
-        return [values]
-    if isinstance(values, (list, tuple)):
-        return [v for v in values if isinstance(v, Tensor)]
-    return []
-
-
-def check_dependence(problem: BilevelProblem, h: Sequence[Tensor], h_leaf: Sequence[Tensor]) -> None:
-    """Raise if a hyperparameter reaches no loss and no optimizer setting, or a loss captures one directly."""
-    with torch.enable_grad():
-        w0 = problem.initial(h_leaf)
-        w = leaves(w0)
-        try:
-            roots = [problem.inner_loss(w, h_leaf), problem.outer_loss(w, h_leaf)]
-            if problem.inner_step_loss is not None:
-                roots.append(problem.step_loss(1)(w, h_leaf))
-        except RuntimeError as error:
-            _explain_dtypes(error, w, h_leaf)
-            raise
-        if problem.learned_init:
-            roots += w0
-        for name in problem.optimizer.hyper_settings():
-            roots += _flatten_settings(getattr(problem.optimizer, name)(h_leaf))
-    reached = _reachable_leaves(roots)
-    captured = [i for i, a in enumerate(problem.hyperparameters) if id(a) in reached]
-    if captured:
-        raise ValueError(
-            f"the losses or the optimizer settings use hyperparameters{captured} directly instead of the `h` "
-            "argument they receive; write them as functions of that argument (with `features`, of the tensors "
-            "`features()` returns), so that the estimators can differentiate them"
-        )
-    used_h = [x for x, leaf in zip(h, h_leaf) if id(leaf) in reached]
-    used = {id(x) for x in used_h} if problem.features is None else _reachable_leaves(used_h)
-    unused = [i for i, a in enumerate(problem.hyperparameters) if id(a) not in used]
-    if unused:
-        raise ValueError(
-            f"hyperparameters{unused} affect neither the inner loss, the outer loss, the inner optimizer's "
-            "settings nor the initialization, so their hypergradient is undefined; remove them from "
-            "`hyperparameters` or make the losses depend on them"
-        )
-
-
-class HypergradEstimator:
+class HypergradEstimator(ABC):
     """Computes (or estimates) the hypergradient ``d L_val(w_T(alpha), alpha) / d alpha`` of a bilevel problem.
 
-    Subclasses implement :meth:`_estimate`, which drives the shared inner loop
-    (:func:`lightning_hypergrad.inner_loop.unroll`) and returns gradients with respect to the tensors ``h`` the
-    losses receive. The base class maps them to the hyperparameters (through ``problem.features`` once), checks
-    them and, on request, accumulates them into ``.grad``.
+    Calling an estimator on a :class:`~lightning_hypergrad.BilevelProblem` is its one public operation. A subclass
+    declares its spec ``name`` and :class:`~lightning_hypergrad.estimators.registry.Capabilities`, is registered with
+    :func:`~lightning_hypergrad.estimators.registry.register_estimator`, and implements :meth:`_hypergrads` (most
+    derive from :class:`AdjointEstimator` and implement its ``_estimate`` instead). The base class checks the
+    problem against the capabilities, maps the result to the hyperparameters, checks it and, on request,
+    accumulates it into ``.grad``.
 
     Args:
         nonfinite: what to do with a hypergradient that has NaN or infinite entries: ``"warn"`` (a warning,
@@ -204,15 +128,21 @@ class HypergradEstimator:
     spec_args: ClassVar[tuple[str, ...]] = ()
     #: further constructor arguments, printed as ``key=value`` where they differ from their defaults
     spec_options: ClassVar[tuple[str, ...]] = ("nonfinite",)
-    #: whether the estimator can differentiate through the inner optimizer's own settings
-    supports_optimizer_settings: ClassVar[bool] = True
-    #: whether the hypergradient of a sum of independent problems is the sum of their hypergradients, so that
-    #: the tasks of a meta-batch can run as one stacked problem (``BilevelModule(batch_tasks=True)``)
-    batchable: ClassVar[bool] = True
-    #: whether the estimator defines a hypergradient for a learned initialization (``problem.learned_init``)
-    supports_learned_init: ClassVar[bool] = False
-    #: why not, where it does not (completes the refusal's message)
-    learned_init_refusal: ClassVar[str] = "it defines no term for the initialization"
+    #: what the estimator supports and costs (the registry, the refusals and the README's table read it)
+    capabilities: ClassVar[Capabilities]
+
+    @property
+    def batchable(self) -> bool:
+        """Whether the tasks of a meta-batch can run as one stacked problem (``capabilities.batchable``)."""
+        return self.capabilities.batchable
+
+    def products(self, inner_steps: int | None) -> int | None:
+        """Jacobian- (or Hessian-) vector products per problem, as the paper counts them.
+
+        ``None`` where the count is not a number of products (forward mode: one per hyperparameter entry) and,
+        when ``inner_steps`` is ``None``, where the count is the number of inner steps.
+        """
+        return None
 
     def __init__(self, nonfinite: Literal["warn", "raise"] = "warn") -> None:
         if nonfinite not in ("warn", "raise"):
@@ -240,11 +170,11 @@ class HypergradEstimator:
 
     def check_learned_init(self) -> None:
         """Raise ``ValueError`` if this estimator defines no hypergradient for a learned initialization."""
-        if not self.supports_learned_init:
+        if not self.capabilities.learned_init:
             raise ValueError(
                 f"{type(self).__name__} cannot differentiate a learned initialization (init_params that depend on the "
-                f"hyperparameters, as in MAML): {self.learned_init_refusal}. Use rmd, "
-                "rmd(checkpoint_every='sqrt'), truncated_rmd(K), fmd, fo (first-order MAML), t1t2 or greedy(gamma)"
+                f"hyperparameters, as in MAML): {self.capabilities.learned_init_refusal}. Use one of "
+                f"{capable_names('learned_init')} (fo is first-order MAML)"
             )
 
     def validate(self, problem: BilevelProblem) -> None:
@@ -257,11 +187,11 @@ class HypergradEstimator:
         """Raise ``ValueError`` if this estimator cannot differentiate through ``optimizer``'s settings that are
         functions of the hyperparameters (a learned learning rate)."""
         settings = optimizer.hyper_settings()
-        if settings and not self.supports_optimizer_settings:
+        if settings and not self.capabilities.optimizer_settings:
             raise ValueError(
                 f"{type(self).__name__} cannot differentiate through the inner optimizer's own settings "
                 f"({', '.join(settings)}): the implicit function theorem sees only the inner optimum, which does "
-                "not depend on them. Use Greedy, T1T2, RMD or FMD for optimizer hyperparameters."
+                f"not depend on them. Use one of {capable_names('optimizer_settings')} for optimizer hyperparameters."
             )
 
     def __call__(
@@ -301,17 +231,12 @@ class HypergradEstimator:
             state=estimate.trajectory.state.detached(),
         )
 
+    @abstractmethod
     def _hypergrads(
         self, problem: BilevelProblem, h: Sequence[Tensor], h_leaf: list[Tensor]
     ) -> tuple[list[Tensor], Estimate]:
-        """The hypergradients of ``problem.hyperparameters`` and the raw :class:`Estimate`.
-
-        By default: :meth:`_estimate` on the leaves ``h_leaf``, the term of a learned initialization added, the
-        gradients mapped to the hyperparameters (through ``problem.features`` if set).
-        """
-        estimate = self._estimate(problem, h_leaf)
-        add_init_term(problem, h_leaf, estimate)
-        return self._to_hyperparameters(problem, h, estimate.grads), estimate
+        """The hypergradients of ``problem.hyperparameters`` and the raw :class:`Estimate` (``h`` are the tensors
+        the losses receive, ``h_leaf`` detached leaf copies of them)."""
 
     @staticmethod
     def _to_hyperparameters(
@@ -332,14 +257,6 @@ class HypergradEstimator:
             )
         return [torch.zeros_like(a) if g is None else g for a, g in zip(problem.hyperparameters, mapped)]
 
-    def _estimate(self, problem: BilevelProblem, h: list[Tensor]) -> Estimate:
-        """Gradients with respect to ``h`` (leaves), from one run of the inner loop.
-
-        Subclasses implement this, or override :meth:`_hypergrads` where they map to the hyperparameters
-        themselves (forward mode).
-        """
-        raise NotImplementedError
-
     def _check_finite(self, hypergrads: Sequence[Tensor]) -> bool:
         if bool(torch.stack([torch.isfinite(g).all() for g in hypergrads]).all()):  # one host sync
             return True
@@ -355,9 +272,65 @@ class HypergradEstimator:
         return False
 
 
+class AdjointEstimator(HypergradEstimator):
+    """An estimator that computes gradients with respect to the leaves ``h`` the losses receive
+    (:meth:`_estimate`); the base maps them to the hyperparameters, adding a learned initialization's term."""
+
+    def _hypergrads(
+        self, problem: BilevelProblem, h: Sequence[Tensor], h_leaf: list[Tensor]
+    ) -> tuple[list[Tensor], Estimate]:
+        """The hypergradients of ``problem.hyperparameters`` and the raw :class:`Estimate`.
+
+        :meth:`_estimate` on the leaves ``h_leaf``, the term of a learned initialization added, the
+        gradients mapped to the hyperparameters (through ``problem.features`` if set).
+        """
+        estimate = self._estimate(problem, h_leaf)
+        add_init_term(problem, h_leaf, estimate)
+        return self._to_hyperparameters(problem, h, estimate.grads), estimate
+
+    @abstractmethod
+    def _estimate(self, problem: BilevelProblem, h: list[Tensor]) -> Estimate:
+        """Gradients with respect to ``h`` (leaves), from one run of the inner loop."""
+
+
 def _spec_value(value: object) -> str:
     return repr(float(value)) if isinstance(value, float) else repr(value)
 
 
 def check_positive_int(owner: str, name: str, value: object) -> int:
     return check_int(name, value, owner=owner)
+
+
+def check_gamma(owner: str, gamma: object) -> float:
+    """``gamma`` as a float, checked to be a discount in (0, 1] (the message names ``owner``)."""
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
+        raise ValueError(
+            f"{owner} gamma must be in (0, 1], got {gamma!r}: gamma = 1 weights every inner step equally and "
+            "gamma -> 0 keeps the last step only (the T1T2 estimator)"
+        )
+    return float(gamma)
+
+
+def weighted_step_vjp(
+    problem: BilevelProblem,
+    params: Sequence[Tensor],
+    h: Sequence[Tensor],
+    weight: float,
+    last: bool,
+    wrt_params: bool = False,
+) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+    """One step's weighted greedy term ``c_t g_t B_t``: one backward of ``c_t L_val(w_t, h)``.
+
+    ``params`` is ``w_t = Phi(w_{t-1}, s_{t-1}, h)`` computed with the step's graph to ``h`` (``w_{t-1}`` held
+    constant), so the chain rule gives ``g_t B_t`` in one pass. At the last step (``last``), ``L_val`` also sees
+    ``h`` directly (the direct term ``grad_alpha L_val(w_T)``); before it, a detached copy, so that the direct term
+    is counted once. ``wrt_params`` also returns ``c_t g_t`` (the gradients with respect to ``params``, after those
+    with respect to ``h``).
+
+    Returns:
+        ``L_val(w_t)`` (detached) and the gradients with respect to ``h`` (then ``params``), ``None`` where unused.
+    """
+    loss = problem.outer_loss(params, h if last else [x.detach() for x in h])
+    wrt = [*h, *params] if wrt_params else list(h)
+    found = torch.autograd.grad(loss if weight == 1 else weight * loss, wrt, allow_unused=True)
+    return loss.detach(), found

@@ -8,8 +8,10 @@ import warnings
 import torch
 
 from lightning_hypergrad.estimators.implicit import ImplicitEstimator, Vector, dot
+from lightning_hypergrad.estimators.registry import Capabilities, register_estimator
 
 
+@register_estimator
 class ConjugateGradient(ImplicitEstimator):
     """IFT hypergradient with ``(H + damping I)^-1 g_T`` from at most ``K`` conjugate-gradient steps started at zero.
 
@@ -35,7 +37,15 @@ class ConjugateGradient(ImplicitEstimator):
     """
 
     name = "cg"
-    batchable = False  # its step sizes are inner products over the whole problem: the tasks run one by one
+    capabilities = Capabilities(
+        computes="IFT, `(H + damping I)^-1 g_T` by K CG steps",
+        cost="K HVPs + 1",
+        memory="O(P+H)",
+        example="cg(10)",
+        learned_init_refusal=ImplicitEstimator.LEARNED_INIT_REFUSAL,
+        optimizer_settings=False,
+        batchable=False,  # its step sizes are inner products over the whole problem: the tasks run one by one
+    )
     spec_args = ("iterations",)
     spec_options = ("tol", "damping", "nonfinite")
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from lightning_hypergrad.estimators.base import Estimate, HypergradEstimator, outer_grads
+from lightning_hypergrad.estimators.base import AdjointEstimator, Estimate, outer_grads
+from lightning_hypergrad.estimators.registry import Capabilities, register_estimator
 from lightning_hypergrad.inner_loop import StepMode, unroll
 from lightning_hypergrad.problem import BilevelProblem
 
 
-class FO(HypergradEstimator):
+@register_estimator
+class FO(AdjointEstimator):
     """First-order hypergradient ``grad_alpha L_val(w_T, alpha)``: ``w_T`` is treated as a constant.
 
     Costs the inner loop and one outer gradient. Identically zero for hyperparameters that the outer loss
@@ -18,7 +20,16 @@ class FO(HypergradEstimator):
     """
 
     name = "fo"
-    supports_learned_init = True
+    capabilities = Capabilities(
+        computes="`grad_alpha L_val(w_T)`; with a learned initialization, first-order MAML",
+        cost="none",
+        memory="O(P+H)",
+        example="fo",
+        learned_init=True,
+    )
+
+    def products(self, inner_steps: int | None) -> int | None:
+        return 0
 
     def _estimate(self, problem: BilevelProblem, h):
         trajectory = unroll(problem, h, lambda t: StepMode.CONSTANT)

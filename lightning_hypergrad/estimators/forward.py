@@ -7,38 +7,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lightning_hypergrad.estimators._linalg import dot, jvp
 from lightning_hypergrad.estimators.base import Estimate, HypergradEstimator, check_positive_int, outer_grads
-from lightning_hypergrad.estimators.implicit import dot
+from lightning_hypergrad.estimators.registry import Capabilities, register_estimator
 from lightning_hypergrad.inner_loop import InnerStep, StepMode, unroll
 from lightning_hypergrad.problem import BilevelProblem
 
 
-def jvp(
-    outputs: Sequence[Tensor], inputs: Sequence[Tensor], tangents: Sequence[Sequence[Tensor]]
-) -> list[list[Tensor]]:
-    """Jacobian-vector products of ``outputs`` (with their graph) for each list of input ``tangents``.
-
-    Uses the double-backward identity ``J v = d/du <J^T u, v>``: one reverse pass with a graph, then one more
-    reverse pass per tangent.
-    """
-    keep = [i for i, o in enumerate(outputs) if o.requires_grad]
-    u = [torch.zeros_like(outputs[i]).requires_grad_() for i in keep]
-    vjp = torch.autograd.grad([outputs[i] for i in keep], inputs, u, create_graph=True, allow_unused=True)
-    used = [k for k, g in enumerate(vjp) if g is not None and g.requires_grad]
-    results = []
-    for tangent in tangents:
-        out = [torch.zeros_like(o) for o in outputs]
-        if used:
-            parts = torch.autograd.grad(
-                [vjp[k] for k in used], u, [tangent[k] for k in used], retain_graph=True, allow_unused=True
-            )
-            for i, part in zip(keep, parts):
-                if part is not None:
-                    out[i] = part
-        results.append(out)
-    return results
-
-
+@register_estimator
 class FMD(HypergradEstimator):
     """The exact hypergradient (eq. 3-5) by forward mode: ``Z_t = A_t Z_{t-1} + B_t``, ``Z_t = dw_t / d alpha``.
 
@@ -56,7 +32,14 @@ class FMD(HypergradEstimator):
     """
 
     name = "fmd"
-    supports_learned_init = True
+    capabilities = Capabilities(
+        computes="exact, forward mode, one tangent per hyperparameter entry",
+        cost="H JVPs per step",
+        memory="O((P+S)H)",
+        example="fmd",
+        learned_init=True,
+        exact=True,
+    )
     spec_options = ("max_entries", "nonfinite")
 
     def __init__(self, max_entries: int = 64, nonfinite: str = "warn") -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_hypergrad.estimators.base import Estimate, HypergradEstimator, add_grads
+from lightning_hypergrad.estimators.base import AdjointEstimator, Estimate, add_grads, check_gamma, weighted_step_vjp
+from lightning_hypergrad.estimators.registry import Capabilities, register_estimator
 from lightning_hypergrad.inner_loop import InnerStep, StepMode, leaves, unroll
 from lightning_hypergrad.optim.base import OptimizerState
 from lightning_hypergrad.optim.sgd import SGD
@@ -52,7 +53,7 @@ def _fused_terms(problem: BilevelProblem, h, entries, state_before: OptimizerSta
     return list(torch.autograd.grad(weighted, h, allow_unused=True))
 
 
-class _WeightedGreedy(HypergradEstimator):
+class _WeightedGreedy(AdjointEstimator):
     """``grad_alpha L_val(w_T) + sum_t c_t g_t B_t`` for step weights ``c_t`` given by :meth:`weight`.
 
     ``g_t = grad_w L_val(w_t, alpha)`` and ``B_t = dPhi(w_{t-1}, s_{t-1}, alpha) / d alpha`` with ``w_{t-1}`` and
@@ -66,7 +67,6 @@ class _WeightedGreedy(HypergradEstimator):
     at ``w_0`` itself. With ``alpha`` entering through ``w_0`` alone, every member of the family is first-order MAML.
     """
 
-    supports_learned_init = True
     #: whether the per-step terms may be computed in one batched call after the loop (see :class:`Greedy`)
     fused: bool | str = False
 
@@ -93,7 +93,7 @@ class _WeightedGreedy(HypergradEstimator):
         if init is None:
             return False
         params = sum(w.numel() for w in init)
-        momentum = params if problem.optimizer._uses_momentum() else 0
+        momentum = params if problem.optimizer.uses_momentum() else 0
         return steps * (2 * params + momentum) <= FUSE_MAX_ENTRIES
 
     def _estimate(self, problem: BilevelProblem, h):
@@ -157,7 +157,6 @@ class _WeightedGreedy(HypergradEstimator):
     def _streamed_estimate(self, problem: BilevelProblem, h) -> Estimate:
         steps = problem.steps
         total: list = [None] * len(h)
-        h_const = [x.detach() for x in h]
         final: dict = {}
 
         def on_step(step: InnerStep) -> None:
@@ -166,14 +165,12 @@ class _WeightedGreedy(HypergradEstimator):
             # One backward of L_val(Phi(w_{t-1}, s_{t-1}, h)) gives g_t B_t by the chain rule (and, at t = T, the
             # direct term too): the outer gradient and the vector-Jacobian product in a single pass.
             last = step.t == steps
-            loss = problem.outer_loss(step.params, h if last else h_const)
-            c = self.weight(step.t, steps)
-            wrt = [*h, *step.params] if last and problem.learned_init else h
-            found = torch.autograd.grad(loss if c == 1 else c * loss, wrt, allow_unused=True)
+            with_init = last and problem.learned_init
+            loss, found = weighted_step_vjp(problem, step.params, h, self.weight(step.t, steps), last, with_init)
             add_grads(total, found[: len(h)])
             if last:
-                final["loss"] = loss.detach()
-                if problem.learned_init:  # g_T, for the initialization's term (c = 1 at t = T)
+                final["loss"] = loss
+                if with_init:  # g_T, for the initialization's term (c = 1 at t = T)
                     final["g_T"] = [
                         torch.zeros_like(w) if g is None else g for w, g in zip(step.params, found[len(h) :])
                     ]
@@ -185,6 +182,7 @@ class _WeightedGreedy(HypergradEstimator):
         return Estimate(total, trajectory, final["loss"], init_adjoint=final.get("g_T"))
 
 
+@register_estimator
 class Greedy(_WeightedGreedy):
     """The generalized greedy hypergradient of the paper, eq. 6::
 
@@ -225,23 +223,30 @@ class Greedy(_WeightedGreedy):
     name = "greedy"
     spec_args = ("gamma",)
     spec_options = ("fused", "nonfinite")
+    capabilities = Capabilities(
+        computes="FO + `sum_t gamma^(T-t) g_t B_t` (eq. 6)",
+        cost="T VJPs + T outer gradients; fused into one batched call after the loop where the inner parameters "
+        "are small ([docs/scale.md](docs/scale.md#speed-on-one-device))",
+        memory="O(P+H) streamed; fused: O(T(2P+S)), at most 2^22 numbers",
+        example="greedy(0.99)",
+        learned_init=True,
+    )
 
     def __init__(self, gamma: float = 0.99, nonfinite: str = "warn", fused: bool | str = "auto") -> None:
         super().__init__(nonfinite)
         if fused not in (True, False, "auto"):
             raise ValueError(f"Greedy fused must be True, False or 'auto', got {fused!r}")
         self.fused = fused
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
-            raise ValueError(
-                f"Greedy gamma must be in (0, 1], got {gamma!r}: gamma = 1 weights every inner step equally and "
-                "gamma -> 0 recovers T1-T2 (use the T1T2 estimator for that)"
-            )
-        self.gamma = float(gamma)
+        self.gamma = check_gamma(type(self).__name__, gamma)
+
+    def products(self, inner_steps: int | None) -> int | None:
+        return inner_steps
 
     def weight(self, t: int, steps: int) -> float:
         return self.gamma ** (steps - t)
 
 
+@register_estimator
 class T1T2(_WeightedGreedy):
     """T1-T2 (Luketina et al., 2016): the greedy term of the last step only::
 
@@ -251,6 +256,16 @@ class T1T2(_WeightedGreedy):
     """
 
     name = "t1t2"
+    capabilities = Capabilities(
+        computes="FO + `g_T B_T`",
+        cost="1 VJP",
+        memory="O(P+H)",
+        example="t1t2",
+        learned_init=True,
+    )
+
+    def products(self, inner_steps: int | None) -> int | None:
+        return 1
 
     def weight(self, t: int, steps: int) -> float:
         return 1.0 if t == steps else 0.0

@@ -11,19 +11,11 @@ import torch
 from torch import Tensor
 
 from lightning_hypergrad._checks import check_int
-from lightning_hypergrad.estimators.base import Estimate, HypergradEstimator, add_grads
+from lightning_hypergrad.estimators.base import AdjointEstimator, Estimate, add_grads, check_gamma, weighted_step_vjp
+from lightning_hypergrad.estimators.registry import Capabilities, register_estimator
 from lightning_hypergrad.inner_loop import InnerStep, StepMode, unroll
 from lightning_hypergrad.optim.sgd import SGD
 from lightning_hypergrad.problem import BilevelProblem
-
-
-def _check_gamma(owner: str, gamma: object) -> float:
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
-        raise ValueError(
-            f"{owner} gamma must be in (0, 1], got {gamma!r}: gamma = 1 weights every inner step equally and "
-            "gamma -> 0 keeps the last step only"
-        )
-    return float(gamma)
 
 
 def _geometric_sum(mu: float | Tensor, n: int) -> float | Tensor:
@@ -33,7 +25,8 @@ def _geometric_sum(mu: float | Tensor, n: int) -> float | Tensor:
     return float(n) if mu == 1 else (1 - mu**n) / (1 - mu)
 
 
-class MomentumGreedy(HypergradEstimator):
+@register_estimator
+class MomentumGreedy(AdjointEstimator):
     """Greedy with step weights that follow the momentum buffer of SGD to ``w_T``::
 
         grad_alpha L_val(w_T) + sum_{t=1}^T gamma^(T-t) (g_t du_t/dalpha + kappa_(T-t) g_t dv_t/dalpha)
@@ -93,14 +86,22 @@ class MomentumGreedy(HypergradEstimator):
         ValueError: ``gamma`` outside (0, 1]; at call time, an inner optimizer other than :class:`SGD`.
     """
 
-    learned_init_refusal = "its momentum-following terms are derived for a constant initialization"
-
     name = "momentum_greedy"
     spec_args = ("gamma",)
+    capabilities = Capabilities(
+        computes="Greedy whose terms also follow SGD's momentum buffer (step Jacobians taken as I)",
+        cost="as Greedy",
+        memory="O(P+H)",
+        example="momentum_greedy(0.9)",
+        learned_init_refusal="its momentum-following terms are derived for a constant initialization",
+    )
+
+    def products(self, inner_steps: int | None) -> int | None:
+        return inner_steps
 
     def __init__(self, gamma: float = 0.99, nonfinite: str = "warn") -> None:
         super().__init__(nonfinite)
-        self.gamma = _check_gamma("MomentumGreedy", gamma)
+        self.gamma = check_gamma("MomentumGreedy", gamma)
 
     def validate(self, problem: BilevelProblem) -> None:
         super().validate(problem)
@@ -115,8 +116,8 @@ class MomentumGreedy(HypergradEstimator):
 
     def _kappas(self, optimizer: SGD, h: list[Tensor], n_params: int, n: int) -> list[float | Tensor]:
         """``kappa_n`` for each inner parameter tensor (constants: the settings are evaluated on detached h)."""
-        lrs = optimizer._value("lr", h, n_params)
-        mus = optimizer._value("momentum", h, n_params)
+        lrs = optimizer.setting_values("lr", h, n_params)
+        mus = optimizer.setting_values("momentum", h, n_params)
         power = 2 if optimizer.nesterov else 1
         out: list[float | Tensor] = []
         for lr, mu in zip(lrs, mus):
@@ -128,7 +129,7 @@ class MomentumGreedy(HypergradEstimator):
     def _estimate(self, problem: BilevelProblem, h):
         steps = problem.steps
         optimizer = problem.optimizer
-        uses_momentum = isinstance(optimizer, SGD) and optimizer._uses_momentum()
+        uses_momentum = isinstance(optimizer, SGD) and optimizer.uses_momentum()
         total: list = [None] * len(h)
         h_const = [x.detach() for x in h]
         final: dict = {}
@@ -142,10 +143,10 @@ class MomentumGreedy(HypergradEstimator):
                 # Greedy's own term (kappa_0 = 0): one backward of L_val(Phi(w_{t-1}, s_{t-1}, h)), with the
                 # direct term at t = T.
                 last = n == 0
-                loss = problem.outer_loss(step.params, h if last else h_const)
-                add_grads(total, torch.autograd.grad(loss if c == 1 else c * loss, h, allow_unused=True))
+                loss, found = weighted_step_vjp(problem, step.params, h, c, last)
+                add_grads(total, found)
                 if last:
-                    final["loss"] = loss.detach()
+                    final["loss"] = loss
                 return
             loss = problem.outer_loss(step.params, h_const)
             g = torch.autograd.grad(loss, step.params, retain_graph=True, materialize_grads=True)
@@ -166,7 +167,8 @@ class MomentumGreedy(HypergradEstimator):
         return Estimate(total, trajectory, final["loss"])
 
 
-class GreedyTail(HypergradEstimator):
+@register_estimator
+class GreedyTail(AdjointEstimator):
     """Reverse mode through the last ``K`` inner steps and Greedy's terms for the earlier ones::
 
         grad_alpha L_val(w_T) + sum_{t=1}^{T-K} gamma^(T-t) g_t B_t + sum_{t=T-K+1}^T g_T (prod_{k>t} A_k) B_t
@@ -191,14 +193,22 @@ class GreedyTail(HypergradEstimator):
         ValueError: ``gamma`` outside (0, 1], ``tail`` not an integer >= 0, or (at call time) larger than T.
     """
 
-    learned_init_refusal = "its greedy head and exact tail are derived for a constant initialization"
-
     name = "greedy_tail"
     spec_args = ("gamma", "tail")
+    capabilities = Capabilities(
+        computes="exact through the last K steps, Greedy's terms before",
+        cost="T-K VJPs + a backward through K steps",
+        memory="O(PK)",
+        example="greedy_tail(0.9, 5)",
+        learned_init_refusal="its greedy head and exact tail are derived for a constant initialization",
+    )
+
+    def products(self, inner_steps: int | None) -> int | None:
+        return inner_steps
 
     def __init__(self, gamma: float = 0.99, tail: int = 5, nonfinite: str = "warn") -> None:
         super().__init__(nonfinite)
-        self.gamma = _check_gamma("GreedyTail", gamma)
+        self.gamma = check_gamma("GreedyTail", gamma)
         self.tail = check_int("tail (K)", tail, minimum=0, owner="GreedyTail")
 
     def validate(self, problem: BilevelProblem) -> None:
@@ -213,18 +223,16 @@ class GreedyTail(HypergradEstimator):
         steps = problem.steps
         first_exact = steps - self.tail + 1
         total: list = [None] * len(h)
-        h_const = [x.detach() for x in h]
         final: dict = {}
 
         def on_step(step: InnerStep) -> None:
             if step.mode is not StepMode.LOCAL:
                 return
             last = step.t == steps  # only with K = 0
-            loss = problem.outer_loss(step.params, h if last else h_const)
-            c = self.gamma ** (steps - step.t)
-            add_grads(total, torch.autograd.grad(loss if c == 1 else c * loss, h, allow_unused=True))
+            loss, found = weighted_step_vjp(problem, step.params, h, self.gamma ** (steps - step.t), last)
+            add_grads(total, found)
             if last:
-                final["loss"] = loss.detach()
+                final["loss"] = loss
 
         def mode(t: int) -> StepMode:
             if t >= first_exact:

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from lightning_hypergrad.estimators.base import Estimate, HypergradEstimator, check_positive_int, outer_grads
+from lightning_hypergrad.estimators._linalg import (  # noqa: F401 (Vector, dot, power_iteration: imported from here)
+    Vector,
+    dot,
+    negative_curvature_tolerance,
+    power_iteration,
+)
+from lightning_hypergrad.estimators.base import AdjointEstimator, Estimate, check_positive_int, outer_grads
 from lightning_hypergrad.inner_loop import StepMode, leaves, unroll
 from lightning_hypergrad.optim.sgd import SGD
 from lightning_hypergrad.problem import BilevelProblem
@@ -25,37 +31,6 @@ def sgd_rate(problem: BilevelProblem) -> float | None:
     if isinstance(opt, SGD) and not callable(opt.lr):
         return float(opt.lr)
     return None
-
-
-Vector = list[Tensor]
-
-
-def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    return sum((x * y).sum() for x, y in zip(a, b))
-
-
-def power_iteration(hvp: Callable[[Vector], Vector], start: Sequence[Tensor], iterations: int) -> tuple[Tensor, Tensor]:
-    """Estimate the largest eigenvalue magnitude of the symmetric operator ``hvp`` with ``iterations`` products.
-
-    Starts from ``start`` (normalized) and multiplies ``iterations`` times, normalizing after each product.
-
-    Returns:
-        ``(radius, rayleigh)``: ``radius = |H v|`` for the last unit iterate ``v``, a lower bound of the spectral
-        radius of ``H`` that converges to it (the relative error falls like ``(|lambda_2| / |lambda_1|)^(2k)``);
-        ``rayleigh = v . H v``, the signed estimate of that eigenvalue (negative: the eigenvalue of largest
-        magnitude is negative). Both are 0-dim tensors; ``radius`` is 0 where ``start`` is 0 or lies in the
-        null space of ``H``.
-    """
-    tiny = torch.finfo(start[0].dtype).tiny
-    norm = dot(start, start).sqrt().clamp_min(tiny)
-    v = [x / norm for x in start]
-    radius = rayleigh = torch.zeros((), dtype=start[0].dtype, device=start[0].device)
-    for _ in range(iterations):
-        hv = hvp(v)
-        radius = dot(hv, hv).sqrt()
-        rayleigh = dot(v, hv)
-        v = [x / radius.clamp_min(tiny) for x in hv]
-    return radius, rayleigh
 
 
 @dataclass
@@ -112,17 +87,7 @@ class _Monitor:
         return gain, curvature
 
 
-def negative_curvature_tolerance(dtype: torch.dtype) -> float:
-    """The relative curvature (to ``lambda_max``) below which a negative Rayleigh quotient is taken as real.
-
-    ``sqrt(eps)``: rounding in Hessian-vector products stays well below it, and a negative eigenvalue smaller
-    than ``sqrt(eps) lambda_max`` grows a Neumann series by at most ``(1 + sqrt(eps))^K``, harmless for any
-    practical K.
-    """
-    return math.sqrt(torch.finfo(dtype).eps)
-
-
-class ImplicitEstimator(HypergradEstimator):
+class ImplicitEstimator(AdjointEstimator):
     """``grad_alpha L_val - (d^2 L_train / d alpha d w) (H + damping I)^-1 g_T`` at the end of the inner loop.
 
     ``H`` is the Hessian of the inner objective in ``w`` at ``w_T`` (the inner loss plus the optimizer's L2
@@ -147,12 +112,11 @@ class ImplicitEstimator(HypergradEstimator):
     The optimizer's own settings cannot be hyperparameters here: the stationary point does not depend on them.
     """
 
-    learned_init_refusal = (
+    #: completes the refusal of a learned initialization (each implicit estimator's capabilities quote it)
+    LEARNED_INIT_REFUSAL = (
         "the implicit function theorem takes w_T as an inner optimum, which does not depend on where the inner loop "
         "started, so the initialization's hypergradient is zero by construction"
     )
-
-    supports_optimizer_settings = False
 
     def __init__(self, iterations: int = 10, damping: float | str = 0.0, nonfinite: str = "warn") -> None:
         super().__init__(nonfinite)
@@ -189,6 +153,9 @@ class ImplicitEstimator(HypergradEstimator):
     def jvps(self) -> int:
         """Second-order products per problem (the paper's JVP count): the solve's HVPs (at most) plus the mixed one."""
         return self.iterations + 1
+
+    def products(self, inner_steps: int | None) -> int | None:
+        return self.jvps
 
     def validate(self, problem: BilevelProblem) -> None:
         super().validate(problem)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import Literal
@@ -18,10 +19,12 @@ from lightning_hypergrad.estimators.implicit import (
     power_iteration,
     sgd_rate,
 )
+from lightning_hypergrad.estimators.registry import Capabilities, register_estimator
 
 SCALE_CHOICES = ("auto", "lr")
 
 
+@register_estimator
 class Neumann(ImplicitEstimator):
     """IFT hypergradient with ``H^-1 ~ scale * sum_{k=0}^{K} (I - scale H)^k``.
 
@@ -73,6 +76,17 @@ class Neumann(ImplicitEstimator):
 
     name = "neumann"
     spec_args = ("iterations",)
+    capabilities = Capabilities(
+        computes="IFT, `(H + damping I)^-1` by K Neumann terms, scale 1/lambda_max from 10 power iterations "
+        "(`scale='lr'` or a number: fixed); `damping='1/lr'` (1 / the inner SGD's lr) trains on 10-shot Omniglot, "
+        "where 0 stalls",
+        cost="10 + K HVPs + 1 (fixed scale: K + 1)",
+        memory="O(P+H)",
+        example="neumann(10)",
+        learned_init_refusal=ImplicitEstimator.LEARNED_INIT_REFUSAL,
+        optimizer_settings=False,
+        batchable=False,  # with scale="auto" (one scale from the whole problem's Hessian); a fixed scale batches
+    )
     spec_options = ("scale", "power_iterations", "damping", "nonfinite")
 
     def __init__(
@@ -98,11 +112,9 @@ class Neumann(ImplicitEstimator):
             scale = float(scale)
         self.scale: float | str = scale
         self.power_iterations = check_positive_int("Neumann", "power_iterations", power_iterations)
+        # a fixed scale is linear in the problem, so the tasks of a meta-batch can run stacked
+        self.capabilities = dataclasses.replace(Neumann.capabilities, batchable=self.scale != "auto")
 
-    @property
-    def batchable(self) -> bool:  # type: ignore[override]
-        """A fixed scale is linear in the problem; ``"auto"`` takes one scale from the whole problem's Hessian."""
-        return self.scale != "auto"
 
     @property
     def jvps(self) -> int:

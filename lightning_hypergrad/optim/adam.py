@@ -76,8 +76,8 @@ class Adam(DifferentiableOptimizer):
         h: Sequence[Tensor],
     ) -> tuple[list[Tensor], OptimizerState]:
         n = len(params)
-        lrs = self._value("lr", h, n)
-        wds = self._value("weight_decay", h, n)
+        lrs = self.setting_values("lr", h, n)
+        wds = self.setting_values("weight_decay", h, n)
         beta1, beta2 = self.betas
         step = state.step + 1
         bias_correction1 = 1 - beta1**step

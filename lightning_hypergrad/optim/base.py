@@ -106,8 +106,9 @@ class DifferentiableOptimizer(ABC):
         """
         return 0.0
 
-    def _value(self, name: str, h: Sequence[Tensor], n_params: int) -> list[float | Tensor]:
-        """The setting ``name`` for each of ``n_params`` parameters."""
+    def setting_values(self, name: str, h: Sequence[Tensor], n_params: int) -> list[float | Tensor]:
+        """The setting ``name`` for each of ``n_params`` inner parameter tensors (evaluated on ``h`` where it is a
+        function of the hyperparameters); a subclass overrides it for settings of its own (a schedule)."""
         value = getattr(self, name)
         if callable(value):
             value = value(h)

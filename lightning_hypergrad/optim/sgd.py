@@ -63,11 +63,12 @@ class SGD(DifferentiableOptimizer):
         self.weight_decay = weight_decay
         self.nesterov = nesterov
 
-    def _uses_momentum(self) -> bool:
+    def uses_momentum(self) -> bool:
+        """Whether the step keeps a momentum buffer (momentum is a function of the hyperparameters, or not 0)."""
         return callable(self.momentum) or self.momentum != 0
 
     def init(self, params: Sequence[Tensor]) -> OptimizerState:
-        buffers = {"momentum_buffer": [torch.zeros_like(p) for p in params]} if self._uses_momentum() else {}
+        buffers = {"momentum_buffer": [torch.zeros_like(p) for p in params]} if self.uses_momentum() else {}
         return OptimizerState(0, buffers)
 
     def update(
@@ -78,15 +79,15 @@ class SGD(DifferentiableOptimizer):
         h: Sequence[Tensor],
     ) -> tuple[list[Tensor], OptimizerState]:
         n = len(params)
-        lrs = self._value("lr", h, n)
-        wds = self._value("weight_decay", h, n)
-        mus = self._value("momentum", h, n) if self._uses_momentum() else [0.0] * n
+        lrs = self.setting_values("lr", h, n)
+        wds = self.setting_values("weight_decay", h, n)
+        mus = self.setting_values("momentum", h, n) if self.uses_momentum() else [0.0] * n
         new_params, new_bufs = [], []
         for i, (p, g) in enumerate(zip(params, grads)):
             d = g
             if callable(self.weight_decay) or wds[i] != 0:
                 d = axpy(d, p, wds[i])
-            if self._uses_momentum():
+            if self.uses_momentum():
                 if state.step == 0:
                     buf = d
                 else:
@@ -95,7 +96,7 @@ class SGD(DifferentiableOptimizer):
                 d = axpy(d, buf, mus[i]) if self.nesterov else buf
             lr = lrs[i]
             new_params.append(axpy(p, d, -lr))
-        buffers = {"momentum_buffer": new_bufs} if self._uses_momentum() else {}
+        buffers = {"momentum_buffer": new_bufs} if self.uses_momentum() else {}
         return new_params, OptimizerState(state.step + 1, buffers)
 
     def stationary_l2(self) -> float:

@@ -168,11 +168,11 @@ class LayerScheduledSGD(SGD):
         self._step = state.step
         return super().update(params, grads, state, h)
 
-    def _value(self, name, h, n_params):
+    def setting_values(self, name, h, n_params):
         if name == "lr":
             rates = (h[0] @ self.weights[self._step].to(h[0])).exp()
             return self._per_param(rates)
-        return super()._value(name, h, n_params)
+        return super().setting_values(name, h, n_params)
 
 
 def start_hyperparameters(settings: CNNSettings, lr: float, wd: float) -> tuple[Tensor, Tensor]:

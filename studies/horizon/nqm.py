@@ -267,10 +267,10 @@ class ScheduledSGD(SGD):
         self._step = state.step
         return super().update(params, grads, state, h)
 
-    def _value(self, name, h, n_params):
+    def setting_values(self, name, h, n_params):
         if name == "lr":
             return [self.nqm.log_rate(h[0], self._step).exp()] * n_params
-        return super()._value(name, h, n_params)
+        return super().setting_values(name, h, n_params)
 
 
 def sampled_problem(nqm: NQM, log_knots: Tensor, noise: Tensor) -> BilevelProblem:

@@ -1,0 +1,94 @@
+"""The checkpoint hooks of a :class:`~lightning_hypergrad.BilevelModule`, as a mixin (as Lightning builds
+``LightningModule`` from hook mixins): what a checkpoint holds besides the weights, and a clear error where it
+holds another model's weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from lightning_hypergrad.optim import OptimizerState
+
+CHECKPOINT_KEY = "lightning_hypergrad"
+"""The key of a checkpoint under which the module keeps its own state."""
+
+
+class CheckpointHooks:
+    """``on_save_checkpoint`` and ``on_load_checkpoint`` of a :class:`~lightning_hypergrad.BilevelModule`.
+
+    Saved under ``checkpoint["lightning_hypergrad"]``: the count of skipped steps, the carried inner parameters and
+    optimizer state (online mode), the estimator's own state (e.g. AutoGreedy's discount), the last epoch whose end
+    was handled, and the settings of the hypergradient (estimator, inner optimizer, T) as strings. Loading a
+    checkpoint written with other such settings warns once and goes on with the module's; a checkpoint of another
+    model's weights stops with one line.
+    """
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = self.carried_state
+        checkpoint[CHECKPOINT_KEY] = {
+            "skipped_steps": self.skipped_steps,
+            "carried_params": self.carried_params,
+            "carried_state": None if state is None else {"step": state.step, "buffers": state.buffers},
+            "estimator": self.estimator.state_dict() if hasattr(self.estimator, "state_dict") else None,
+            "last_epoch_end": self._last_epoch_end,
+            "method": self._method(),
+        }
+
+    def _method(self) -> dict[str, Any]:
+        """The settings of the hypergradient computation, as strings: what a checkpoint says it was written with."""
+        return {
+            "estimator": str(self.estimator),
+            "inner_optimizer": repr(self.inner_optimizer),
+            "inner_steps": str(self.inner_steps),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_weights(checkpoint.get("state_dict"))
+        saved = checkpoint.get(CHECKPOINT_KEY, {})
+        written, ours = saved.get("method") or {}, self._method()
+        changed = [f"{k}: {ours[k]} (checkpoint: {v})" for k, v in written.items() if k in ours and ours[k] != v]
+        if changed:
+            rank_zero_warn(
+                f"the checkpoint was written with other settings of the hypergradient than this module's: "
+                f"{'; '.join(changed)}; the run goes on with this module's",
+                category=UserWarning,
+            )
+        self.skipped_steps = saved.get("skipped_steps", 0)
+        self.carried_params = saved.get("carried_params")
+        state = saved.get("carried_state")
+        self.carried_state = None if state is None else OptimizerState(state["step"], state["buffers"])
+        self._last_epoch_end = saved.get("last_epoch_end")
+        if saved.get("estimator") is not None and hasattr(self.estimator, "load_state_dict"):
+            self.estimator.load_state_dict(saved["estimator"])  # e.g. AutoGreedy's fitted discount
+
+    def _check_weights(self, state_dict: dict[str, Tensor] | None) -> None:
+        """One line, instead of Lightning's wall of missing keys, where a checkpoint holds another model's weights."""
+        if state_dict is None:
+            return
+        ours = self.state_dict()
+        missing = [k for k in ours if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in ours]
+        reshaped = [
+            f"{k} {tuple(state_dict[k].shape)} (this model: {tuple(v.shape)})"
+            for k, v in ours.items()
+            if k in state_dict and isinstance(state_dict[k], Tensor) and state_dict[k].shape != v.shape
+        ]
+        if not (missing or unexpected or reshaped):
+            return
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} of this model's weights are not in it ({', '.join(missing[:3])}...)")
+        if unexpected:
+            parts.append(
+                f"it holds {len(unexpected)} weights this model does not have ({', '.join(unexpected[:3])}...)"
+            )
+        if reshaped:
+            parts.append(f"{len(reshaped)} have other shapes ({'; '.join(reshaped[:2])})")
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        which = f"the checkpoint {path}" if path else "the checkpoint"
+        raise ValueError(
+            f"{which} was written by another model than {type(self).__name__} with these settings: "
+            f"{'; '.join(parts)}; give a checkpoint of this config's model, or the settings it was written with"
+        )
