@@ -9,7 +9,6 @@ the checkpoint hooks :mod:`lightning_hypergrad.checkpointing`, validation and te
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,22 +20,20 @@ from torch import Tensor
 from lightning_hypergrad._checks import check_choice, check_int, check_positive_number
 from lightning_hypergrad.callbacks.step_timer import StepTimer
 from lightning_hypergrad.checkpointing import CheckpointHooks
+from lightning_hypergrad.data_settings import DataSettings
 from lightning_hypergrad.distributed import average_across_processes
 from lightning_hypergrad.estimators import HypergradEstimator, get_estimator
 from lightning_hypergrad.evaluation import EvaluationHooks, TaskMetrics
-from lightning_hypergrad.inner_loop import StepMode, unroll
-from lightning_hypergrad.inner_model import InnerModel
 from lightning_hypergrad.meta_batch import StackedTasks, Task, split_meta_batch, stack_tasks
-from lightning_hypergrad.meta_gradient import MetaGradient, TaskFamily, meta_gradient
 from lightning_hypergrad.optim import SGD, DifferentiableOptimizer, OptimizerState
-from lightning_hypergrad.problem import BilevelProblem
-from lightning_hypergrad.schedulers import step_schedulers
+from lightning_hypergrad.schedulers import check_schedulers, step_schedulers
+from lightning_hypergrad.task_problems import TaskProblems
 
 DEFAULT_ESTIMATOR = "rmd(checkpoint_every='sqrt')"
 """The estimator of a :class:`BilevelModule` built without one (see the README's "Which to use")."""
 
 
-class BilevelModule(CheckpointHooks, EvaluationHooks, L.LightningModule):
+class BilevelModule(TaskProblems, DataSettings, CheckpointHooks, EvaluationHooks, L.LightningModule):
     """A LightningModule for bilevel optimization with manual optimization.
 
     The module's own parameters are the hyperparameters ``alpha`` (e.g. a backbone), stepped by the optimizer of
@@ -183,14 +180,6 @@ class BilevelModule(CheckpointHooks, EvaluationHooks, L.LightningModule):
         """``L_val(w, h)`` on ``task``."""
         raise NotImplementedError(f"{type(self).__name__} must implement outer_loss(params, h, task)")
 
-    def features(self, task: Task) -> list[Tensor] | None:
-        """The part of the problem that depends on the hyperparameters alone, or ``None`` (the default).
-
-        When a subclass returns tensors here (computed from the module's parameters, e.g. ``self.backbone(x)``),
-        the losses receive them as ``h``, and they are computed and differentiated once per task.
-        """
-        return None
-
     def stacked_features(self, stacked: StackedTasks) -> list[Tensor] | None:
         """:meth:`features` of all the stacked tasks at once (``batch_tasks``), or ``None`` (the default): one call
         of :meth:`features` per task, stacked.
@@ -216,117 +205,6 @@ class BilevelModule(CheckpointHooks, EvaluationHooks, L.LightningModule):
     def stack_tasks(self, tasks: Sequence[Task]) -> StackedTasks | None:
         """The tasks as one :class:`StackedTasks` for ``batch_tasks``, or ``None`` to run them one by one."""
         return stack_tasks(tasks)
-
-    # ----------------------------------------------------------------- the problem of each task
-    def _uses_features(self) -> bool:
-        return type(self).features is not BilevelModule.features
-
-    def _inner_model(self) -> InnerModel | None:
-        inner = getattr(self, "inner_model", None)
-        return inner if isinstance(inner, InnerModel) else None
-
-    def _learned_init(self) -> bool:
-        inner = self._inner_model()
-        return inner is not None and inner.init == "learned"
-
-    def task_family(self) -> TaskFamily:
-        """How each task becomes a bilevel problem, from this module's hooks and settings (no Lightning involved)."""
-        inner = self._inner_model()
-        hyperparameters = self.hyperparameters()
-        if inner is None:
-            init, bind, tail = self.init_params, list, []
-        else:
-            w0 = inner.init_params(hyperparameters) if not self._uses_features() else inner.initial()
-            init, bind = (lambda task: w0), inner.bind
-            tail = inner.parameter_tensors() if self._learned_init() and self._uses_features() else []
-        names = {id(p): n for n, p in self.named_parameters()}
-        return TaskFamily(
-            inner_loss=self.inner_loss,
-            outer_loss=self.outer_loss,
-            hyperparameters=hyperparameters,
-            optimizer=self.inner_optimizer,
-            steps=self.inner_steps,
-            init=init,
-            learned_tensors=tail,
-            bind=bind,
-            features=self.features if self._uses_features() else None,
-            stacked_features=self.stacked_features if self._uses_features() else None,
-            task_metrics=self.task_metrics,
-            hyperparameter_names=[names.get(id(a), f"hyperparameters[{i}]") for i, a in enumerate(hyperparameters)],
-        )
-
-    def _start(self) -> tuple[list[Tensor], OptimizerState] | None:
-        """Online mode, once training has started: the carried inner parameters and state (on this device)."""
-        if not self.online or self.carried_params is None:
-            return None
-        self.carried_params = [p.to(self.device) for p in self.carried_params]  # a checkpoint restores them on the CPU
-        self.carried_state = self.carried_state.replace([t.to(self.device) for t in self.carried_state.tensors()])
-        return self.carried_params, self.carried_state
-
-    def make_problem(self, task: Task) -> BilevelProblem:
-        """The :class:`BilevelProblem` of one task (online: from the carried inner parameters)."""
-        return self.task_family().problem(task, self._start()).problem
-
-    def meta_gradient(self, tasks: Sequence[Task], estimator: HypergradEstimator | None = None) -> MetaGradient:
-        """The mean hypergradient over ``tasks`` and the mean of the task metrics (with ``outer_loss``).
-
-        The tasks run together when ``batch_tasks`` allows it (see :class:`BilevelModule`), else one by one. The
-        metrics stay tensors on the module's device: nothing here waits for the device.
-
-        Nothing of the module changes except batch norm's running statistics (as in any forward pass), so that a
-        callback can compute a reference hypergradient for the same meta-batch with another ``estimator``.
-        """
-        estimator = estimator or self.estimator
-        if self.online and len(tasks) != 1:
-            raise ValueError(
-                f"online=True carries one inner model from step to step, but the meta-batch holds {len(tasks)} "
-                "tasks; use meta_batch_size 1 (or online=False)"
-            )
-        stacked = self._stacked(tasks, estimator)
-        step = meta_gradient(
-            self.task_family(),
-            tasks,
-            estimator,
-            stacked=stacked,
-            start=self._start(),
-            check=not self._checked,
-            device=self.device,
-        )
-        self._checked = True
-        return step
-
-    def _stacked(self, tasks: Sequence[Task], estimator: HypergradEstimator) -> StackedTasks | None:
-        """The tasks stacked for ``batch_tasks``, or ``None`` (said once, with the reason, where they could not be)."""
-        if not self.batch_tasks or len(tasks) < 2:
-            return None
-        reasons = [
-            (self.online, "online mode carries one task's inner model"),
-            (not estimator.batchable, f"{estimator} takes its steps or scale from the whole problem"),
-            (bool(self.inner_optimizer.hyper_settings()), "the inner optimizer's settings are hyperparameters"),
-            (self._learned_init(), "the initialization is learned (one w_0 shared by every task)"),
-        ]
-        reason = next((why for applies, why in reasons if applies), None)
-        stacked = self.stack_tasks(tasks) if reason is None else None
-        if stacked is None:
-            reason = reason or "the tasks cannot be stacked (other keys, shapes or dtypes)"
-            self._warn_once(f"unbatched:{reason}", f"batch_tasks=True: the tasks run one by one, since {reason}")
-        return stacked
-
-    def adapt(self, task: Task) -> tuple[list[Tensor], list[Tensor]]:
-        """Run the inner loop of ``task`` without any hypergradient; the final parameters and ``h``.
-
-        In online mode, once training has started, the inner model is the one being trained: its carried
-        parameters are returned as they are, without further inner steps.
-        """
-        task_problem = self.task_family().problem(task, self._start())
-        problem = task_problem.problem
-        with torch.no_grad():
-            h = problem.features() if problem.features is not None else problem.hyperparameters
-            h = [x.detach() for x in h]
-        if self.online and self.carried_params is not None:
-            return [p.detach().to(self.device) for p in self.carried_params], task_problem.losses_h(h)
-        trajectory = unroll(problem, h, lambda t: StepMode.CONSTANT)
-        return trajectory.params, task_problem.losses_h(h)
 
     # ----------------------------------------------------------------- Lightning hooks
     def setup(self, stage: str) -> None:
@@ -367,54 +245,6 @@ class BilevelModule(CheckpointHooks, EvaluationHooks, L.LightningModule):
                     "online: false for MAML-style learning, or init 'fixed' with online"
                 )
             self.estimator.check_learned_init()
-
-    def problem_outline(self) -> BilevelProblem:
-        """A problem with this module's hyperparameters, inner optimizer, T and kind of initialization, and no data:
-        what an estimator's :meth:`~lightning_hypergrad.HypergradEstimator.validate` looks at, before any task."""
-        return BilevelProblem(
-            inner_loss=lambda w, h: w[0].sum(),
-            outer_loss=lambda w, h: w[0].sum(),
-            hyperparameters=self.hyperparameters(),
-            init_params=(lambda h: list(h)) if self._learned_init() else [torch.zeros(1)],
-            optimizer=self.inner_optimizer,
-            steps=self.inner_steps,
-        )
-
-    def settings_from_data(self, *names: str) -> None:
-        """Share the settings ``names`` with the data module: the one mechanism between a module and its data.
-
-        Each setting that is ``None`` on the module takes the data module's attribute of that name; a setting given
-        on both sides must agree. Call it in ``setup`` (:meth:`BilevelModule.setup` does for ``meta_batch_size``,
-        :class:`~lightning_hypergrad.FewShotClassifier` for ``ways`` and ``image_shape``). The values taken are
-        stored as :meth:`save_hyperparameters` stores them, so loggers and checkpoints see them, Lightning finds no
-        conflict with the data module's hyperparameters, and ``load_from_checkpoint`` rebuilds the same module.
-
-        Raises:
-            ValueError: a setting set on neither side, or set differently on both (the message names it).
-        """
-        datamodule = getattr(self.trainer, "datamodule", None)
-        owner = type(self).__name__
-        taken = {}
-        for name in names:
-            theirs = getattr(datamodule, name, None)
-            theirs = tuple(theirs) if isinstance(theirs, (list, tuple)) else theirs
-            ours = getattr(self, name)
-            if theirs is None:
-                if ours is None:
-                    raise ValueError(f"{owner} {name} is not set and the data module has no `{name}`: set model {name}")
-                continue
-            if ours is not None and ours != theirs:
-                raise ValueError(
-                    f"{owner} {name}={ours} disagrees with the data module's {name}={theirs}; set model {name} to "
-                    f"{theirs}, or remove it from the config (it is then taken from the data)"
-                )
-            setattr(self, name, theirs)
-            taken[name] = theirs
-        if taken:  # what save_hyperparameters stores, without its search of the callers' frames for __init__
-            # arguments: outside __init__, Lightning before 2.6 fails there with a KeyError
-            self.hparams.update(taken)
-            if getattr(self, "_hparams_initial", None) is not None:  # what the loggers are given
-                self._hparams_initial.update(copy.deepcopy(taken))
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.outer_lr)
@@ -479,14 +309,17 @@ class BilevelModule(CheckpointHooks, EvaluationHooks, L.LightningModule):
                     gradient_clip_algorithm=self.gradient_clip_algorithm,
                 )
             optimizer.step()
-        step_schedulers(self, "step", batch_idx)
         batch_size = len(tasks)
         self.log("train/outer_loss", metrics.pop("outer_loss"), prog_bar=True, batch_size=batch_size)
         for key, value in metrics.items():
             self.log(f"train/{key}", value, prog_bar=key == "acc", batch_size=batch_size)
         self.log("train/hypergrad_norm", norm, batch_size=batch_size)
         self.log("train/skipped_steps", float(self.skipped_steps), batch_size=batch_size)
+        step_schedulers(self, "step", batch_idx)
         return {"loss": torch.zeros(()), "hypergrad": [g.detach() for g in hypergrads]}
+
+    def on_fit_start(self) -> None:
+        check_schedulers(self)
 
     def on_train_epoch_end(self) -> None:
         # a run resumed from a checkpoint written at the end of an epoch ends that epoch again (Lightning repeats the
