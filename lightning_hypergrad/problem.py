@@ -225,10 +225,33 @@ def check_dependence(problem: BilevelProblem, h: Sequence[Tensor], h_leaf: Seque
     reached = _reachable_leaves(roots)
     captured = [i for i, a in enumerate(problem.hyperparameters) if id(a) in reached]
     if captured:
+        # a hint where the captured tensors are a module's: a HyperModule's (it marks its parameters) or, by their
+        # names, a submodule's
+        from lightning_hypergrad.hyper_module import HYPER_MODULE_MARK
+
+        hint = ""
+        names = problem.hyperparameter_names
+        marked = any(getattr(problem.hyperparameters[i], HYPER_MODULE_MARK, False) for i in captured)
+        dotted = names is not None and any("." in names[i] for i in captured)
+        if problem.features is not None and (marked or dotted):
+            hint = (
+                "; with `features`, the losses receive the features as h: call a module of the hyperparameters "
+                "inside features() (directly) and return its output"
+            )
+        elif marked:
+            hint = (
+                "; a module hyperparameter is called with h through lightning_hypergrad.HyperModule: meta_net(h)(x) "
+                "(not through its .module, nor the wrapped module itself)"
+            )
+        elif dotted:
+            hint = (
+                "; if they are the parameters of a module that a loss calls: a module hyperparameter is called with h "
+                "through lightning_hypergrad.HyperModule: meta_net = HyperModule(net), then meta_net(h)(x)"
+            )
         raise ValueError(
             f"the losses or the optimizer settings use {problem.describe(captured)} directly instead of the `h` "
             "argument they receive; write them as functions of that argument (with `features`, of the tensors "
-            "`features()` returns), so that the estimators can differentiate them"
+            "`features()` returns), so that the estimators can differentiate them" + hint
         )
     used_h = [x for x, leaf in zip(h, h_leaf) if id(leaf) in reached]
     used = {id(x) for x in used_h} if problem.features is None else _reachable_leaves(used_h)

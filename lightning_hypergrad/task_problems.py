@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from lightning_hypergrad.estimators import HypergradEstimator
+from lightning_hypergrad.hyper_module import HyperModule
 from lightning_hypergrad.inner_loop import StepMode, unroll
 from lightning_hypergrad.inner_model import InnerModel
 from lightning_hypergrad.meta_batch import StackedTasks, Task
@@ -53,6 +54,10 @@ class TaskProblems:
             w0 = inner.init_params(hyperparameters) if not self._uses_features() else inner.initial()
             init, bind = (lambda task: w0), inner.bind
             tail = inner.parameter_tensors() if self._learned_init() and self._uses_features() else []
+        if not self._uses_features():  # the losses receive the hyperparameters as h: bind module hyperparameters
+            for module in self.modules():
+                if isinstance(module, HyperModule):
+                    module.attach(hyperparameters)
         names = {id(p): n for n, p in self.named_parameters()}
         return TaskFamily(
             inner_loss=self.inner_loss,

@@ -186,3 +186,55 @@ def test_the_meta_gradient_from_plain_pytorch_is_the_mean_of_the_closed_form_hyp
     expected = sum(2 * (0.5 * c - c) * c for c in (2.0, 3.0)) / 2
     assert float(step.hypergrads[0]) == pytest.approx(expected, rel=1e-12)
     assert float(step.metrics["outer_loss"]) == pytest.approx(sum((0.5 * c - c) ** 2 for c in (2.0, 3.0)) / 2)
+
+
+class _Reweighted(lh.BilevelModule):
+    """Regression whose per-example training weights come from a reweighting net, a HyperModule called with h."""
+
+    def __init__(self) -> None:
+        super().__init__(estimator="rmd", inner_optimizer=lh.SGD(lr=0.3), inner_steps=3)
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.Sigmoid()).double()
+        self.weights = lh.HyperModule(net)
+        self.inner_model = lh.InnerModel(torch.nn.Linear(2, 1).double(), init="zeros")
+
+    def inner_loss(self, model, h, task):
+        per_example = ((model(task["x"]) - task["y"]) ** 2).squeeze(1)
+        return (self.weights(h)(task["x"]).squeeze(1) * per_example).mean()
+
+    def outer_loss(self, model, h, task):
+        return ((model(task["x"]) - task["y"]) ** 2).mean()
+
+
+def test_a_module_hyperparameter_called_with_h_gets_the_finite_difference_hypergradient():
+    # before: a module called directly in a loss was refused, and BilevelModule had no way to call it with h
+    model = _Reweighted()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 2, generator=g, dtype=torch.float64), torch.randn(6, 1, generator=g, dtype=torch.float64)
+    task = {"x": x, "y": y}
+    hypergrads = model.meta_gradient([task]).hypergrads
+
+    def validation_loss() -> float:  # the inner loop by hand, the net called directly: an independent computation
+        w = torch.zeros(1, 2, dtype=torch.float64)
+        b = torch.zeros(1, dtype=torch.float64)
+        for _ in range(3):
+            w, b = w.detach().requires_grad_(), b.detach().requires_grad_()
+            weights = model.weights.module(task["x"]).squeeze(1)
+            loss = (weights * ((task["x"] @ w.T + b - task["y"]) ** 2).squeeze(1)).mean()
+            gw, gb = torch.autograd.grad(loss, [w, b])
+            w, b = w - 0.3 * gw, b - 0.3 * gb
+        return float(((task["x"] @ w.T + b - task["y"]) ** 2).mean())
+
+    params = dict(model.named_parameters())
+    for name, grad in zip([n for n, p in model.named_parameters() if p.requires_grad], hypergrads):
+        p = params[name]
+        for i in range(p.numel()):
+            with torch.no_grad():
+                p.view(-1)[i] += 1e-6
+            up = validation_loss()
+            with torch.no_grad():
+                p.view(-1)[i] -= 2e-6
+            down = validation_loss()
+            with torch.no_grad():
+                p.view(-1)[i] += 1e-6
+            assert float(grad.reshape(-1)[i]) == pytest.approx((up - down) / 2e-6, rel=1e-5, abs=1e-9), name
