@@ -60,8 +60,7 @@ _PUBLIC = {
 def __getattr__(name: str) -> Any:
     if name in _PUBLIC:
         value = getattr(importlib.import_module(_PUBLIC[name]), name)
-        if name != "ESTIMATORS":  # the registry can grow; the others are cached here after the first use
-            globals()[name] = value
+        globals()[name] = value  # cached after the first use
         return value
     raise AttributeError(f"module 'lightning_hypergrad' has no attribute {name!r}")
 

@@ -12,9 +12,10 @@ class DataSettings:
         """Share the settings ``names`` with the data module: the one mechanism between a module and its data.
 
         Each setting that is ``None`` on the module takes the data module's attribute of that name; a setting given
-        on both sides must agree. Call it in ``setup`` (:meth:`BilevelModule.setup` does for ``meta_batch_size``,
+        on both sides must agree. Call it in ``setup`` (:meth:`~lightning_hypergrad.BilevelModule.setup` does for
+        ``meta_batch_size``,
         :class:`~lightning_hypergrad.FewShotClassifier` for ``ways`` and ``image_shape``). The values taken are
-        stored as :meth:`save_hyperparameters` stores them, so loggers and checkpoints see them, Lightning finds no
+        stored as ``save_hyperparameters`` stores them, so loggers and checkpoints see them, Lightning finds no
         conflict with the data module's hyperparameters, and ``load_from_checkpoint`` rebuilds the same module.
 
         Raises:

@@ -19,7 +19,7 @@ class TaskMetrics(torch.nn.Module):
     tasks and the half-width of its 95% confidence interval (``1.96 * std / sqrt(n)``; zero for one task), and
     starts the stage afresh. torchmetrics' ``CatMetric`` gathers the tasks of every process before the summary.
     Non-finite numbers (a diverged inner loop) are kept, not dropped: a metric with a NaN or infinite task has a
-    NaN mean, never the mean of the finite tasks alone, and :attr:`Summary.nonfinite_tasks` counts the tasks with
+    NaN mean, never the mean of the finite tasks alone, and ``Summary.nonfinite_tasks`` counts the tasks with
     any non-finite number.
     """
 
@@ -91,7 +91,7 @@ class EvaluationHooks:
     """
 
     def evaluate_task(self, task: Any) -> dict[str, Tensor]:
-        """``outer_loss`` and the task metrics of ``task`` after :meth:`adapt` (the trained network, online)."""
+        """``outer_loss`` and the task metrics of ``task`` after ``adapt`` (the trained network, online)."""
         with torch.inference_mode(False), torch.enable_grad():
             task = clone_task(task)
             params, h = self.adapt(task)

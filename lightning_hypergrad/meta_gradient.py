@@ -70,7 +70,7 @@ class TaskFamily:
         learned_tensors: with ``features`` and a learned initialization: the hyperparameter tensors that ``w_0`` is
             (e.g. an :class:`~lightning_hypergrad.InnerModel`'s parameters). The problem's ``h`` is then the features
             followed by them, and the losses receive the features alone.
-        bind: the model the losses receive for the flat inner parameters ``w`` (default: ``w`` itself).
+        bind: the model the losses receive for the flat inner parameters ``w`` (``None``: the list ``w`` itself).
         features: optional ``features(task) -> tensors``: the part that depends on the hyperparameters alone; the
             losses then receive it as ``h``.
         stacked_features: optional; the features of stacked tasks at once (``None`` from it: one call per task).
@@ -85,7 +85,7 @@ class TaskFamily:
     steps: int
     init: Callable[[Task], Sequence[Tensor] | Callable[[Sequence[Tensor]], list]]
     learned_tensors: Sequence[Tensor] = ()
-    bind: Callable[[Sequence[Tensor]], Any] = list
+    bind: Callable[[Sequence[Tensor]], Any] | None = None
     features: Callable[[Task], Sequence[Tensor]] | None = None
     stacked_features: Callable[[StackedTasks], Sequence[Tensor] | None] | None = None
     task_metrics: Callable[[Any, Sequence[Tensor], Task], dict[str, Any]] | None = None
@@ -93,7 +93,8 @@ class TaskFamily:
 
     def bound(self, fn: Callable[..., Any]) -> Callable[[Sequence[Tensor], Sequence[Tensor], Task], Any]:
         """``fn(model, h, task)`` as a function of the flat inner parameters ``w``."""
-        return lambda w, h, task: fn(self.bind(w), h, task)
+        bind = self.bind if self.bind is not None else list
+        return lambda w, h, task: fn(bind(w), h, task)
 
     def metrics(self, params: Sequence[Tensor], h: Sequence[Tensor], task: Task) -> dict[str, Any]:
         """The task metrics after the inner loop (none without ``task_metrics``)."""

@@ -89,8 +89,8 @@ class TaskProblems:
     def meta_gradient(self, tasks: Sequence[Task], estimator: HypergradEstimator | None = None) -> MetaGradient:
         """The mean hypergradient over ``tasks`` and the mean of the task metrics (with ``outer_loss``).
 
-        The tasks run together when ``batch_tasks`` allows it (see :class:`BilevelModule`), else one by one. The
-        metrics stay tensors on the module's device: nothing here waits for the device.
+        The tasks run together when ``batch_tasks`` allows it (see :class:`~lightning_hypergrad.BilevelModule`), else
+        one by one. The metrics stay tensors on the module's device: nothing here waits for the device.
 
         Nothing of the module changes except batch norm's running statistics (as in any forward pass), so that a
         callback can compute a reference hypergradient for the same meta-batch with another ``estimator``.

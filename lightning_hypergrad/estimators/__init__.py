@@ -5,6 +5,7 @@ it, :func:`list_estimators` lists the names. A new estimator is one new module o
 with :func:`register_estimator` that declares its :class:`Capabilities`.
 """
 
+from lightning_hypergrad.estimators import registry
 from lightning_hypergrad.estimators.auto_greedy import AutoGreedy
 from lightning_hypergrad.estimators.base import AdjointEstimator, HypergradEstimator, HypergradResult
 from lightning_hypergrad.estimators.conjugate_gradient import ConjugateGradient
@@ -25,8 +26,9 @@ from lightning_hypergrad.estimators.reverse import RMD, TruncatedRMD
 
 
 def __getattr__(name: str):
-    if name == "ESTIMATORS":  # the estimator classes by spec name, as registered now (new modules included)
-        return registered()
+    if name == "ESTIMATORS":  # the estimator classes by spec name (a live view; every module of the package loaded)
+        registered()
+        return registry.ESTIMATORS
     raise AttributeError(f"module 'lightning_hypergrad.estimators' has no attribute {name!r}")
 
 

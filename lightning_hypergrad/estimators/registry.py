@@ -21,8 +21,10 @@ import ast
 import importlib
 import inspect
 import pkgutil
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from lightning_hypergrad.estimators.base import HypergradEstimator
@@ -61,10 +63,11 @@ _FILTERS = ("learned_init", "optimizer_settings", "batchable", "exact")
 _ESTIMATORS: dict[str, type[HypergradEstimator]] = {}
 _loaded = False
 
-E = TypeVar("E", bound="type[HypergradEstimator]")
+ESTIMATORS: Mapping[str, type[HypergradEstimator]] = MappingProxyType(_ESTIMATORS)
+"""The registered estimator classes by spec name: a read-only view, which a new registration updates."""
 
 
-def register_estimator(cls: E) -> E:
+def register_estimator(cls: type[HypergradEstimator]) -> type[HypergradEstimator]:
     """Class decorator: register ``cls`` under its spec name ``cls.name``.
 
     Raises:
@@ -187,9 +190,7 @@ def capable_names(capability: str) -> str:
 
 
 def _signature(cls: type) -> str:
-    parameters = [
-        p for p in inspect.signature(cls.__init__).parameters.values() if p.name not in ("self", "nonfinite")
-    ]
+    parameters = [p for p in inspect.signature(cls.__init__).parameters.values() if p.name not in ("self", "nonfinite")]
     shown = [p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}" for p in parameters]
     return f"{cls.__name__}({', '.join(shown)})"
 
@@ -225,4 +226,3 @@ def replace_table(text: str) -> str:
     if start < 0 or end < start:
         raise ValueError(f"the README has no estimator table between the lines {TABLE_START!r} and {TABLE_END!r}")
     return f"{text[: start + len(TABLE_START)]}\n{estimator_table()}\n{text[end:]}"
-
