@@ -235,11 +235,6 @@ class BoundModel:
         return len(self.params)
 
 
-def batch_statistics(module: nn.Module) -> contextlib.AbstractContextManager[None]:
-    """Within the block, the normalization layers of ``module`` use the batch's statistics and update nothing."""
-    return _batch_statistics([m for m in module.modules() if isinstance(m, (_BatchNorm, _InstanceNorm))])
-
-
 @contextlib.contextmanager
 def _batch_statistics(norms: Sequence[nn.Module]) -> Iterator[None]:
     saved = [(m.training, m.track_running_stats) for m in norms]

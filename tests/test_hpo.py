@@ -444,7 +444,7 @@ def test_outer_optimizer_settings_are_checked():
 
 
 def test_the_median_interval_is_the_sign_test_interval():
-    from studies.hpo.unseen import mean_interval, median_interval
+    from studies.stats import mean_interval, median_interval
 
     values = [0.5, -0.1, 0.3, 0.9, -0.4, 0.2, 0.0, 0.7, -0.2, 0.1]  # sorted: -0.4 -0.2 -0.1 0 .1 .2 .3 .5 .7 .9
     low, high, coverage = median_interval(values)

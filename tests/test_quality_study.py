@@ -61,7 +61,7 @@ def test_win_rate_and_target() -> None:
 
 def test_auto_greedy_never_evaluated_on_its_reference_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
     """The tasks that choose the discount are not evaluated; every estimator sees the same evaluation tasks."""
-    from studies.quality.quality import build_model, choose_data, heldout_tasks, make_datamodule
+    from studies.quality.protocol import build_model, choose_data, heldout_tasks, make_datamodule
 
     data = choose_data("digits")
     datamodule = make_datamodule(data, 3, 1, seed=0)
@@ -75,9 +75,9 @@ def test_auto_greedy_never_evaluated_on_its_reference_tasks(monkeypatch: pytest.
 
     make_problem = model.make_problem
 
-    def recording(task, cache=None):
+    def recording(task):
         evaluated.append(id(task))
-        return make_problem(task, cache)
+        return make_problem(task)
 
     monkeypatch.setattr(variants, "choose_gamma", fake_choose)
     monkeypatch.setattr(model, "make_problem", recording)
@@ -117,7 +117,7 @@ def test_quality_trains_with_meta_gradient(monkeypatch: pytest.MonkeyPatch, tmp_
                 "--out", str(tmp_path))  # fmt: skip
     records = json.loads((tmp_path / "quality.json").read_text())
     assert {r["checkpoint_step"] for r in records} == {1}
-    from studies.quality.quality import build_model, choose_data, make_datamodule
+    from studies.quality.protocol import build_model, choose_data, make_datamodule
 
     trained = torch.load(tmp_path / "backbone_step1.pt")
     image_shape = make_datamodule(choose_data("digits"), 1, 1, seed=0).image_shape

@@ -19,6 +19,7 @@ import pytest
 from lightning_cases import default_sigint
 
 import lightning_hypergrad as lh
+from studies.stats import mean_ci95, t975
 from studies.table2 import (
     CHOSEN,
     PaperSettings,
@@ -26,16 +27,14 @@ from studies.table2 import (
     canonical,
     choose_gammas,
     default_methods,
-    gamma_of,
     jvps,
     main,
-    mean_ci95,
     paired_differences,
     record_name,
     report,
     resolve_root,
-    t975,
 )
+from studies.table2 import greedy_gamma as gamma_of
 
 NEUMANN = "neumann(10, scale=0.1)"  # the paper's IFT, from configs/estimators/neumann.yaml
 TINY = [
@@ -576,7 +575,7 @@ def test_a_stopped_worker_leaves_even_when_a_library_swallows_its_exit(tmp_path:
     would keep it running until the runner kills it seconds later. It leaves by itself after the watchdog's delay."""
     code = (
         "import signal, time\n"
-        "from studies.table2.runner import _stop_worker\n"
+        "from studies.table2.workers import _stop_worker\n"
         "signal.signal(signal.SIGTERM, _stop_worker)\n"
         "print('ready', flush=True)\n"
         "while True:\n"

@@ -58,6 +58,7 @@ from studies.horizon.cnn import (
     training_problem,
 )
 from studies.horizon.records import add_action, check_settings, read_record, record_path, run_or_report
+from studies.stats import mean_interval, paired_differences
 
 OUT = "studies/horizon/results"
 RANDOM_SEARCH = "random_search"
@@ -419,8 +420,6 @@ def _per_seed(runs: list[dict[str, Any]], key: str) -> list[float]:
 
 
 def _interval(values: list[float], digits: int = 3) -> str:
-    from studies.hpo.unseen import mean_interval
-
     mean = statistics.fmean(values)
     if any(not math.isfinite(v) for v in values):
         return "diverged"
@@ -431,7 +430,7 @@ def _interval(values: list[float], digits: int = 3) -> str:
 def _paired(values: list[float], reference: list[float] | None, digits: int = 3) -> str:
     if reference is None or len(reference) != len(values):
         return "-"
-    diffs = [a - b for a, b in zip(values, reference)]
+    diffs = paired_differences(values, reference)
     if all(d == 0 for d in diffs):
         return "0"
     return ("+" if statistics.fmean(diffs) > 0 else "") + _interval(diffs, digits)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -42,6 +41,7 @@ import torch
 from lightning_hypergrad.callbacks import StepTimer
 from studies.common import Progress, machine_description, quiet, write_json, write_text
 from studies.hpo.comparison import GRID, build, evaluate, final_hyperparameters, plain_grid_run, plain_sgd, shipped
+from studies.stats import mean_interval, median_interval
 
 EXAMPLES = ("lr_schedule", "weight_decay", "hypercleaning")
 SEEDS = tuple(range(10, 20))
@@ -163,36 +163,8 @@ def measure(args: argparse.Namespace) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# statistics
+# statistics (the intervals: studies.stats)
 # ---------------------------------------------------------------------------------------------------------------------
-
-T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131)
-"""The 97.5% quantile of Student's t for 1 to 15 degrees of freedom."""
-
-
-def median_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float] | None:
-    """The narrowest interval ``[x_(k), x_(n+1-k)]`` of the sorted values that covers the median with probability
-    at least ``level`` whatever the distribution (the sign test: ``1 - 2 P(B <= k - 1)``, ``B ~ Binomial(n, 1/2)``),
-    as ``(low, high, coverage)``; ``None`` when even ``[min, max]`` covers less (n < 6 at 95%)."""
-    xs = sorted(values)
-    n = len(xs)
-    found = None
-    for k in range(1, n // 2 + 1):
-        coverage = 1 - 2 * sum(math.comb(n, j) for j in range(k)) / 2**n
-        if coverage < level:
-            break
-        found = (xs[k - 1], xs[n - k], coverage)
-    return found
-
-
-def mean_interval(values: Sequence[float]) -> tuple[float, float] | None:
-    """The 95% t interval of the mean; ``None`` for fewer than 2 values or more than 16 (no quantile here)."""
-    n = len(values)
-    if not 2 <= n <= len(T_975) + 1:
-        return None
-    mean, sd = statistics.mean(values), statistics.stdev(values)
-    half = T_975[n - 2] * sd / math.sqrt(n)
-    return mean - half, mean + half
 
 
 def paired(learned: Sequence[float], reference: Sequence[float]) -> dict:

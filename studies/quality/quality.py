@@ -24,7 +24,8 @@ Checkpoints: the backbone as initialized (step 0) and after ``--train-steps`` ou
 Greedy(0.99), T = 10, inner momentum 0.9, Adam (lr 1e-3) and 10 tasks per meta-batch (a plain loop over
 ``model.meta_gradient``). The backbone's state at each checkpoint is saved to ``DIR/backbone_step<N>.pt``; these
 files are written again by every run (the training is part of the study) and are not kept in git (``*.pt`` is
-ignored).
+ignored). The tasks, the model and its meta-training are those of :mod:`studies.quality.protocol`, which the
+variants share.
 
 At each checkpoint, for a fixed set of held-out meta-validation tasks (``--tasks``), for inner momentum 0.9 and
 0.0 and for T in {5, 10, 20, 50}, the hypergradient with respect to the backbone's parameters (all of them,
@@ -64,7 +65,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,206 +75,54 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
 
 import lightning_hypergrad as lh  # noqa: E402
 from lightning_hypergrad.callbacks.hypergrad_quality import cosine_and_norm_ratio  # noqa: E402
-from lightning_hypergrad.module import split_meta_batch  # noqa: E402
-from studies.common import (  # noqa: E402
-    Progress,
-    atomic_path,
-    log,
-    machine_description,
-    omniglot_root,
-    write_json,
-    write_text,
+from studies.common import Progress, atomic_path, log, machine_description, write_json, write_text  # noqa: E402
+from studies.quality.protocol import (  # noqa: E402
+    DEFAULT_TRAIN_STEPS,
+    INNER_LR,
+    META_BATCH,
+    MOMENTA,
+    OUTER_LR,
+    QUICK_T_VALUES,
+    T_VALUES,
+    TRAIN_GAMMA,
+    TRAIN_MOMENTUM,
+    TRAIN_T,
+    WAYS,
+    DataChoice,
+    build_model,
+    choose_data,
+    heldout_tasks,
+    make_datamodule,
+    restore_buffers,
+    snapshot,
+    train,
 )
+from studies.quality.variants import run_variants  # noqa: E402
+from studies.stats import finite_mean, finite_std  # noqa: E402
 
 GAMMAS = (0.0, 0.5, 0.9, 0.99, 0.999, 1.0)
 """Greedy's discounts; 0 stands for T1-T2 (the limit gamma -> 0)."""
 ESTIMATORS = ("fo", *(str(lh.T1T2() if gamma == 0 else lh.Greedy(gamma)) for gamma in GAMMAS))
 """The estimators compared with RMD, as spec strings: ``fo``, ``t1t2``, ``greedy(0.5)``, ... ``greedy(1.0)``."""
-T_VALUES = (5, 10, 20, 50)
-QUICK_T_VALUES = (5, 10)
-MOMENTA = (0.9, 0.0)
-DEFAULT_TRAIN_STEPS = (50, 200)
 DEFAULT_TASKS = 20
 QUICK_TASKS = 3
-
-INNER_LR = 0.1
-TRAIN_T = 10
-TRAIN_GAMMA = 0.99
-TRAIN_MOMENTUM = 0.9
-OUTER_LR = 1e-3
-META_BATCH = 10
-WAYS = 5
-OMNIGLOT_FILE = "images_background.npz"
 
 GREEDY_FOCUS = str(lh.Greedy(0.99))  # the gamma the paper recommends, compared with T1-T2 in the summary
 PLOT_T_LINES = ("fo", "t1t2", "greedy(0.9)", "greedy(0.99)", "greedy(1.0)")
 
 
-# ------------------------------------------------------------------------------------------------------ data
-
-
-@dataclass(frozen=True)
-class DataChoice:
-    """The dataset the benchmark runs on and how its tasks are shaped."""
-
-    dataset: str
-    root: str | None
-    shots: int
-    queries: int
-
-    def describe(self) -> str:
-        """The dataset and the task shape in words."""
-        where = f" from {self.root}" if self.root else " (bundled with scikit-learn)"
-        return f"{self.dataset}{where}: {WAYS}-way {self.shots}-shot, {self.queries} queries per class"
-
-
-def choose_data(
-    dataset: str = "auto", root: str | None = None, shots: int | None = None, queries: int | None = None
-) -> DataChoice:
-    """Omniglot (5-way 10-shot) when its files are there (or ``dataset="omniglot"``), else the 8x8 digits (5-way
-    5-shot), 10 queries per class; ``shots`` and ``queries`` replace the dataset's defaults where given. The
-    Omniglot folder is kept as given (:func:`studies.common.omniglot_root`), relative or not.
-
-    Raises:
-        SystemExit: ``dataset="omniglot"`` and its files are not in the folder.
-    """
-    root = omniglot_root(root)
-    found = (Path(root).expanduser() / OMNIGLOT_FILE).is_file()
-    if dataset == "omniglot" and not found:
-        raise SystemExit(f"--dataset omniglot: no {OMNIGLOT_FILE} in {root}; give its folder with --root")
-    if found and dataset != "digits":
-        return DataChoice("omniglot", root, shots=shots or 10, queries=queries or 10)
-    return DataChoice("digits", None, shots=shots or 5, queries=queries or 10)
-
-
-def make_datamodule(choice: DataChoice, tasks: int, train_batches: int, seed: int) -> lh.FewShotDataModule:
-    """The data module, set up for fitting (train and meta-validation splits)."""
-    datamodule = lh.FewShotDataModule(
-        dataset=choice.dataset,
-        root=choice.root,
-        ways=WAYS,
-        shots=choice.shots,
-        queries=choice.queries,
-        meta_batch_size=META_BATCH,
-        train_batches=max(train_batches, 1),
-        val_tasks=tasks,
-        seed=seed,
-    )
-    datamodule.setup("fit")
-    return datamodule
-
-
-def to_device(task: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """The task with its tensors moved to ``device``."""
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in task.items()}
-
-
-def heldout_tasks(datamodule: lh.FewShotDataModule, count: int, device: torch.device) -> list[dict[str, Any]]:
-    """The first ``count`` fixed meta-validation tasks."""
-    tasks: list[dict[str, Any]] = []
-    for batch in datamodule.val_dataloader():
-        tasks += [to_device(task, device) for task in split_meta_batch(batch)]
-        if len(tasks) >= count:
-            break
-    return tasks[:count]
-
-
 # ------------------------------------------------------------------------------------------------- estimators
 
 
-def gamma_of(estimator: str) -> float | None:
+def gamma_axis_position(estimator: str) -> float | None:
     """The position of ``estimator`` on the gamma axis: Greedy's gamma, 0 for T1-T2, ``None`` for FO."""
     built = lh.get_estimator(estimator)
     if isinstance(built, lh.Greedy):
         return built.gamma
     return 0.0 if isinstance(built, lh.T1T2) else None
-
-
-# -------------------------------------------------------------------------------------------------- training
-
-
-def build_model(image_shape: tuple[int, int, int], seed: int, device: torch.device) -> lh.FewShotClassifier:
-    """The few-shot classifier as initialized from ``seed``, in training mode."""
-    torch.manual_seed(seed)
-    model = lh.FewShotClassifier(
-        ways=WAYS,
-        image_shape=image_shape,
-        depth=3,
-        width=32,
-        estimator=lh.Greedy(TRAIN_GAMMA),
-        inner_optimizer=lh.SGD(lr=INNER_LR, momentum=TRAIN_MOMENTUM),
-        inner_steps=TRAIN_T,
-    )
-    return model.to(device).train()
-
-
-def snapshot(model: torch.nn.Module) -> dict[str, Tensor]:
-    """A copy of the model's parameters and buffers."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def restore_buffers(model: torch.nn.Module, before: dict[str, Tensor]) -> None:
-    """Put back the buffers of :func:`snapshot` (batch norm's statistics); raise if a parameter changed too."""
-    with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            buffer.copy_(before[name])
-    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
-    if changed:
-        raise RuntimeError(f"measuring changed the model's {', '.join(changed)}")
-
-
-def train(
-    model: lh.FewShotClassifier,
-    datamodule: lh.FewShotDataModule,
-    checkpoints: Sequence[int],
-    device: torch.device,
-) -> Iterator[tuple[int, dict[str, Tensor], dict[str, float]]]:
-    """Meta-train with Greedy(0.99) and Adam; yield ``(step, state, metrics)`` at each checkpoint step.
-
-    ``metrics`` are the mean outer loss and query accuracy of the training meta-batches since the previous
-    checkpoint (empty at step 0).
-    """
-    wanted = sorted(set(checkpoints))
-    if 0 in wanted:
-        yield 0, snapshot(model), {}
-    last = wanted[-1] if wanted else 0
-    if last == 0:
-        return
-    model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=OUTER_LR)
-    estimator = lh.Greedy(TRAIN_GAMMA)
-    window: list[dict[str, float]] = []
-    elapsed, start = 0.0, time.perf_counter()  # time spent training (not while the caller measures a checkpoint)
-    for step, batch in enumerate(datamodule.train_dataloader(), start=1):
-        tasks = [to_device(task, device) for task in split_meta_batch(batch)]
-        result = model.meta_gradient(tasks, estimator)  # a MetaGradient: hypergrads, metrics (0-dim tensors), ...
-        hypergrads = result.hypergrads
-        metrics = {key: float(value) for key, value in result.metrics.items()}
-        optimizer.zero_grad(set_to_none=True)
-        if all(bool(torch.isfinite(g).all()) for g in hypergrads):
-            for parameter, grad in zip(model.hyperparameters(), hypergrads):
-                parameter.grad = grad
-            optimizer.step()
-        else:
-            log(f"step {step}: non-finite hypergradient, outer step skipped")
-        window.append(metrics)
-        if step in wanted:
-            means = {key: statistics.fmean(m[key] for m in window) for key in window[0]}
-            elapsed += time.perf_counter() - start
-            log(
-                f"trained {step} steps ({elapsed:.0f} s of training): outer loss {means['outer_loss']:.3f}, "
-                f"query acc {means.get('acc', float('nan')):.3f} (mean since the previous checkpoint)"
-            )
-            window = []
-            yield step, snapshot(model), means
-            start = time.perf_counter()
-        if step >= last:
-            return
-    raise RuntimeError(f"the training dataloader ended before step {last}")
 
 
 # ----------------------------------------------------------------------------------------------- measurement
@@ -292,8 +141,8 @@ class Measurement:
 
     @property
     def gamma(self) -> float | None:
-        """Greedy's gamma, 0 for T1-T2, ``None`` for FO (:func:`gamma_of`)."""
-        return gamma_of(self.estimator)
+        """Greedy's gamma, 0 for T1-T2, ``None`` for FO (:func:`gamma_axis_position`)."""
+        return gamma_axis_position(self.estimator)
 
     @property
     def key(self) -> tuple[int, float, int, str]:
@@ -308,26 +157,12 @@ class Measurement:
             "T": self.T,
             "estimator": self.estimator,
             "gamma": self.gamma,
-            "cosine_mean": _json_number(mean(self.cosines)),
-            "cosine_std": _json_number(std(self.cosines)),
-            "norm_ratio_mean": _json_number(mean(self.norm_ratios)),
-            "norm_ratio_std": _json_number(std(self.norm_ratios)),
+            "cosine_mean": _json_number(finite_mean(self.cosines)),
+            "cosine_std": _json_number(finite_std(self.cosines)),
+            "norm_ratio_mean": _json_number(finite_mean(self.norm_ratios)),
+            "norm_ratio_std": _json_number(finite_std(self.norm_ratios)),
             "n_tasks": len(self.cosines),
         }
-
-
-def mean(values: Sequence[float]) -> float:
-    """The mean of the finite values (NaN when there are none)."""
-    finite = [v for v in values if math.isfinite(v)]
-    return statistics.fmean(finite) if finite else math.nan
-
-
-def std(values: Sequence[float]) -> float:
-    """The sample standard deviation of the finite values (0 for one value)."""
-    finite = [v for v in values if math.isfinite(v)]
-    if not finite:
-        return math.nan
-    return statistics.stdev(finite) if len(finite) > 1 else 0.0
 
 
 def _json_number(value: float) -> float | None:
@@ -361,7 +196,7 @@ def measure_checkpoint(
     loss_t = TRAIN_T if TRAIN_T in t_values else t_values[0]
     losses: list[float] = []
     try:
-        curvature = mean([step_curvature(model, task) for task in tasks])
+        curvature = finite_mean([step_curvature(model, task) for task in tasks])
         for momentum in MOMENTA:
             optimizer = lh.SGD(lr=INNER_LR, momentum=momentum)
             for steps in t_values:
@@ -378,7 +213,7 @@ def measure_checkpoint(
                         entry.norm_ratios.append(ratio)
     finally:
         restore_buffers(model, before)
-    return list(measurements.values()), {"heldout_loss": mean(losses), "step_curvature": curvature}
+    return list(measurements.values()), {"heldout_loss": finite_mean(losses), "step_curvature": curvature}
 
 
 def step_curvature(model: lh.FewShotClassifier, task: dict[str, Any]) -> float:
@@ -402,7 +237,7 @@ def step_curvature(model: lh.FewShotClassifier, task: dict[str, Any]) -> float:
 
 def _cell(values: Sequence[float], digits: int) -> str:
     """``mean ± std`` of ``values`` for a table cell."""
-    m, s = mean(values), std(values)
+    m, s = finite_mean(values), finite_std(values)
     if not math.isfinite(m):
         return "–"
     return f"{m:.{digits}f} ± {s:.{digits}f}"
@@ -455,7 +290,7 @@ def summary_paragraph(
     wins_by_momentum = {mom: [0, 0] for mom in MOMENTA}
     for setting in settings:
         greedy, t1t2 = get(setting, GREEDY_FOCUS), get(setting, "t1t2")
-        margin = mean(greedy.cosines) - mean(t1t2.cosines)
+        margin = finite_mean(greedy.cosines) - finite_mean(t1t2.cosines)
         margins.append(margin)
         wins += margin > 0
         if margin > 0:
@@ -483,7 +318,7 @@ def summary_paragraph(
     best_counts: dict[str, int] = {}
     for setting in settings:
         candidates = [m for m in measurements if (m.checkpoint_step, m.momentum, m.T) == setting]
-        best = max(candidates, key=lambda m: mean(m.cosines))
+        best = max(candidates, key=lambda m: finite_mean(m.cosines))
         best_counts[best.estimator] = best_counts.get(best.estimator, 0) + 1
     ranked = sorted(best_counts.items(), key=lambda item: -item[1])
     text.append(
@@ -497,8 +332,8 @@ def summary_paragraph(
     for mom in MOMENTA:
         parts = []
         for estimator in ("fo", "t1t2", GREEDY_FOCUS):
-            first = mean(get((last, mom, t_values[0]), estimator).cosines)
-            final = mean(get((last, mom, t_values[-1]), estimator).cosines)
+            first = finite_mean(get((last, mom, t_values[0]), estimator).cosines)
+            final = finite_mean(get((last, mom, t_values[-1]), estimator).cosines)
             parts.append(f"{estimator} {first:.3f} → {final:.3f}")
         text.append(
             f"At checkpoint step {last} with momentum {mom:g}, from T={t_values[0]} to T={t_values[-1]} the mean "
@@ -508,7 +343,7 @@ def summary_paragraph(
     # lengths
     ratio_parts = []
     for estimator in ("fo", "t1t2", GREEDY_FOCUS, "greedy(1.0)"):
-        ratios = [mean(get(s, estimator).norm_ratios) for s in settings]
+        ratios = [finite_mean(get(s, estimator).norm_ratios) for s in settings]
         ratios = [r for r in ratios if math.isfinite(r)]
         if ratios:
             ratio_parts.append(
@@ -620,7 +455,8 @@ def _finish(fig: Any, axes: Any, title: str, path: Path) -> None:
 
 def plot_cosine_vs_gamma(index: Records, step: int, t_values: Sequence[int], path: Path) -> None:
     """Cosine against gamma (0 = T1-T2; evenly spaced, i.e. about log(1 - gamma)), one line per T."""
-    on_gamma_axis = sorted((e for e in ESTIMATORS if gamma_of(e) is not None), key=gamma_of)  # t1t2 at 0
+    placed = (e for e in ESTIMATORS if gamma_axis_position(e) is not None)
+    on_gamma_axis = sorted(placed, key=gamma_axis_position)  # t1t2 at 0
     positions = list(range(len(GAMMAS)))
     ticks = ["0\n(t1t2)" if g == 0 else f"{g:g}" for g in GAMMAS]
     fig, axes = plt.subplots(1, len(MOMENTA), figsize=(5.2 * len(MOMENTA), 4), sharey=True, squeeze=False)
@@ -736,8 +572,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.variants:
-        from studies.quality.variants import run_variants  # it imports this module
-
         run_variants(args, start)
         return
     device = torch.device(args.device)

@@ -8,7 +8,7 @@ Run from the repository root::
 
 The model, the meta-training (Greedy(0.99), T = 10, inner momentum 0.9, Adam 1e-3, 10 tasks per meta-batch, on tasks
 of the chosen shape), the checkpoints (steps 0, 50 and 200), the held-out tasks and the settings (inner momentum 0.9
-and 0, T in {5, 10, 20, 50}) are those of :mod:`studies.quality.quality`. At every (checkpoint, momentum, T) setting:
+and 0, T in {5, 10, 20, 50}) are those of :mod:`studies.quality.protocol`. At every (checkpoint, momentum, T) setting:
 
 - the first ``--reference-tasks`` held-out tasks (default 4) only choose AutoGreedy's discount, as
   :class:`~lightning_hypergrad.HypergradCallback` does on a reference step: ``start_grid()``, the estimator run on each
@@ -67,7 +67,7 @@ from torch import Tensor  # noqa: E402
 import lightning_hypergrad as lh  # noqa: E402
 from lightning_hypergrad.callbacks.hypergrad_quality import cosine_and_norm_ratio  # noqa: E402
 from studies.common import Progress, atomic_path, log, machine_description, write_json, write_text  # noqa: E402
-from studies.quality.quality import (  # noqa: E402
+from studies.quality.protocol import (  # noqa: E402
     DEFAULT_TRAIN_STEPS,
     INNER_LR,
     META_BATCH,
@@ -83,12 +83,11 @@ from studies.quality.quality import (  # noqa: E402
     choose_data,
     heldout_tasks,
     make_datamodule,
-    mean,
     restore_buffers,
     snapshot,
-    std,
     train,
 )
+from studies.stats import finite_mean, finite_std, standard_error  # noqa: E402
 
 BASELINE = "t1t2"
 AUTO = "auto_greedy"
@@ -153,7 +152,7 @@ class SettingResult:
         return (self.checkpoint_step, self.momentum, self.T)
 
     def mean_cosine(self, spec: str) -> float:
-        return mean(self.cosines[spec])
+        return finite_mean(self.cosines[spec])
 
     def wins(self, spec: str, other: str = BASELINE) -> tuple[int, int]:
         """Tasks where ``spec``'s cosine is strictly greater than ``other``'s, and the number of tasks."""
@@ -166,7 +165,7 @@ class SettingResult:
         diffs = [a - b for a, b in pairs if math.isfinite(a) and math.isfinite(b)]
         if not diffs:
             return math.nan, math.nan
-        return mean(diffs), std(diffs) / math.sqrt(len(diffs))
+        return finite_mean(diffs), standard_error(diffs)
 
     def record(self) -> dict[str, Any]:
         estimators = {}
@@ -174,10 +173,10 @@ class SettingResult:
             wins, n = self.wins(spec)
             difference, error = self.difference(spec)
             estimators[spec] = {
-                "cosine_mean": _number(mean(self.cosines[spec])),
-                "cosine_std": _number(std(self.cosines[spec])),
-                "norm_ratio_mean": _number(mean(self.norm_ratios[spec])),
-                "norm_ratio_std": _number(std(self.norm_ratios[spec])),
+                "cosine_mean": _number(finite_mean(self.cosines[spec])),
+                "cosine_std": _number(finite_std(self.cosines[spec])),
+                "norm_ratio_mean": _number(finite_mean(self.norm_ratios[spec])),
+                "norm_ratio_std": _number(finite_std(self.norm_ratios[spec])),
                 "minus_t1t2_mean": _number(difference),
                 "minus_t1t2_se": _number(error),
                 "wins_vs_t1t2": wins,
@@ -359,8 +358,8 @@ def overall(results: Sequence[SettingResult], spec: str, keep=lambda r: True) ->
     wins = [r.wins(spec) for r in chosen]
     return Overall(
         spec=spec,
-        mean_cosine=mean(means),
-        margin=mean([m - b for m, b in zip(means, baseline)]),
+        mean_cosine=finite_mean(means),
+        margin=finite_mean([m - b for m, b in zip(means, baseline)]),
         settings_at_least=len(chosen) - len(failed),
         n_settings=len(chosen),
         failed_settings=tuple(r.setting for r in failed),
@@ -486,7 +485,7 @@ def markdown_report(results: Sequence[SettingResult], meta: dict[str, Any]) -> s
                     if r is None:
                         cells.append("–")
                         continue
-                    m, s = mean(r.cosines[spec]), std(r.cosines[spec])
+                    m, s = finite_mean(r.cosines[spec]), finite_std(r.cosines[spec])
                     cell = "–" if not math.isfinite(m) else f"{m:.3f} ± {s:.3f}"
                     if spec != BASELINE:
                         wins, n = r.wins(spec)

@@ -1,27 +1,28 @@
 """Table 2 of the paper (few-shot classification), reproduced: ``python -m studies.table2 run|report``.
 
-The runner is :mod:`studies.table2.runner`; its records and reports are in ``studies/table2/results/<dataset>/``.
+The modules, in the order of a run: :mod:`~studies.table2.settings` (the paper's protocol, read from its config),
+:mod:`~studies.table2.run` (one run and its record), :mod:`~studies.table2.workers` (the worker processes of
+``--workers``), :mod:`~studies.table2.records` (reading the records), :mod:`~studies.table2.runner` (planning and
+running the missing runs, the lock, ``main``), :mod:`~studies.table2.summary` (the report's numbers),
+:mod:`~studies.table2.report` (its tables), :mod:`~studies.table2.plots` (its figures) and :mod:`~studies.table2.cli`
+(the parser). The records and reports are in ``studies/table2/results/<dataset>/``.
 """
 
-from studies.table2.runner import (
+from studies.table2.plots import plot_differences
+from studies.table2.report import report
+from studies.table2.runner import main
+from studies.table2.settings import (
     CHOSEN,
     PaperSettings,
     baseline_methods,
     canonical,
-    choose_gammas,
     default_methods,
-    gamma_of,
+    greedy_gamma,
     jvps,
-    main,
-    mean_ci95,
-    paired_differences,
-    plot_differences,
     record_name,
-    report,
     resolve_root,
-    summarize,
-    t975,
 )
+from studies.table2.summary import choose_gammas, paired_differences, summarize
 
 __all__ = [
     "CHOSEN",
@@ -30,15 +31,13 @@ __all__ = [
     "canonical",
     "choose_gammas",
     "default_methods",
-    "gamma_of",
+    "greedy_gamma",
     "jvps",
     "main",
-    "mean_ci95",
     "paired_differences",
     "plot_differences",
     "record_name",
     "report",
     "resolve_root",
     "summarize",
-    "t975",
 ]

@@ -31,17 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_hypergrad import SGD, FewShotClassifier, HypergradEstimator, get_estimator
-from lightning_hypergrad.estimators.base import Estimate, add_grads
+from lightning_hypergrad.estimators.base import AdjointEstimator, Estimate, add_grads
 from studies.common import Progress, estimator_spec, quiet, quiet_trainer, require_positive, write_json
-from studies.table2.runner import (
-    CachedFewShotDataModule,
-    PaperSettings,
-    default_config,
-    file_stem,
-    paper_model,
-    resolve_root,
-    run_data,
-)
+from studies.table2.run import CachedFewShotDataModule, paper_model, run_data
+from studies.table2.settings import PaperSettings, default_config, file_stem, resolve_root
 
 OUT = "studies/trace/results"
 
@@ -50,7 +43,7 @@ def _last_norm(model: FewShotClassifier) -> nn.BatchNorm2d:
     return [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)][-1]
 
 
-class ScaledCorrection(HypergradEstimator):
+class ScaledCorrection(AdjointEstimator):
     """``FO + scale * (estimator - FO)``: the estimator's correction to the direct term, scaled.
 
     A diagnostic, not an estimator to train with: it runs the inner loop twice (once for ``estimator``, once for
@@ -59,13 +52,14 @@ class ScaledCorrection(HypergradEstimator):
 
     def __init__(self, estimator: HypergradEstimator, scale: float) -> None:
         super().__init__()
-        if type(estimator)._hypergrads is not HypergradEstimator._hypergrads:
+        own_mapping = type(estimator)._hypergrads is not AdjointEstimator._hypergrads
+        if not isinstance(estimator, AdjointEstimator) or own_mapping:
             raise ValueError(
                 f"--correction-scale combines gradients with respect to the features, which {estimator} does not "
                 "compute (it maps to the hyperparameters itself); use a reverse-mode, greedy or implicit estimator"
             )
         self.estimator, self.scale = estimator, scale
-        self.batchable = estimator.batchable
+        self.capabilities = estimator.capabilities  # it supports what the estimator does (not registered: no name)
         self.fo = get_estimator("fo")
 
     def __str__(self) -> str:
@@ -140,7 +134,7 @@ def _setup(args: argparse.Namespace, seed: int, steps: int) -> tuple[PaperSettin
 def _model(
     args: argparse.Namespace, paper: PaperSettings, data, estimator: HypergradEstimator, **kwargs: Any
 ) -> FewShotClassifier:
-    """The Table 2 runner's model (:func:`studies.table2.runner.paper_model`) for ``args``."""
+    """The Table 2 runner's model (:func:`studies.table2.run.paper_model`) for ``args``."""
     return paper_model(paper, data, ways=args.ways, meta_batch=args.meta_batch, estimator=estimator, **kwargs)
 
 
