@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 import torch
@@ -22,6 +23,35 @@ is their size; otherwise one forward pass of zeros finds it)."""
 HeadFactory = Callable[[int, int], nn.Module]
 """``head(in_features, ways) -> nn.Module``: a head class (``torch.nn.Linear``, ``lightning_hypergrad.nets.MLPHead``)
 or any function of the two; in a config, the class path and its other arguments."""
+
+_BACKBONE_SIGNATURE = "backbone(image_shape) -> nn.Module"
+_HEAD_SIGNATURE = "head(in_features, ways) -> nn.Module"
+
+
+def _import_path(setting: str, path: str, signature: str, owner: str = "") -> Callable[..., nn.Module]:
+    """The class or function that the dotted ``path`` names (``mypkg.nets.MyBackbone``), for the setting ``setting``
+    (``backbone``, ``head``) that takes a callable ``signature``.
+
+    Raises:
+        ValueError: ``path`` does not import (no such module, or no such name in it); the message names the setting.
+        TypeError: ``path`` names something that cannot be called.
+    """
+    label = f"{owner} {setting}" if owner else setting
+    module_name, _, name = path.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module_name), name) if module_name else None
+    except (ImportError, AttributeError) as error:
+        reason = f"{type(error).__name__}: {error}"
+    else:
+        reason = None if module_name else "not a dotted path"
+    if reason is not None:
+        raise ValueError(
+            f"{label}={path!r} cannot be imported ({reason}): give the dotted path (module.name) of a class or a "
+            f"function {signature}, in a module that Python can import (installed, or in a folder on PYTHONPATH)"
+        )
+    if not callable(found):
+        raise TypeError(f"{label}={path!r} is a {type(found).__name__}, not a class or a function {signature}")
+    return found
 
 
 class FewShotClassifier(BilevelModule):
@@ -45,8 +75,12 @@ class FewShotClassifier(BilevelModule):
         width: channels of each block of ``"conv"``; the base width of ``"resnet"``.
         backbone: ``"conv"`` (the paper's, default), ``"conv4"`` (4 x 64) or ``"resnet"``
             (see :mod:`lightning_hypergrad.nets`), or your own: ``backbone(image_shape) -> nn.Module`` returning
-            flat features.
-        head: ``head(in_features, ways) -> nn.Module``; ``None``: a linear head (``torch.nn.Linear``). In a config:
+            flat features, a class or a function, given as itself or as its dotted path (``"mypkg.MyBackbone"``,
+            also on the command line: ``--model.init_args.backbone mypkg.MyBackbone``). A dotted path is imported
+            when the model is built, and kept in the checkpoint's hyperparameters.
+        head: ``head(in_features, ways) -> nn.Module``, a class or a function, given as itself or as its dotted path
+            (``"mypkg.my_head"``, ``--model.init_args.head mypkg.my_head``; a path is kept in the hyperparameters);
+            ``None``: a linear head (``torch.nn.Linear``). In a config, a class with other arguments:
             ``head: {class_path: lightning_hypergrad.nets.MLPHead, init_args: {hidden: [64]}}``.
         head_init: where each task's head starts: ``"zeros"``, ``"fixed"`` (the head's own random initialization,
             drawn once) or ``"learned"`` (a hyperparameter beside the backbone, as ANIL learns it). ``None``:
@@ -64,8 +98,9 @@ class FewShotClassifier(BilevelModule):
             docs/scale.md). ``True`` or ``False``: always or never.
 
     Raises:
-        ValueError: ``depth`` or ``width`` < 1, an unknown backbone or head_init, or ``ways``/``image_shape``
-            disagreeing with the data module's.
+        ValueError: ``depth`` or ``width`` < 1, an unknown backbone or head_init, a backbone or head path that does
+            not import, or ``ways``/``image_shape`` disagreeing with the data module's.
+        TypeError: a head, or a path of a backbone or a head, that cannot be called.
     """
 
     def __init__(
@@ -75,7 +110,7 @@ class FewShotClassifier(BilevelModule):
         depth: int = 3,
         width: int = 32,
         backbone: str | BackboneFactory = "conv",
-        head: HeadFactory | None = None,
+        head: str | HeadFactory | None = None,
         head_init: str | None = None,
         estimator: HypergradEstimator | str | None = None,
         inner_optimizer: DifferentiableOptimizer | None = None,
@@ -102,12 +137,22 @@ class FewShotClassifier(BilevelModule):
         owner = type(self).__name__
         check_int("depth", depth, owner=owner)
         check_int("width", width, owner=owner)
-        if not callable(backbone):
+        # a dotted path is imported here, into another variable: the hyperparameters keep the path
+        backbone_factory = backbone
+        if isinstance(backbone, str) and backbone not in BACKBONES:
+            if "." not in backbone:
+                raise ValueError(
+                    f"{owner} backbone must be one of {', '.join(map(repr, BACKBONES))}, or the dotted path of a class "
+                    f"or a function {_BACKBONE_SIGNATURE} (mypkg.MyBackbone), got {backbone!r}"
+                )
+            backbone_factory = _import_path("backbone", backbone, _BACKBONE_SIGNATURE, owner)
+        elif not isinstance(backbone, str) and not callable(backbone):
             check_choice("backbone", backbone, BACKBONES, owner=owner)
-        if head is not None and not callable(head):
+        head_factory = _import_path("head", head, _HEAD_SIGNATURE, owner) if isinstance(head, str) else head
+        if head_factory is not None and not callable(head_factory):
             raise TypeError(
-                f"{owner} head must be a function head(in_features, ways) -> nn.Module, such as a head class "
-                f"(torch.nn.Linear, lightning_hypergrad.nets.MLPHead), got {head!r}"
+                f"{owner} head must be a function {_HEAD_SIGNATURE}, such as a head class "
+                f"(torch.nn.Linear, lightning_hypergrad.nets.MLPHead) or its dotted path, got {head!r}"
             )
         if head_init is not None:
             check_choice("head_init", head_init, INITS, owner=owner)
@@ -116,11 +161,10 @@ class FewShotClassifier(BilevelModule):
         self.batch_backbone = batch_backbone
         if ways is not None:
             check_int("ways (or null to take the data module's)", ways, 2, owner=owner)
-        self.save_hyperparameters(
-            ignore=["estimator", "inner_optimizer", "head", *([] if isinstance(backbone, str) else ["backbone"])]
-        )
-        self.depth, self.width, self.backbone_name = depth, width, backbone
-        self.head_factory = head
+        callables = [name for name, value in (("backbone", backbone), ("head", head)) if not isinstance(value, str)]
+        self.save_hyperparameters(ignore=["estimator", "inner_optimizer", *callables])  # names and paths are kept
+        self.depth, self.width, self.backbone_name = depth, width, backbone_factory
+        self.head_factory = head_factory
         self.head_init = head_init if head_init is not None else ("zeros" if head is None else "fixed")
         self.ways = ways
         self.image_shape = tuple(image_shape) if image_shape is not None else None

@@ -8,7 +8,7 @@ from lightning_cases import loader, quiet_trainer, random_meta_batch
 from test_resume import NO_WANDB, QUICKSTART, SMALL, fit, run
 
 import lightning_hypergrad as lh
-from lightning_hypergrad.cli import read_checkpoint
+from lightning_hypergrad.cli.checkpoints import read_checkpoint
 
 
 def test_a_folder_a_text_file_and_a_pickled_list_are_named_for_what_they_are(tmp_path):

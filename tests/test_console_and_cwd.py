@@ -237,7 +237,7 @@ def test_wandb_mode_disabled_is_followed_over_the_configs_offline_setting(tmp_pa
 def test_wandb_mode_decides_the_loggers_mode_and_wandb_dir_its_folder(monkeypatch, tmp_path, mode, configured, offline):
     from lightning.pytorch.loggers import WandbLogger
 
-    from lightning_hypergrad.cli import follow_wandb_environment
+    from lightning_hypergrad.cli.wandb import follow_wandb_environment
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     if mode is not None:

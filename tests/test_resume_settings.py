@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from test_resume import NO_WANDB, QUICKSTART, SMALL, fit, run
 
-from lightning_hypergrad.cli import SETTINGS_KEY, cli
+from lightning_hypergrad.cli import cli
+from lightning_hypergrad.cli.checkpoints import SETTINGS_KEY
 
 OTHER_METHOD = ["--model.init_args.estimator=t1t2", "--model.init_args.inner_optimizer.init_args.lr=0.05"]
 FOLDER = Path("lightning-hypergrad") / "quickstart" / "checkpoints"

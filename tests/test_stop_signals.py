@@ -57,9 +57,10 @@ def test_an_error_left_by_an_import_cut_short_by_ctrl_c_is_reported_as_the_stop(
     """A library that swallows the KeyboardInterrupt of an import leaves a half-initialized module, and the error that
     follows (``module 'numpy' has no attribute 'iterable'``) must read as the stop it comes from, not as a traceback."""
     code = (
-        "import lightning_hypergrad._console as c\n"
-        "c._received.append('SIGINT')\n"
-        "c._excepthook(AttributeError, AttributeError(\"module 'numpy' has no attribute 'iterable'\"), None)\n"
+        "from lightning_hypergrad.cli.entry import StopSignals\n"
+        "stops = StopSignals()\n"
+        "stops.received.append('SIGINT')\n"
+        "stops.excepthook(AttributeError, AttributeError(\"module 'numpy' has no attribute 'iterable'\"), None)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 130
@@ -72,8 +73,8 @@ def test_a_stop_signal_during_the_imports_leaves_at_once_whatever_the_import_doe
     code = (
         "import os, signal, sys, time\n"
         "sys.argv[0] = 'lightning-hypergrad'\n"
-        "import lightning_hypergrad._console as c\n"
-        "c.install()\n"
+        "from lightning_hypergrad.cli.entry import install_early\n"
+        "install_early()\n"
         "try:\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
         "    time.sleep(5)\n"
