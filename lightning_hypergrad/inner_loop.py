@@ -42,6 +42,7 @@ class InnerStep:
         params: ``w_t``, connected to ``h`` (and to the inputs) unless the mode is ``CONSTANT``.
         state: ``s_t``.
         loss: ``L_train(w_{t-1}, h)`` (the step's own loss, see ``BilevelProblem.inner_step_loss``), detached.
+        grads: ``grad_w L_train(w_{t-1}, h)``, the gradient the step took (detached in ``CONSTANT`` mode).
     """
 
     t: int
@@ -51,6 +52,7 @@ class InnerStep:
     params: list[Tensor]
     state: OptimizerState
     loss: Tensor
+    grads: list[Tensor] | None = None
 
 
 @dataclass
@@ -119,7 +121,7 @@ def unroll(
                 w_new, s_new = opt.update(w_in, grads, s_in, h)
             losses.append(loss.detach())
             if on_step is not None:
-                on_step(InnerStep(t, step_mode, w_in, s_in, w_new, s_new, loss.detach()))
+                on_step(InnerStep(t, step_mode, w_in, s_in, w_new, s_new, loss.detach(), list(grads)))
             if step_mode is StepMode.CHAIN:
                 w, state = w_new, s_new
             else:

@@ -206,8 +206,17 @@ def _flatten_settings(values: object) -> list[Tensor]:
     return []
 
 
-def check_dependence(problem: BilevelProblem, h: Sequence[Tensor], h_leaf: Sequence[Tensor]) -> None:
-    """Raise if a hyperparameter reaches no loss and no optimizer setting, or a loss captures one directly."""
+def check_dependence(
+    problem: BilevelProblem,
+    h: Sequence[Tensor],
+    h_leaf: Sequence[Tensor],
+    double_backward: tuple[str, str] | None = None,
+) -> None:
+    """Raise if a hyperparameter reaches no loss and no optimizer setting, or a loss captures one directly.
+
+    ``double_backward``: ``(estimator, alternatives)`` for an estimator that differentiates the inner gradient:
+    also raise where that gradient cannot be differentiated (from the same evaluation of the losses).
+    """
     with torch.enable_grad():
         w0 = problem.initial(h_leaf)
         w = leaves(w0)
@@ -218,6 +227,8 @@ def check_dependence(problem: BilevelProblem, h: Sequence[Tensor], h_leaf: Seque
         except RuntimeError as error:
             _explain_dtypes(error, w, h_leaf)
             raise
+        if double_backward is not None:
+            _check_double_backward(roots[-1] if problem.inner_step_loss is not None else roots[0], w, *double_backward)
         if problem.learned_init:
             roots += w0
         for name in problem.optimizer.hyper_settings():
@@ -261,4 +272,35 @@ def check_dependence(problem: BilevelProblem, h: Sequence[Tensor], h_leaf: Seque
             f"{problem.describe(unused)} affect neither the inner loss, the outer loss, the inner optimizer's "
             "settings nor the initialization, so their hypergradient is undefined; remove them from "
             "`hyperparameters` or make the losses depend on them"
+        )
+
+
+def _first_order_only(roots: Sequence[Tensor]) -> bool:
+    """Whether the autograd graphs of ``roots`` hold a node that cannot be differentiated again (what a
+    ``once_differentiable`` backward leaves behind a gradient taken with ``create_graph=True``)."""
+    stack = [r.grad_fn for r in roots if isinstance(r, Tensor) and r.grad_fn is not None]
+    seen = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ in ("Error", "DelayedError"):
+            return True
+        stack.extend(fn for fn, _ in node.next_functions)
+    return False
+
+
+def _check_double_backward(loss: Tensor, w: Sequence[Tensor], estimator: str, alternatives: str) -> None:
+    """Raise ``RuntimeError`` where the gradient of the training ``loss`` cannot be differentiated (a
+    ``once_differentiable`` function in it): autograd would drop those paths of a second-order hypergradient silently.
+    """
+    if not loss.requires_grad:
+        return
+    grads = torch.autograd.grad(loss, w, create_graph=True, allow_unused=True, retain_graph=True)
+    if _first_order_only([g for g in grads if g is not None]):
+        raise RuntimeError(
+            f"{estimator} differentiates through the inner gradient (double backward), but the training loss uses a "
+            "function whose backward cannot be differentiated (once_differentiable; autograd would drop its part of "
+            f"the hypergradient silently); use an estimator without double backward: {alternatives}"
         )

@@ -9,6 +9,7 @@ from lightning_hypergrad.estimators import registry
 from lightning_hypergrad.estimators.auto_greedy import AutoGreedy
 from lightning_hypergrad.estimators.base import AdjointEstimator, HypergradEstimator, HypergradResult
 from lightning_hypergrad.estimators.conjugate_gradient import ConjugateGradient
+from lightning_hypergrad.estimators.finite_difference import T1T2FD, GreedyFD
 from lightning_hypergrad.estimators.first_order import FO
 from lightning_hypergrad.estimators.forward import FMD
 from lightning_hypergrad.estimators.greedy import T1T2, Greedy
@@ -41,8 +42,10 @@ __all__ = [
     "FO",
     "RMD",
     "T1T2",
+    "T1T2FD",
     "ConjugateGradient",
     "Greedy",
+    "GreedyFD",
     "GreedyTail",
     "HypergradEstimator",
     "HypergradResult",

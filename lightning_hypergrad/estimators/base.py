@@ -217,8 +217,13 @@ class HypergradEstimator(ABC):
             h = _features(problem) if problem.features is not None else problem.hyperparameters
             h_leaf = leaves(h)
             if check:
-                check_dependence(problem, h, h_leaf)
-            hypergrads, estimate = self._hypergrads(problem, h, h_leaf)
+                second = (str(self), capable_names("double_backward", having=False))
+                check_dependence(problem, h, h_leaf, second if self.capabilities.double_backward else None)
+            try:
+                hypergrads, estimate = self._hypergrads(problem, h, h_leaf)
+            except RuntimeError as error:
+                self._explain_double_backward(error)
+                raise
         finite = self._check_finite(hypergrads) if check_finite else True
         if accumulate and finite:
             for a, g in zip(problem.hyperparameters, hypergrads):
@@ -256,6 +261,18 @@ class HypergradEstimator(ABC):
                 retain_graph=retain_graph,
             )
         return [torch.zeros_like(a) if g is None else g for a, g in zip(problem.hyperparameters, mapped)]
+
+    def _explain_double_backward(self, error: RuntimeError) -> None:
+        """Raise one clear line where a model without a second derivative stopped a second-order estimator."""
+        text = str(error)
+        signs = ("once_differentiable", "double backward", "twice", "second order", "derivative for")
+        if not self.capabilities.double_backward or not any(sign in text for sign in signs):
+            return
+        raise RuntimeError(
+            f"{self} differentiates through the inner gradient (double backward), which the model does not support "
+            f"({text.splitlines()[0][:160]}); use an estimator without double backward: "
+            f"{capable_names('double_backward', having=False)}"
+        ) from error
 
     def _check_finite(self, hypergrads: Sequence[Tensor]) -> bool:
         if bool(torch.stack([torch.isfinite(g).all() for g in hypergrads]).all()):  # one host sync

@@ -26,6 +26,7 @@ class FO(AdjointEstimator):
         memory="O(P+H)",
         example="fo",
         learned_init=True,
+        double_backward=False,
     )
 
     def products(self, inner_steps: int | None) -> int | None:

@@ -115,7 +115,6 @@ class Neumann(ImplicitEstimator):
         # a fixed scale is linear in the problem, so the tasks of a meta-batch can run stacked
         self.capabilities = dataclasses.replace(Neumann.capabilities, batchable=self.scale != "auto")
 
-
     @property
     def jvps(self) -> int:
         """Second-order products per problem: power iterations (``scale="auto"``) + K series terms + 1 mixed."""

@@ -45,6 +45,9 @@ class Capabilities:
         batchable: whether the hypergradient of a sum of independent problems is the sum of theirs, so that a
             meta-batch's tasks can run as one stacked problem (``BilevelModule(batch_tasks=True)``).
         exact: whether it is the exact hypergradient of the unrolled loop (up to rounding).
+        double_backward: whether it differentiates through the inner gradient (``create_graph=True``): such an
+            estimator cannot run through an operation without a second derivative (a ``once_differentiable``
+            function, some fused kernels) nor under ``torch.compile``.
     """
 
     computes: str
@@ -56,9 +59,10 @@ class Capabilities:
     optimizer_settings: bool = True
     batchable: bool = True
     exact: bool = False
+    double_backward: bool = True
 
 
-_FILTERS = ("learned_init", "optimizer_settings", "batchable", "exact")
+_FILTERS = ("learned_init", "optimizer_settings", "batchable", "exact", "double_backward")
 
 _ESTIMATORS: dict[str, type[HypergradEstimator]] = {}
 _loaded = False
@@ -109,7 +113,8 @@ def list_estimators(**capabilities: bool) -> list[str]:
     """The spec names of the registered estimators, sorted; with ``capability=True/False``, those that have it (or not).
 
     Args:
-        capabilities: any of ``learned_init``, ``optimizer_settings``, ``batchable``, ``exact``.
+        capabilities: any of ``learned_init``, ``optimizer_settings``, ``batchable``, ``exact``,
+            ``double_backward``.
 
     Raises:
         ValueError: an unknown capability.
@@ -180,10 +185,11 @@ def _parse_spec(spec: str) -> tuple[str, list[object], dict[str, object]]:
     return name, args, options
 
 
-def capable_names(capability: str) -> str:
-    """The registered specs with ``capability``, as a message lists them: ``"fo, fmd, greedy(gamma), ..."``."""
+def capable_names(capability: str, having: bool = True) -> str:
+    """The registered specs with ``capability`` (or, ``having=False``, without it), as a message lists them:
+    ``"fo, fmd, greedy(gamma), ..."``."""
     names = []
-    for name in list_estimators(**{capability: True}):
+    for name in list_estimators(**{capability: having}):
         args = registered()[name].spec_args
         names.append(f"{name}({', '.join(args)})" if args else name)
     return ", ".join(names)
@@ -204,14 +210,14 @@ def estimator_table() -> str:
     yes = {True: "yes", False: "no"}
     lines = [
         "| spec | class | computes | extra cost per problem | memory | exact | learned init | "
-        "optimizer settings as hyperparameters | `batch_tasks` |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "optimizer settings as hyperparameters | `batch_tasks` | double backward |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for cls in registered().values():
         c = cls.capabilities
         lines.append(
             f"| `{c.example}` | `{_signature(cls)}` | {c.computes} | {c.cost} | {c.memory} | {yes[c.exact]} | "
-            f"{yes[c.learned_init]} | {yes[c.optimizer_settings]} | {yes[c.batchable]} |"
+            f"{yes[c.learned_init]} | {yes[c.optimizer_settings]} | {yes[c.batchable]} | {yes[c.double_backward]} |"
         )
     return "\n".join(lines)
 
