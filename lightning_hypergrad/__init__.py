@@ -36,6 +36,7 @@ _PUBLIC = {
             "GreedyTail",
             "HypergradEstimator",
             "HypergradResult",
+            "MINRES",
             "MomentumGreedy",
             "Neumann",
             "TruncatedRMD",
@@ -54,6 +55,7 @@ _PUBLIC = {
     "BilevelModule": "lightning_hypergrad.module",
     "FewShotClassifier": "lightning_hypergrad.fewshot",
     "MAML": "lightning_hypergrad.fewshot",
+    "IMAML": "lightning_hypergrad.fewshot",
     "HypergradCallback": "lightning_hypergrad.callbacks",
     "FewShotDataModule": "lightning_hypergrad.data",
 }

@@ -322,3 +322,30 @@ class MAML(FewShotClassifier):
 
     def task_metrics(self, model, h, task):
         return {"acc": (model(task["query_x"]).argmax(-1) == task["query_y"]).float().mean()}
+
+
+class IMAML(MAML):
+    """Implicit MAML (Rajeswaran et al., 2019): MAML whose inner loss adds ``lambda/2 |w - phi|^2`` and whose inner
+    loop starts at ``phi`` detached, so that the implicit estimators give the initialization's hypergradient
+    ``(I + H / lambda)^-1 g_T`` (``H``: the Hessian of the support loss at ``w_T``) without a graph through the loop.
+
+    The solver is the estimator: ``"cg(5, normal=True)"`` (CG on the normal equations, which cannot break down where
+    ``H + lambda I`` is indefinite at an unconverged ``w_T``; the default), ``"minres(5)"``, ``"cg(5)"`` (stops, with
+    a warning, on negative curvature) or ``"neumann(5)"``. An unrolled estimator (``"rmd"``) differentiates through
+    the loop from the detached start, a reference that tends to the implicit hypergradient as the inner loop
+    converges; ``"fo"`` takes ``g_T`` itself. Memory does not grow with ``inner_steps`` for the implicit estimators.
+
+    Args: as :class:`MAML`, and
+        proximal: ``lambda`` > 0, the strength of the pull towards the initialization (iMAML's regularization).
+    """
+
+    def __init__(self, *args, proximal: float = 2.0, **kwargs) -> None:
+        self.proximal = proximal
+        kwargs.setdefault("estimator", "cg(5, normal=True)")
+        super().__init__(*args, **kwargs)
+
+    def _build(self) -> None:
+        backbone = self._backbone()
+        network = nn.Sequential(backbone, self._head(backbone.out_features))
+        self.inner_model = InnerModel(network, init="learned", proximal=self.proximal)
+

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import functools
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -49,20 +50,37 @@ class InnerModel(nn.Module):
               estimators differentiate the initialization (each says how; the others refuse it).
         params: the names (or glob patterns, ``"head.*"``) of the parameters that are inner parameters; default all.
             The module's other parameters must be constants (not require grad): they are used as they are.
+        proximal: with ``init="learned"``, implicit MAML (iMAML, Rajeswaran et al., 2019): ``lambda > 0`` adds
+            ``lambda/2 |w - phi|^2`` to the inner loss, where ``phi`` are the module's parameters (the learned
+            initialization), and the inner loop starts at ``phi`` detached. ``w_T`` then depends on ``phi`` through
+            the proximal term alone, so the implicit estimators define its hypergradient
+            (``(I + H / lambda)^-1 g_T``, with ``H`` the Hessian of the inner loss without the term).
 
     Raises:
-        ValueError: ``init`` unknown, a name of ``params`` that matches nothing, or another parameter that requires
-            grad.
+        ValueError: ``init`` unknown, a name of ``params`` that matches nothing, another parameter that requires
+            grad, or ``proximal`` not a number > 0 or given without ``init="learned"``.
     """
 
-    def __init__(self, module: nn.Module, init: str = "fixed", params: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, module: nn.Module, init: str = "fixed", params: Sequence[str] | None = None, proximal: float | None = None
+    ) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"InnerModel takes an nn.Module, got {type(module).__name__}")
         if init not in INITS:
             raise ValueError(f"InnerModel init={init!r} is not one of {', '.join(map(repr, INITS))}")
+        if proximal is not None:
+            if isinstance(proximal, bool) or not isinstance(proximal, (int, float)) or not 0 < proximal < math.inf:
+                raise ValueError(f"InnerModel proximal (iMAML's lambda) must be a number > 0, got {proximal!r}")
+            if init != "learned":
+                raise ValueError(
+                    f"InnerModel proximal={proximal} pulls w towards a learned initialization; set init='learned' "
+                    "(iMAML), or remove proximal"
+                )
         self.module = module
         self.init = init
+        #: iMAML's ``lambda`` (``None``: no proximal term)
+        self.proximal = None if proximal is None else float(proximal)
         every = [name for name, _ in module.named_parameters()]
         if params is None:
             names = every

@@ -76,6 +76,9 @@ class TaskFamily:
         stacked_features: optional; the features of stacked tasks at once (``None`` from it: one call per task).
         task_metrics: optional ``metrics(model, h, task) -> {name: number}`` after the inner loop.
         hyperparameter_names: optional names of the hyperparameter tensors, for error messages.
+        proximal: iMAML's ``lambda``, with a learned initialization: the problems start at the initialization
+            detached and add ``lambda/2 |w - phi(h)|^2`` to the inner loss (``phi``: the initialization, read from
+            ``h``), so that ``w_0`` is a constant and the initialization a hyperparameter of the inner loss.
     """
 
     inner_loss: TaskLoss
@@ -90,6 +93,7 @@ class TaskFamily:
     stacked_features: Callable[[StackedTasks], Sequence[Tensor] | None] | None = None
     task_metrics: Callable[[Any, Sequence[Tensor], Task], dict[str, Any]] | None = None
     hyperparameter_names: Sequence[str] | None = None
+    proximal: float | None = None
 
     def bound(self, fn: Callable[..., Any]) -> Callable[[Sequence[Tensor], Sequence[Tensor], Task], Any]:
         """``fn(model, h, task)`` as a function of the flat inner parameters ``w``."""
@@ -133,15 +137,26 @@ class TaskProblem:
                 self.features = list(features_of(task))
                 return [*self.features, *self._tail]
 
-        if self.start is not None:
-            init: Any = self.start[0]
-        elif self._tail:
-            init = lambda h: list(h)[len(h) - len(self._tail) :]  # noqa: E731
-        else:
-            init = family.init(task)
+        tail = len(self._tail)
+        init: Any = self.start[0] if self.start is not None else None
+        if init is None:
+            # what the problem takes as init_params; with a learned initialization, a function of h (phi)
+            init = (lambda h: list(h)[len(h) - tail :]) if self._tail else family.init(task)
+        phi = init
+        proximal = family.proximal if self.start is None and callable(phi) else None
+        if proximal is not None:  # iMAML: start at the initialization, detached
+            init = [x.detach() for x in (self._tail or phi(family.hyperparameters))]
         inner_loss, outer_loss = family.bound(family.inner_loss), family.bound(family.outer_loss)
+        if proximal is None:
+            inner = lambda w, h: inner_loss(w, self.losses_h(h), task)  # noqa: E731
+        else:
+
+            def inner(w, h):
+                pull = sum(((a - b) ** 2).sum() for a, b in zip(w, phi(h)))
+                return inner_loss(w, self.losses_h(h), task) + 0.5 * proximal * pull
+
         self.problem = BilevelProblem(
-            inner_loss=lambda w, h: inner_loss(w, self.losses_h(h), task),
+            inner_loss=inner,
             outer_loss=lambda w, h: outer_loss(w, self.losses_h(h), task),
             hyperparameters=family.hyperparameters,
             init_params=init,

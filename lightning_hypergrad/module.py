@@ -244,7 +244,8 @@ class BilevelModule(TaskProblems, DataSettings, CheckpointHooks, EvaluationHooks
                     "the carried inner parameters replace w_0, so the initialization would get no hypergradient; use "
                     "online: false for MAML-style learning, or init 'fixed' with online"
                 )
-            self.estimator.check_learned_init()
+            if self._differentiates_init():  # with iMAML's proximal term, w_0 is a constant and phi in the loss
+                self.estimator.check_learned_init()
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.outer_lr)

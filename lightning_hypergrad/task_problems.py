@@ -44,6 +44,10 @@ class TaskProblems:
         inner = self._inner_model()
         return inner is not None and inner.init == "learned"
 
+    def _differentiates_init(self) -> bool:
+        """Whether the estimators differentiate ``w_0`` (a learned initialization without iMAML's proximal term)."""
+        return self._learned_init() and self._inner_model().proximal is None
+
     def task_family(self) -> TaskFamily:
         """How each task becomes a bilevel problem, from this module's hooks and settings (no Lightning involved)."""
         inner = self._inner_model()
@@ -72,6 +76,7 @@ class TaskProblems:
             stacked_features=self.stacked_features if self._uses_features() else None,
             task_metrics=self.task_metrics,
             hyperparameter_names=[names.get(id(a), f"hyperparameters[{i}]") for i, a in enumerate(hyperparameters)],
+            proximal=None if inner is None else inner.proximal,
         )
 
     def _start(self) -> tuple[list[Tensor], OptimizerState] | None:
@@ -154,7 +159,7 @@ class TaskProblems:
             inner_loss=lambda w, h: w[0].sum(),
             outer_loss=lambda w, h: w[0].sum(),
             hyperparameters=self.hyperparameters(),
-            init_params=(lambda h: list(h)) if self._learned_init() else [torch.zeros(1)],
+            init_params=(lambda h: list(h)) if self._differentiates_init() else [torch.zeros(1)],
             optimizer=self.inner_optimizer,
             steps=self.inner_steps,
         )

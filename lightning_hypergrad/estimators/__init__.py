@@ -14,6 +14,7 @@ from lightning_hypergrad.estimators.first_order import FO
 from lightning_hypergrad.estimators.forward import FMD
 from lightning_hypergrad.estimators.greedy import T1T2, Greedy
 from lightning_hypergrad.estimators.greedy_variants import GreedyTail, MomentumGreedy
+from lightning_hypergrad.estimators.minres import MINRES
 from lightning_hypergrad.estimators.neumann import Neumann
 from lightning_hypergrad.estimators.registry import (
     Capabilities,
@@ -49,6 +50,7 @@ __all__ = [
     "GreedyTail",
     "HypergradEstimator",
     "HypergradResult",
+    "MINRES",
     "MomentumGreedy",
     "Neumann",
     "TruncatedRMD",

@@ -21,15 +21,22 @@ class ConjugateGradient(ImplicitEstimator):
     warning, on non-positive curvature ``p . (H + damping I) p <= 0`` (the inner loop is not at a minimum):
     ``damping`` above the magnitude of the most negative eigenvalue prevents that, at the price of a bias.
 
-    **Cost** per problem: at most ``K`` Hessian-vector products (one per step) and one mixed second-derivative
-    product, ``K + 1`` JVPs (:attr:`jvps`); :attr:`last_stats` holds the products used and the final relative
-    residual.
+    **Normal equations** (``normal=True``): CG on ``H^2 x = H g_T`` instead, whose matrix is positive semi-definite
+    whatever the signs of ``H``'s eigenvalues, so it never meets negative curvature (TorchOpt's iMAML solves this
+    way); it converges more slowly (the condition number squared) and costs two products a step. Where ``H`` is
+    singular along ``g_T`` it returns the least-squares solution. The residual reported is ``|g_T - H x| / |g_T|``
+    of the original system.
+
+    **Cost** per problem: at most ``K`` Hessian-vector products (one per step; ``2K + 1`` with ``normal=True``) and one
+    mixed second-derivative product (:attr:`jvps`); :attr:`last_stats` holds the products used and the final
+    relative residual.
 
     Args:
         iterations: ``K``, the most conjugate-gradient steps (one Hessian-vector product each).
         tol: relative residual at which to stop (``0``: run all K steps unless the residual vanishes).
         damping: Tikhonov damping: CG solves ``(H + damping I) x = g_T``; a number >= 0, or ``"1/lr"`` for ``1 /``
             the inner SGD's learning rate (see :class:`ImplicitEstimator`).
+        normal: solve the normal equations ``H^2 x = H g_T`` (no breakdown on an indefinite ``H``).
 
     Raises:
         ValueError: ``iterations`` < 1, ``tol`` < 0 or ``damping`` < 0 (or a string other than ``"1/lr"``);
@@ -38,8 +45,8 @@ class ConjugateGradient(ImplicitEstimator):
 
     name = "cg"
     capabilities = Capabilities(
-        computes="IFT, `(H + damping I)^-1 g_T` by K CG steps",
-        cost="K HVPs + 1",
+        computes="IFT, `(H + damping I)^-1 g_T` by K CG steps; `normal=True`: CG on `H^2 x = H g_T` (indefinite `H`)",
+        cost="K HVPs + 1 (`normal=True`: 2K + 2)",
         memory="O(P+H)",
         example="cg(10)",
         learned_init_refusal=ImplicitEstimator.LEARNED_INIT_REFUSAL,
@@ -47,17 +54,32 @@ class ConjugateGradient(ImplicitEstimator):
         batchable=False,  # its step sizes are inner products over the whole problem: the tasks run one by one
     )
     spec_args = ("iterations",)
-    spec_options = ("tol", "damping", "nonfinite")
+    spec_options = ("tol", "damping", "normal", "nonfinite")
 
     def __init__(
-        self, iterations: int = 10, tol: float = 1e-12, damping: float | str = 0.0, nonfinite: str = "warn"
+        self,
+        iterations: int = 10,
+        tol: float = 1e-12,
+        damping: float | str = 0.0,
+        normal: bool = False,
+        nonfinite: str = "warn",
     ) -> None:
         super().__init__(iterations, damping, nonfinite)
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
             raise ValueError(f"ConjugateGradient tol must be a finite number >= 0, got {tol!r}")
+        if not isinstance(normal, bool):
+            raise ValueError(f"ConjugateGradient normal must be true or false, got {normal!r}")
         self.tol = float(tol)
+        self.normal = normal
+
+    @property
+    def jvps(self) -> int:
+        """Second-order products per problem: the solve's HVPs (at most; two a step with ``normal``) plus one."""
+        return 2 * self.iterations + 2 if self.normal else self.iterations + 1
 
     def solve(self, hvp, rhs: Vector, problem) -> Vector:
+        if self.normal:
+            return self._solve_normal(hvp, rhs)
         x = [torch.zeros_like(r) for r in rhs]
         r = list(rhs)
         p = list(rhs)
@@ -84,5 +106,32 @@ class ConjugateGradient(ImplicitEstimator):
             p = [a + (rr_new / rr) * b for a, b in zip(r, p)]
             rr = rr_new
         residual = float((rr / rr0).sqrt()) if rr0 > 0 else 0.0
+        self._record(hvp, residual=residual)
+        return x
+
+    def _solve_normal(self, hvp, rhs: Vector) -> Vector:
+        """CG on ``H^2 x = H b`` (CGNR for a symmetric ``H``), tracking the residual ``s = b - H x`` itself."""
+        x = [torch.zeros_like(r) for r in rhs]
+        s = list(rhs)  # b - H x
+        r = hvp(s)  # H (b - H x): the normal equations' residual
+        p = list(r)
+        bb = dot(rhs, rhs)
+        rr = dot(r, r)
+        stop = (self.tol**2) * bb
+        for _ in range(self.iterations):
+            if dot(s, s) <= stop or rr == 0:
+                break
+            hp = hvp(p)
+            curvature = dot(hp, hp)  # p . H^2 p >= 0
+            if curvature == 0:
+                break
+            step = rr / curvature
+            x = [a + step * b for a, b in zip(x, p)]
+            s = [a - step * b for a, b in zip(s, hp)]
+            r = hvp(s)
+            rr_new = dot(r, r)
+            p = [a + (rr_new / rr) * b for a, b in zip(r, p)]
+            rr = rr_new
+        residual = float((dot(s, s) / bb).sqrt()) if bb > 0 else 0.0
         self._record(hvp, residual=residual)
         return x
