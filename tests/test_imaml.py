@@ -118,10 +118,10 @@ def test_minres_and_normal_cg_solve_an_indefinite_system_where_plain_cg_stops(es
 
 
 def test_the_solvers_report_the_residual_of_the_original_system():
-    a, b = _indefinite()
-    for estimator, iterations in ((lh.MINRES(3), 3), (lh.ConjugateGradient(3, normal=True), 3)):
-        from lightning_hypergrad.estimators.implicit import _Monitor
+    from lightning_hypergrad.estimators.implicit import _Monitor
 
+    a, b = _indefinite()
+    for estimator in (lh.MINRES(3), lh.ConjugateGradient(3, normal=True)):
         x = estimator.solve(_Monitor(lambda v: [a @ v[0]]), [b], None)[0]
         residual = float(torch.linalg.vector_norm(b - a @ x) / torch.linalg.vector_norm(b))
         assert estimator.last_stats.residual == pytest.approx(residual, rel=1e-8), type(estimator).__name__
