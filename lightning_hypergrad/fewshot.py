@@ -348,4 +348,3 @@ class IMAML(MAML):
         backbone = self._backbone()
         network = nn.Sequential(backbone, self._head(backbone.out_features))
         self.inner_model = InnerModel(network, init="learned", proximal=self.proximal)
-
