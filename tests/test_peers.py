@@ -43,6 +43,16 @@ def test_whole_network_hpo_equal_to_higher_and_torchopt(peer):
     assert study.relative_difference(case.ours["t1t2"](), theirs) > 1e-3  # an estimate, and the check can see it
 
 
+def test_imaml_equal_to_torchopts_implicit_maml():
+    _need("torchopt")
+    case = study.imaml_case(PEERS, torch.float64)
+    spec, theirs = case.exact[0], case.peers["TorchOpt iMAML (custom_root, normal CG)"]()
+    assert study.relative_difference(case.ours[spec](), theirs) < 1e-12
+    assert max(float(g.abs().max()) for g in theirs) > 1e-6
+    # another solver of the same system (fewer iterations than unknowns): close but not equal, and the check sees it
+    assert study.relative_difference(case.ours["minres(5)"](), theirs) > 1e-9
+
+
 def test_a_missing_peer_is_left_out_with_the_command(monkeypatch, tmp_path):
     real = study.importlib.import_module
 

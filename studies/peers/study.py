@@ -303,8 +303,82 @@ def hpo_case(peers: dict[str, Any], dtype: torch.dtype, steps: int, lr: float = 
     )
 
 
+def imaml_case(
+    peers: dict[str, Any], dtype: torch.dtype, steps: int = 5, lr: float = 0.05, lam: float = 2.0, solves: int = 5
+) -> Case:
+    """iMAML on the cost study's small conv net (4 tasks, 10-way 5-shot, T = 5, lambda 2): ours (``lh.IMAML``'s
+    configuration, ``cg(5, normal=True, tol=0.0)``) against TorchOpt's ``custom_root`` with ``solve_normal_cg`` (5
+    iterations), written as TorchOpt's ``examples/iMAML`` does; ``minres(5)`` beside it."""
+    from lightning_hypergrad.meta_gradient import TaskFamily, meta_gradient
+
+    torch.manual_seed(0)
+    net = whole_network().to(DEVICE, dtype)
+    generator = torch.Generator().manual_seed(4)
+    tasks = [tuple(_on(x, dtype) for x in t) for t in _tasks(generator, 4, (1, 28, 28), 10, 5, 5)]
+    inner = lh.InnerModel(net, init="learned", proximal=lam)
+    params = list(net.parameters())
+    names = [n for n, _ in net.named_parameters()]
+
+    def ours(spec: str) -> Method:
+        family = TaskFamily(
+            inner_loss=lambda model, h, task: F.cross_entropy(model(task[0]), task[1]),
+            outer_loss=lambda model, h, task: F.cross_entropy(model(task[2]), task[3]),
+            hyperparameters=params,
+            optimizer=lh.SGD(lr=lr),
+            steps=steps,
+            init=lambda task: inner.init_params(params),
+            bind=inner.bind,
+            proximal=lam,
+        )
+        estimator = lh.get_estimator(spec)
+
+        def run() -> Grads:
+            step = meta_gradient(family, tasks, estimator, check=False)
+            return [g * len(tasks) for g in step.hypergrads]  # the sum over the tasks, as the peer accumulates
+
+        return run
+
+    def torchopt_run() -> Grads:
+        torchopt = peers["torchopt"]
+
+        def objective(ps, meta, xs, ys):
+            pull = sum(0.5 * lam * ((a - b) ** 2).sum() for a, b in zip(ps, meta))
+            return F.cross_entropy(torch.func.functional_call(net, dict(zip(names, ps)), (xs,)), ys) + pull
+
+        @torchopt.diff.implicit.custom_root(
+            torch.func.grad(objective, argnums=0),
+            argnums=1,
+            solve=torchopt.linear_solve.solve_normal_cg(maxiter=solves, atol=0.0),
+        )
+        def solve(ps, meta, xs, ys):
+            ps = [p.detach().requires_grad_() for p in ps]
+            with torch.enable_grad():
+                for _ in range(steps):
+                    grads = torch.autograd.grad(objective(ps, meta, xs, ys), ps)
+                    ps = [(p - lr * g).detach().requires_grad_() for p, g in zip(ps, grads)]
+            return tuple(ps)
+
+        for xs, ys, xq, yq in tasks:
+            start = tuple(p.detach().clone() for p in params)
+            adapted = solve(start, tuple(params), xs, ys)
+            out = torch.func.functional_call(net, dict(zip(names, adapted)), (xq,))
+            F.cross_entropy(out, yq).backward()
+        return _grads(params)
+
+    peer_methods = {"TorchOpt iMAML (custom_root, normal CG)": torchopt_run} if "torchopt" in peers else {}
+    reference = next(iter(peer_methods), "")
+    specs = (f"cg({solves}, normal=True, tol=0.0)", f"minres({solves})")
+    return Case("imaml", steps, {spec: ours(spec) for spec in specs}, peer_methods, specs[:1],
+                {spec: reference for spec in specs})  # fmt: skip
+
+
 def cases(peers: dict[str, Any], dtype: torch.dtype, hpo_steps: Sequence[int]) -> list[Case]:
-    return [anil_case(peers, dtype), maml_case(peers, dtype), *(hpo_case(peers, dtype, t) for t in hpo_steps)]
+    return [
+        anil_case(peers, dtype),
+        maml_case(peers, dtype),
+        imaml_case(peers, dtype),
+        *(hpo_case(peers, dtype, t) for t in hpo_steps),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""MAML, first-order MAML and iMAML side by side (python -m studies.imaml)."""

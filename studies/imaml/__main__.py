@@ -1,0 +1,5 @@
+import sys
+
+from studies.imaml.study import main
+
+sys.exit(main())
