@@ -339,6 +339,15 @@ def logged_steps(run_dir: Path) -> list[int]:
     return steps
 
 
+def _logged_so_far(cwd) -> list[int]:
+    """The steps in the history of the W&B run under way in ``cwd`` (none while it has no file yet)."""
+    runs = list((cwd / "wandb").glob("offline-run-*"))
+    try:
+        return logged_steps(runs[0]) if runs else []
+    except Exception:  # a record being written
+        return []
+
+
 def test_a_killed_run_keeps_its_wandb_history_and_a_resumed_one_continues_its_wandb_run(tmp_path):
     """SIGKILL two seconds after the first checkpoint: the run's ``.wandb`` file holds what it logged up to a second
     before (W&B wrote the file every 15 s, or when 32 KiB had piled up, so such a run kept nothing); resumed with the
@@ -355,7 +364,13 @@ def test_a_killed_run_keeps_its_wandb_history_and_a_resumed_one_continues_its_wa
             assert process.poll() is None, (tmp_path / "output.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.1)
-        time.sleep(2)
+        # two seconds, or up to six on a loaded machine until the history shows step 2: well inside W&B's own
+        # 15 s flush interval, which this guards against
+        waited = time.monotonic()
+        while time.monotonic() - waited < 6:
+            time.sleep(0.5)
+            if time.monotonic() - waited >= 2 and any(s >= 2 for s in _logged_so_far(tmp_path)):
+                break
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
     finally:
