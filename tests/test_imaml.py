@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 
+import lightning as L
 import pytest
 import torch
 from lightning_cases import loader, quiet_trainer, random_meta_batch
@@ -135,3 +136,34 @@ def test_imaml_trains_through_lightning_with_its_default_solver():
     before = [p.detach().clone() for p in model.parameters()]
     quiet_trainer(max_steps=2).fit(model, loader(random_meta_batch(seed=0), random_meta_batch(seed=1)))
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+
+
+def test_t1t2_on_the_proximal_problem_is_its_one_step_term_lr_lambda_g_t():
+    # B_T = d Phi / d phi = -lr d(grad_w)/d phi = lr lambda I (the proximal term's mixed derivative is -lambda I)
+    model = _QuadraticIMAML("t1t2", steps=4)
+    got = model.meta_gradient([None]).hypergrads[0]
+    a, b, c, phi = _quadratic_system()
+    w = phi.clone()
+    for _ in range(4):  # the inner loop by hand, from phi
+        w = w - 0.15 * (a @ w - b + LAMBDA * (w - phi))
+    assert torch.allclose(got, 0.15 * LAMBDA * (w - c), rtol=1e-12, atol=1e-14)
+
+
+class _Logged(L.Callback):
+    def __init__(self) -> None:
+        self.seen: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("hypergrad/solver")})
+
+
+def test_the_callback_logs_the_solvers_residual_and_products():
+    torch.manual_seed(0)
+    model = lh.IMAML(ways=3, image_shape=(1, 8, 8), inner_steps=2, proximal=1.0, estimator="minres(3)")
+    logged = _Logged()
+    trainer = quiet_trainer(max_steps=2, callbacks=[lh.HypergradCallback(every_n_steps=100), logged])
+    trainer.fit(model, loader(random_meta_batch(seed=0), random_meta_batch(seed=1)))
+    assert len(logged.seen) == 2 and all(
+        set(s) == {"hypergrad/solver_residual", "hypergrad/solver_hvps"} for s in logged.seen
+    )
+    assert all(0 <= s["hypergrad/solver_residual"] < 1 and s["hypergrad/solver_hvps"] <= 3 for s in logged.seen)

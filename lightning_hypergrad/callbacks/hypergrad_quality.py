@@ -37,7 +37,10 @@ class HypergradCallback(L.Callback):
     spec string (``greedy(0.9)``; a ``/`` in it written ``%2F``). When the module's estimator is an
     :class:`~lightning_hypergrad.AutoGreedy`, the same reference chooses its discount (``hypergrad/auto_gamma``).
     The cost (one reference computation, plus one per compared estimator) is paid only on the steps it runs;
-    batch-norm running statistics are restored afterwards, so the extra computations leave no trace.
+    batch-norm running statistics are restored afterwards, so the extra computations leave no trace. With an implicit
+    estimator (``cg``, ``minres``, ``neumann``), every training step also logs what its solve saw for the step's last
+    task: ``hypergrad/solver_residual`` (``|g_T - H x| / |g_T|``, where the solver reports one) and
+    ``hypergrad/solver_hvps`` (the Hessian-vector products it used).
 
     Args:
         every_n_steps: run on the steps whose ``global_step`` is a multiple of this.
@@ -105,6 +108,11 @@ class HypergradCallback(L.Callback):
             pl_module.estimator.start_grid()  # the module's step accumulates the grid's hypergradients
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
+        stats = getattr(pl_module.estimator, "last_stats", None)
+        if stats is not None:  # an implicit estimator's solve of the step's last task
+            if stats.residual is not None:
+                pl_module.log("hypergrad/solver_residual", float(stats.residual))
+            pl_module.log("hypergrad/solver_hvps", float(stats.hvps))
         if self._reference is None:
             return
         estimate = outputs["hypergrad"] if isinstance(outputs, dict) and "hypergrad" in outputs else None
