@@ -37,6 +37,7 @@ _PUBLIC = {
             "HypergradEstimator",
             "HypergradResult",
             "MINRES",
+            "MixedRMD",
             "MomentumGreedy",
             "Neumann",
             "TruncatedRMD",

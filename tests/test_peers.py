@@ -38,7 +38,7 @@ def test_whole_network_hpo_equal_to_higher_and_torchopt(peer):
     _need("higher" if peer.startswith("higher") else "torchopt")
     case = study.hpo_case(PEERS, torch.float64, steps=6)
     theirs = case.peers[peer]()
-    for method in ("rmd", "rmd(checkpoint_every='sqrt')"):
+    for method in ("rmd", "rmd(checkpoint_every='sqrt')", "mixed_rmd", "mixed_rmd(checkpoint_every='sqrt')"):
         assert study.relative_difference(case.ours[method](), theirs) < 1e-12
     assert study.relative_difference(case.ours["t1t2"](), theirs) > 1e-3  # an estimate, and the check can see it
 

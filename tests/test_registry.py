@@ -106,7 +106,7 @@ def test_list_estimators_filters_by_the_declared_capabilities():
         assert having | lacking == set(names) and not having & lacking
         for name in having:
             assert getattr(registry.registered()[name].capabilities, capability) is True
-    assert set(lh.list_estimators(exact=True)) == {"rmd", "fmd"}
+    assert set(lh.list_estimators(exact=True)) == {"rmd", "fmd", "mixed_rmd"}
     assert "cg" not in lh.list_estimators(optimizer_settings=True)
     with pytest.raises(ValueError, match="unknown capability 'fast'"):
         lh.list_estimators(fast=True)

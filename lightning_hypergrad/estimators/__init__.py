@@ -15,6 +15,7 @@ from lightning_hypergrad.estimators.forward import FMD
 from lightning_hypergrad.estimators.greedy import T1T2, Greedy
 from lightning_hypergrad.estimators.greedy_variants import GreedyTail, MomentumGreedy
 from lightning_hypergrad.estimators.minres import MINRES
+from lightning_hypergrad.estimators.mixed_mode import MixedRMD
 from lightning_hypergrad.estimators.neumann import Neumann
 from lightning_hypergrad.estimators.registry import (
     Capabilities,
@@ -51,6 +52,7 @@ __all__ = [
     "HypergradEstimator",
     "HypergradResult",
     "MINRES",
+    "MixedRMD",
     "MomentumGreedy",
     "Neumann",
     "TruncatedRMD",

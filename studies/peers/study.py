@@ -292,13 +292,14 @@ def hpo_case(peers: dict[str, Any], dtype: torch.dtype, steps: int, lr: float = 
     if "torchopt" in peers:
         peer_methods["TorchOpt MetaSGD"] = torchopt_run
     reference = next(iter(peer_methods), "")
-    specs = ("rmd", "rmd(checkpoint_every='sqrt')", "greedy(0.99)", "t1t2")
+    exact = ("rmd", "rmd(checkpoint_every='sqrt')", "mixed_rmd", "mixed_rmd(checkpoint_every='sqrt')")
+    specs = (*exact, "greedy(0.99)", "t1t2")
     return Case(
         "hpo",
         steps,
         {spec: ours(spec) for spec in specs},
         peer_methods,
-        ("rmd", "rmd(checkpoint_every='sqrt')"),
+        exact,
         {spec: reference for spec in specs},
     )
 

@@ -1,0 +1,98 @@
+"""``mixed_rmd``: the exact hypergradient by a reverse sweep of forward-over-reverse products, without a second-order
+graph, against exact RMD (itself tested against closed forms and finite differences) in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning_cases import random_meta_batch
+from test_finite_difference import OPTIMIZERS, ridge_problem, tanh_problem
+
+import lightning_hypergrad as lh
+from lightning_hypergrad.estimators import mixed_mode
+
+SPECS = ["mixed_rmd", "mixed_rmd(checkpoint_every=2)", "mixed_rmd(checkpoint_every='sqrt')"]
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def _relative(a, b) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b)) / max(float(y.abs().max()) for y in b)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("make", [ridge_problem, tanh_problem], ids=["quadratic", "nonlinear"])
+def test_equal_to_rmd(make, optimizer, spec):
+    problem = make(OPTIMIZERS[optimizer](), steps=5)
+    assert _relative(lh.get_estimator(spec)(problem).hypergrads, lh.RMD()(problem).hypergrads) < 1e-12
+
+
+def test_a_learned_learning_rate_and_momentum_are_exact():
+    problem = ridge_problem(None, learned_lr=True)
+    assert _relative(lh.get_estimator("mixed_rmd")(problem).hypergrads, lh.RMD()(problem).hypergrads) < 1e-12
+
+
+def test_per_step_losses_are_replayed_at_their_step():
+    base = tanh_problem(lh.SGD(lr=0.2, momentum=0.5), steps=4)
+    weights = torch.linspace(0.5, 1.5, 4)
+
+    def step_loss(w, h, t):
+        return weights[t - 1] * base.inner_loss(w, h)
+
+    problem = lh.BilevelProblem(
+        base.inner_loss, base.outer_loss, base.hyperparameters, base.init_params, base.optimizer, 4,
+        inner_step_loss=step_loss,
+    )  # fmt: skip
+    for spec in SPECS:
+        assert _relative(lh.get_estimator(spec)(problem).hypergrads, lh.RMD()(problem).hypergrads) < 1e-12
+
+
+@pytest.mark.parametrize("kind", ["maml", "features", "anil"])
+def test_equal_to_rmd_through_the_few_shot_modules(kind):
+    torch.manual_seed(0)
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in random_meta_batch(tasks=2).items()}
+    if kind == "maml":  # the whole network (with batch norm) inside, its initialization learned
+        model = lh.MAML(ways=3, image_shape=(1, 8, 8), inner_steps=3)
+    else:  # the backbone's features as h; ANIL: the head's initialization learned too
+        model = lh.FewShotClassifier(
+            ways=3, image_shape=(1, 8, 8), inner_steps=3, head_init="learned" if kind == "anil" else None
+        )
+    model = model.double()
+    tasks = model.split_tasks(batch)
+    exact = model.meta_gradient(tasks, lh.RMD()).hypergrads
+    mixed = model.meta_gradient(tasks, lh.get_estimator("mixed_rmd(checkpoint_every='sqrt')")).hypergrads
+    assert _relative(mixed, exact) < 1e-12
+
+
+def _broken(monkeypatch, how: str) -> None:
+    real = mixed_mode.adjoint_step
+
+    def broken(problem, t, w, state, h, adjoint_w, adjoint_s):
+        a_w, a_s, term = real(problem, t, w, state, h, adjoint_w, adjoint_s)
+        if how == "state":
+            a_s = [torch.zeros_like(x) for x in a_s]
+        elif how == "step" and t == 2:
+            term = [None for _ in term]
+        return a_w, a_s, term
+
+    monkeypatch.setattr(mixed_mode, "adjoint_step", broken)
+
+
+@pytest.mark.parametrize("how", ["state", "step"])
+def test_the_equality_fails_when_a_steps_adjoint_or_the_states_is_dropped(monkeypatch, how):
+    problem = tanh_problem(lh.SGD(lr=0.2, momentum=0.9), steps=4)
+    exact = lh.RMD()(problem).hypergrads
+    _broken(monkeypatch, how)
+    assert _relative(lh.get_estimator("mixed_rmd")(problem).hypergrads, exact) > 1e-4
+
+
+def test_the_checkpoint_setting_is_checked():
+    with pytest.raises(ValueError, match="MixedRMD checkpoint_every must be"):
+        lh.get_estimator("mixed_rmd(checkpoint_every=0)")
