@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 
-from lightning_hypergrad.estimators.implicit import ImplicitEstimator, Vector, dot
+from lightning_hypergrad.estimators.implicit import ImplicitEstimator, Vector, check_tolerance, dot
 from lightning_hypergrad.estimators.registry import Capabilities, register_estimator
 
 
@@ -65,11 +64,9 @@ class ConjugateGradient(ImplicitEstimator):
         nonfinite: str = "warn",
     ) -> None:
         super().__init__(iterations, damping, nonfinite)
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
-            raise ValueError(f"ConjugateGradient tol must be a finite number >= 0, got {tol!r}")
         if not isinstance(normal, bool):
             raise ValueError(f"ConjugateGradient normal must be true or false, got {normal!r}")
-        self.tol = float(tol)
+        self.tol = check_tolerance("ConjugateGradient", tol)
         self.normal = normal
 
     @property

@@ -25,6 +25,13 @@ DAMPING_ONE_OVER_LR = "1/lr"
 """The ``damping`` value that stands for ``1 /`` the inner SGD's learning rate."""
 
 
+def check_tolerance(owner: str, tol: object) -> float:
+    """``tol`` checked as a solver's relative residual tolerance: a finite number >= 0."""
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
+        raise ValueError(f"{owner} tol must be a finite number >= 0, got {tol!r}")
+    return float(tol)
+
+
 def sgd_rate(problem: BilevelProblem) -> float | None:
     """The inner optimizer's learning rate where it is an SGD with a fixed number for it, else ``None``."""
     opt = problem.optimizer

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from lightning_hypergrad.estimators._linalg import Vector, dot
-from lightning_hypergrad.estimators.implicit import ImplicitEstimator
+from lightning_hypergrad.estimators.implicit import ImplicitEstimator, check_tolerance
 from lightning_hypergrad.estimators.registry import Capabilities, register_estimator
 
 
@@ -51,9 +49,7 @@ class MINRES(ImplicitEstimator):
         self, iterations: int = 10, tol: float = 1e-12, damping: float | str = 0.0, nonfinite: str = "warn"
     ) -> None:
         super().__init__(iterations, damping, nonfinite)
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
-            raise ValueError(f"MINRES tol must be a finite number >= 0, got {tol!r}")
-        self.tol = float(tol)
+        self.tol = check_tolerance("MINRES", tol)
 
     def solve(self, hvp, rhs: Vector, problem) -> Vector:
         """Lanczos on ``(H, rhs)`` with the tridiagonal system's QR factorization updated by Givens rotations."""

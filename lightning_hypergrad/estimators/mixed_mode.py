@@ -20,13 +20,12 @@ captured tensor).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from lightning_hypergrad.estimators.base import AdjointEstimator, Estimate, add_grads
 from lightning_hypergrad.estimators.registry import Capabilities, register_estimator
+from lightning_hypergrad.estimators.reverse import check_checkpoint_every, segment_length
 from lightning_hypergrad.inner_loop import InnerStep, StepMode, Trajectory, unroll
 from lightning_hypergrad.optim.base import OptimizerState
 from lightning_hypergrad.problem import BilevelProblem, leaves
@@ -104,27 +103,14 @@ class MixedRMD(AdjointEstimator):
 
     def __init__(self, checkpoint_every: int | str | None = None, nonfinite: str = "warn") -> None:
         super().__init__(nonfinite)
-        valid = checkpoint_every is None or checkpoint_every == "sqrt"
-        valid |= isinstance(checkpoint_every, int) and not isinstance(checkpoint_every, bool) and checkpoint_every > 0
-        if not valid:
-            raise ValueError(
-                f"MixedRMD checkpoint_every must be None, an integer >= 1 or 'sqrt', got {checkpoint_every!r}"
-            )
-        self.checkpoint_every = checkpoint_every
+        self.checkpoint_every = check_checkpoint_every("MixedRMD", checkpoint_every)
 
     def products(self, inner_steps: int | None) -> int | None:
         return None if inner_steps is None else 2 * inner_steps
 
-    def _every(self, steps: int) -> int:
-        if self.checkpoint_every is None:
-            return 1
-        if self.checkpoint_every == "sqrt":
-            return math.isqrt(steps - 1) + 1
-        return min(int(self.checkpoint_every), steps)
-
     def _estimate(self, problem: BilevelProblem, h: list[Tensor]) -> Estimate:
         steps = problem.steps
-        every = self._every(steps)
+        every = min(segment_length(self.checkpoint_every, steps) or 1, steps)  # None: every step's (w, s) stored
         stored: dict[int, tuple[list[Tensor], OptimizerState]] = {}
 
         def keep(step: InnerStep) -> None:  # (w_{t-1}, s_{t-1}) of the steps that start a segment

@@ -137,29 +137,39 @@ class RMD(_ReverseMode):
 
     def __init__(self, checkpoint_every: int | str | None = None, nonfinite: str = "warn") -> None:
         super().__init__(nonfinite)
-        valid = checkpoint_every is None or checkpoint_every == "sqrt"
-        valid |= isinstance(checkpoint_every, int) and not isinstance(checkpoint_every, bool) and checkpoint_every > 0
-        if not valid:
-            raise ValueError(
-                f"RMD checkpoint_every must be None (no checkpointing), an integer >= 1 or 'sqrt', "
-                f"got {checkpoint_every!r}"
-            )
-        self.checkpoint_every = checkpoint_every
+        self.checkpoint_every = check_checkpoint_every("RMD", checkpoint_every)
 
     def _first_differentiated_step(self, problem: BilevelProblem) -> int:
         return 1
 
     def segment_length(self, steps: int) -> int | None:
         """``K`` for a problem of ``steps`` inner steps; ``None`` without checkpointing."""
-        if self.checkpoint_every == "sqrt":
-            return math.isqrt(steps - 1) + 1  # ceil(sqrt(T)) for T >= 1
-        return self.checkpoint_every  # type: ignore[return-value]
+        return segment_length(self.checkpoint_every, steps)
 
     def _estimate(self, problem: BilevelProblem, h):
         every = self.segment_length(problem.steps)
         if every is None or every >= problem.steps:
             return super()._estimate(problem, h)
         return _checkpointed_rmd(problem, h, every)
+
+
+def check_checkpoint_every(owner: str, value: object) -> int | str | None:
+    """``value`` checked as a ``checkpoint_every`` setting: ``None``, an integer >= 1 or ``"sqrt"``."""
+    valid = value is None or value == "sqrt"
+    valid |= isinstance(value, int) and not isinstance(value, bool) and value > 0
+    if not valid:
+        raise ValueError(
+            f"{owner} checkpoint_every must be None (no checkpointing), an integer >= 1 or 'sqrt', got {value!r}"
+        )
+    return value  # type: ignore[return-value]
+
+
+def segment_length(checkpoint_every: int | str | None, steps: int) -> int | None:
+    """The segment length ``K`` that ``checkpoint_every`` gives for ``steps`` inner steps (``"sqrt"``:
+    ``ceil(sqrt(T))``); ``None`` without checkpointing."""
+    if checkpoint_every == "sqrt":
+        return math.isqrt(steps - 1) + 1  # ceil(sqrt(T)) for T >= 1
+    return checkpoint_every  # type: ignore[return-value]
 
 
 def _checkpointed_rmd(problem: BilevelProblem, h: list[Tensor], every: int) -> Estimate:
