@@ -26,6 +26,7 @@ _PUBLIC = {
             "FMD",
             "FO",
             "RMD",
+            "SAMA",
             "T1T2",
             "T1T2FD",
             "AutoGreedy",

@@ -291,6 +291,40 @@ def _first_order_only(roots: Sequence[Tensor]) -> bool:
     return False
 
 
+def _once_differentiable(node: object) -> bool:
+    """Whether ``node`` is the backward of a custom ``torch.autograd.Function`` marked ``once_differentiable``."""
+    backward = getattr(getattr(node, "_forward_cls", None), "backward", None)
+    code = getattr(backward, "__code__", None)
+    return hasattr(backward, "__wrapped__") and code is not None and code.co_filename == _ONCE_FILE
+
+
+_ONCE_FILE = torch.autograd.function.once_differentiable(lambda ctx, *grads: grads).__code__.co_filename
+
+
+def _once_differentiable_on_a_path(loss: Tensor, w: Sequence[Tensor]) -> bool:
+    """Whether a ``once_differentiable`` function lies on a path of ``loss``'s graph from ``w`` (its backward then
+    carries ``grad_w loss``, which double backward cannot differentiate; autograd raises only where the incoming
+    gradient itself requires grad, and otherwise drops the path)."""
+    targets = {id(x) for x in w}
+    leads: dict[object, bool] = {}
+    stack = [(loss.grad_fn, False)]
+    while stack:  # post-order, without recursion: a node leads to w if it is w's or one of its inputs leads there
+        node, expanded = stack.pop()
+        if node is None or (node in leads and not expanded):
+            continue
+        children = [fn for fn, _ in node.next_functions if fn is not None]
+        if not expanded:
+            leads[node] = False
+            stack.append((node, True))
+            stack.extend((fn, False) for fn in children if fn not in leads)
+            continue
+        variable = getattr(node, "variable", None)
+        leads[node] = (variable is not None and id(variable) in targets) or any(leads.get(fn, False) for fn in children)
+        if leads[node] and _once_differentiable(node):
+            return True
+    return False
+
+
 def _check_double_backward(loss: Tensor, w: Sequence[Tensor], estimator: str, alternatives: str) -> None:
     """Raise ``RuntimeError`` where the gradient of the training ``loss`` cannot be differentiated (a
     ``once_differentiable`` function in it): autograd would drop those paths of a second-order hypergradient silently.
@@ -298,7 +332,7 @@ def _check_double_backward(loss: Tensor, w: Sequence[Tensor], estimator: str, al
     if not loss.requires_grad:
         return
     grads = torch.autograd.grad(loss, w, create_graph=True, allow_unused=True, retain_graph=True)
-    if _first_order_only([g for g in grads if g is not None]):
+    if _first_order_only([g for g in grads if g is not None]) or _once_differentiable_on_a_path(loss, w):
         raise RuntimeError(
             f"{estimator} differentiates through the inner gradient (double backward), but the training loss uses a "
             "function whose backward cannot be differentiated (once_differentiable; autograd would drop its part of "

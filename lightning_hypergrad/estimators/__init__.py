@@ -26,6 +26,7 @@ from lightning_hypergrad.estimators.registry import (
     registered,
 )
 from lightning_hypergrad.estimators.reverse import RMD, TruncatedRMD
+from lightning_hypergrad.estimators.sama import SAMA
 
 
 def __getattr__(name: str):
@@ -43,6 +44,7 @@ __all__ = [
     "FMD",
     "FO",
     "RMD",
+    "SAMA",
     "T1T2",
     "T1T2FD",
     "ConjugateGradient",

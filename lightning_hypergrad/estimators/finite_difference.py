@@ -18,6 +18,7 @@ The error of the central difference is O(eps^2) (the third derivative of ``L_tra
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -25,10 +26,11 @@ from torch import Tensor
 from lightning_hypergrad.estimators.base import AdjointEstimator, Estimate, add_grads, check_gamma
 from lightning_hypergrad.estimators.registry import Capabilities, register_estimator
 from lightning_hypergrad.inner_loop import InnerStep, StepMode, unroll
+from lightning_hypergrad.optim.base import OptimizerState
 from lightning_hypergrad.problem import BilevelProblem, leaves
 
 
-def _check_radius(owner: str, radius: object) -> float:
+def check_radius(owner: str, radius: object) -> float:
     if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not 0 < radius < math.inf:
         raise ValueError(
             f"{owner} radius must be a finite number > 0 (the norm of the finite difference's step in w; DARTS "
@@ -40,9 +42,26 @@ def _check_radius(owner: str, radius: object) -> float:
 def step_term(problem: BilevelProblem, step: InnerStep, h: list[Tensor], g: list[Tensor], radius: float) -> list:
     """``g B_t`` of one inner step, by a central difference along ``u = (dPhi/dd)^T g`` (see the module)."""
     w = [x.detach() for x in step.params_before]
-    state = step.state_before.detached()
-    d = leaves(step.grads)
+    return difference_term(
+        problem, w, step.state_before.detached(), leaves(step.grads), problem.step_loss(step.t), h, g, radius
+    )
+
+
+def difference_term(
+    problem: BilevelProblem,
+    w: list[Tensor],
+    state: OptimizerState,
+    d: list[Tensor],
+    loss: Callable[[list[Tensor], list[Tensor]], Tensor],
+    h: list[Tensor],
+    g: list[Tensor],
+    radius: float,
+) -> list:
+    """``g dPhi(w, state, h)/dh`` for the step from ``w`` that takes the gradient ``d`` of ``loss``, ``w`` and
+    ``state`` held constant: the settings' own term plus the central difference of ``grad_h loss`` along
+    ``u = (dPhi/dd)^T g``, ``eps = radius / |u|`` (see the module)."""
     with torch.enable_grad():
+        d = leaves(d)
         stepped, _ = problem.optimizer.update(w, d, state, h)
         pairs = [(y, gi) for y, gi in zip(stepped, g) if y.requires_grad]
         found = torch.autograd.grad([y for y, _ in pairs], [*d, *h], [gi for _, gi in pairs], allow_unused=True)
@@ -52,7 +71,6 @@ def step_term(problem: BilevelProblem, step: InnerStep, h: list[Tensor], g: list
     if float(norm) == 0.0:
         return total
     eps = radius / norm
-    loss = problem.step_loss(step.t)
     with torch.enable_grad():
         above, below = loss([x + eps * y for x, y in zip(w, u)], h), loss([x - eps * y for x, y in zip(w, u)], h)
         if not above.requires_grad:  # the training loss does not read h (h enters through w_0 or the settings)
@@ -135,7 +153,7 @@ class GreedyFD(_FiniteDifferenceGreedy):
     def __init__(self, gamma: float = 0.99, radius: float = 0.01, nonfinite: str = "warn") -> None:
         super().__init__(nonfinite)
         self.gamma = check_gamma("GreedyFD", gamma)
-        self.radius = _check_radius("GreedyFD", radius)
+        self.radius = check_radius("GreedyFD", radius)
 
     def weight(self, t: int, steps: int) -> float:
         return self.gamma ** (steps - t)
@@ -170,7 +188,7 @@ class T1T2FD(_FiniteDifferenceGreedy):
 
     def __init__(self, radius: float = 0.01, nonfinite: str = "warn") -> None:
         super().__init__(nonfinite)
-        self.radius = _check_radius("T1T2FD", radius)
+        self.radius = check_radius("T1T2FD", radius)
 
     def weight(self, t: int, steps: int) -> float:
         return 1.0 if t == steps else 0.0
