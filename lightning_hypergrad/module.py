@@ -27,7 +27,7 @@ from lightning_hypergrad.evaluation import EvaluationHooks, TaskMetrics
 from lightning_hypergrad.meta_batch import StackedTasks, Task, split_meta_batch, stack_tasks
 from lightning_hypergrad.optim import SGD, DifferentiableOptimizer, OptimizerState
 from lightning_hypergrad.schedulers import check_schedulers, step_schedulers
-from lightning_hypergrad.task_problems import TaskProblems
+from lightning_hypergrad.task_problems import TaskProblems, check_compile_losses
 
 DEFAULT_ESTIMATOR = "rmd(checkpoint_every='sqrt')"
 """The estimator of a :class:`BilevelModule` built without one (see the README's "Which to use")."""
@@ -102,6 +102,12 @@ class BilevelModule(TaskProblems, DataSettings, CheckpointHooks, EvaluationHooks
             still called once per task, and the graphs of all the tasks' features stay alive until the
             hypergradient's backward pass: the memory of that part grows with the meta-batch (one by one, each
             task's is freed after its hypergradient); ``batch_tasks=False`` is the memory-frugal choice.
+        compile_losses: run :meth:`inner_loss`, :meth:`outer_loss` and :meth:`features` through ``torch.compile``
+            (static shapes; compiled on first use, which takes tens of seconds on a CPU). Only for estimators without
+            double backward (``fo``, ``t1t2_fd``, ``greedy_fd(gamma)``, ``sama``): AOTAutograd, which compiles the
+            backward, cannot be differentiated again, so the others are refused here. A callback's reference
+            estimator that needs double backward (``HypergradCallback``'s ``rmd``) runs the hooks eager. Not with
+            ``batch_tasks``.
 
     Raises:
         ValueError: a setting out of its range (the message names it).
@@ -119,6 +125,7 @@ class BilevelModule(TaskProblems, DataSettings, CheckpointHooks, EvaluationHooks
         nonfinite: str = "skip",
         online: bool = False,
         batch_tasks: bool = False,
+        compile_losses: bool = False,
     ) -> None:
         super().__init__()
         check_int("inner_steps (T)", inner_steps)
@@ -154,6 +161,7 @@ class BilevelModule(TaskProblems, DataSettings, CheckpointHooks, EvaluationHooks
         if not isinstance(batch_tasks, bool):
             raise TypeError(f"batch_tasks must be true or false, got {batch_tasks!r}")
         self.batch_tasks = batch_tasks
+        self.compile_losses = check_compile_losses(compile_losses, self.estimator, batch_tasks)
         self.carried_params: list[Tensor] | None = None
         self.carried_state: OptimizerState | None = None
         self.skipped_steps = 0

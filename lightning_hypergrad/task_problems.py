@@ -7,7 +7,8 @@ evaluation task and the outline an estimator checks before any task are computed
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -48,8 +49,12 @@ class TaskProblems:
         """Whether the estimators differentiate ``w_0`` (a learned initialization without iMAML's proximal term)."""
         return self._learned_init() and self._inner_model().proximal is None
 
-    def task_family(self) -> TaskFamily:
-        """How each task becomes a bilevel problem, from this module's hooks and settings (no Lightning involved)."""
+    def task_family(self, estimator: HypergradEstimator | None = None) -> TaskFamily:
+        """How each task becomes a bilevel problem, from this module's hooks and settings (no Lightning involved).
+
+        With ``compile_losses``, the losses and features are the compiled ones where ``estimator`` (default: the
+        module's) takes no double backward; a reference estimator that does (the callback's) gets them eager.
+        """
         inner = self._inner_model()
         hyperparameters = self.hyperparameters()
         if inner is None:
@@ -63,21 +68,31 @@ class TaskProblems:
                 if isinstance(module, HyperModule):
                     module.attach(hyperparameters)
         names = {id(p): n for n, p in self.named_parameters()}
+        estimator = estimator or self.estimator
+        compiled = getattr(self, "compile_losses", False) and not estimator.capabilities.double_backward
         return TaskFamily(
-            inner_loss=self.inner_loss,
-            outer_loss=self.outer_loss,
+            inner_loss=self._compiled("inner_loss") if compiled else self.inner_loss,
+            outer_loss=self._compiled("outer_loss") if compiled else self.outer_loss,
             hyperparameters=hyperparameters,
             optimizer=self.inner_optimizer,
             steps=self.inner_steps,
             init=init,
             learned_tensors=tail,
             bind=bind,
-            features=self.features if self._uses_features() else None,
+            features=(self._compiled("features") if compiled else self.features) if self._uses_features() else None,
             stacked_features=self.stacked_features if self._uses_features() else None,
             task_metrics=self.task_metrics,
             hyperparameter_names=[names.get(id(a), f"hyperparameters[{i}]") for i, a in enumerate(hyperparameters)],
             proximal=None if inner is None else inner.proximal,
         )
+
+    def _compiled(self, hook: str) -> Callable[..., Any]:
+        """The hook ``inner_loss``, ``outer_loss`` or ``features`` through ``torch.compile`` (made once, static
+        shapes: a few-shot protocol's tasks all have one shape)."""
+        cache = self.__dict__.setdefault("_compiled_hooks", {})
+        if hook not in cache:
+            cache[hook] = torch.compile(getattr(self, hook), dynamic=False)
+        return cache[hook]
 
     def _start(self) -> tuple[list[Tensor], OptimizerState] | None:
         """Online mode, once training has started: the carried inner parameters and state (on this device)."""
@@ -108,7 +123,7 @@ class TaskProblems:
             )
         stacked = self._stacked(tasks, estimator)
         step = meta_gradient(
-            self.task_family(),
+            self.task_family(estimator),
             tasks,
             estimator,
             stacked=stacked,
@@ -163,3 +178,20 @@ class TaskProblems:
             optimizer=self.inner_optimizer,
             steps=self.inner_steps,
         )
+
+
+def check_compile_losses(compile_losses: object, estimator: HypergradEstimator, batch_tasks: bool) -> bool:
+    """``compile_losses`` checked against the estimator and ``batch_tasks``: one line naming the fix."""
+    if not isinstance(compile_losses, bool):
+        raise TypeError(f"compile_losses must be true or false, got {compile_losses!r}")
+    if compile_losses and estimator.capabilities.double_backward:
+        from lightning_hypergrad.estimators.registry import capable_names
+
+        raise ValueError(
+            f"compile_losses=True: {estimator} differentiates through the inner gradient (double backward), which "
+            "torch.compile's AOTAutograd cannot do; use an estimator without double backward "
+            f"({capable_names('double_backward', having=False)}) or compile_losses=False"
+        )
+    if compile_losses and batch_tasks:
+        raise ValueError("compile_losses=True does not run with batch_tasks=True; set one of them to false")
+    return compile_losses
