@@ -20,7 +20,9 @@ of second order: the estimator runs where double backward does not (``torch.comp
 The learning rate stays inside ``v`` (as in :class:`~lightning_hypergrad.T1T2FD`), so the estimate is in the units of
 the other estimators: SAMA is T1-T2's one-step term taken at the end point ``(w_T, s_T)``, on the training
 objective (``inner_loss``, not a step's mini-batch), instead of at the last step's start ``(w_{T-1}, s_{T-1})``.
-A learned initialization gets first-order MAML's term ``g_T dw_0/dh``, as :class:`~lightning_hypergrad.FO`.
+The update is the optimizer's step T + 1 (from the state ``s_T``, e.g. Adam's bias correction at T + 1), so an
+optimizer whose settings follow a schedule must define them one step past its end. A learned initialization gets
+first-order MAML's term ``g_T dw_0/dh``, as :class:`~lightning_hypergrad.FO`.
 """
 
 from __future__ import annotations

@@ -19,6 +19,12 @@
    float32 with TF32 off, float32 with torch's default TF32 settings (which let cuDNN's float32 convolutions use
    TF32 on GPUs that have it), and float64. Expected: float64 to about 1e-12, float32 without TF32 to about 1e-5.
 
+4. bf16 against float32 on the GPU (CUDA only; :mod:`studies.precision.gpu`): on the precision study's few-shot
+   problem (the digits at 28x28, meta-batch 4, seed 0), per estimator, the cosine and norm ratio of the bf16-autocast
+   hypergradient (Lightning's ``bf16-mixed``) to float32's and of float32's to float64's (TF32 off), and the seconds
+   per hypergradient in float32 and bf16 in 5 interleaved rounds; then what ``precision='bf16-mixed'`` and
+   ``'16-mixed'`` do to one Lightning step on the GPU (``16-mixed``: refused by ``BilevelModule``, the line recorded).
+
 Omniglot 5-way 10-shot, meta-batch 10 when the data is found (``--root``, else ``$OMNIGLOT_ROOT``, else
 ``../shared/data/omniglot``), else the digits (5-shot); the paper's inner loop (SGD 0.1, momentum 0.9) and 3 x 32
 conv backbone. ``--device cpu`` runs the same on the CPU (the memory column says n/a, part 3 is skipped), so that the
@@ -63,6 +69,7 @@ DEFAULT_OUT = "studies/gpu_check/results"
 DEFAULT_ESTIMATORS = ("fo", "t1t2", "greedy(0.99)", "rmd")
 WAYS, META_BATCH, SEED = 5, 10, 0
 MIB = 1024**2
+BF16_ROUNDS = 5  # part 4's interleaved timing rounds
 NO_CUDA = (
     f"{PROG}: --device cuda, but torch finds no CUDA device (torch.cuda.is_available() is False): run it on a CUDA "
     "machine, or pass --device cpu for the CPU form"
@@ -266,6 +273,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             comparison = compare_devices(tasks, data.image_shape, estimators, inner_steps, device)
         else:
             skipped = "--device cpu: the GPU-against-CPU comparison needs a CUDA device (skipped)"
+        bf16: dict[str, Any] | None = None
+        bf16_skipped = None
+        if device.type == "cuda":
+            from studies.precision.gpu import bf16_on_device
+
+            bf16 = bf16_on_device(device, estimators, rounds=BF16_ROUNDS, exact_float32=tf32_off)
+        else:
+            bf16_skipped = "--device cpu: bf16 on the GPU needs a CUDA device (skipped; the CPU's: studies.precision)"
     seconds = time.perf_counter() - started
     machine = machine_description(device)
     lines = [
@@ -285,6 +300,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ]
     if comparison is not None:
         lines += ["", f"CPU side: {machine_description('cpu')}"]
+    lines += ["", "## bf16 against float32 on the GPU (the precision study's few-shot problem, seed 0)", ""]
+    if bf16 is not None:
+        from studies.precision.gpu import bf16_table
+
+        lines += bf16_table(bf16)
+    else:
+        lines.append(str(bf16_skipped))
     report = "\n".join(lines)
     print("\n" + report)
     record = {
@@ -309,6 +331,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "steps": steps,
         "cpu_vs_gpu": comparison,
         "cpu_vs_gpu_skipped": skipped,
+        "bf16": bf16,
+        "bf16_skipped": bf16_skipped,
     }
     out = Path(args.out)
     write_json(out / "gpu_check.json", record)

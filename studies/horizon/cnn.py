@@ -170,7 +170,8 @@ class LayerScheduledSGD(SGD):
 
     def setting_values(self, name, h, n_params):
         if name == "lr":
-            rates = (h[0] @ self.weights[self._step].to(h[0])).exp()
+            # past the schedule's end (an estimator's step from w_T, as SAMA's) the last step's rates hold
+            rates = (h[0] @ self.weights[min(self._step, len(self.weights) - 1)].to(h[0])).exp()
             return self._per_param(rates)
         return super().setting_values(name, h, n_params)
 
