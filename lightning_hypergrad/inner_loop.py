@@ -7,12 +7,17 @@ estimator:
 - ``LOCAL``: the step is differentiable with respect to its own inputs (``w_{t-1}``, ``s_{t-1}``, fresh leaves)
   and to ``h``; the graph lives until the estimator's ``on_step`` hook has used it (Greedy, T1-T2, FMD).
 - ``CHAIN``: the step is differentiable and connected to the graph of the previous step (reverse mode).
+
+An estimator that runs steps more than once (checkpointed reverse mode, a reverse sweep) passes a
+:class:`StepRandomness` to the first run, which records the random state where each stretch of steps starts, and runs
+the stretch again with that state: a model that draws random numbers (dropout) sees the same draws in every run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +77,7 @@ def unroll(
     state_requires_grad: bool = False,
     start: tuple[int, Sequence[Tensor], OptimizerState] | None = None,
     stop: int | None = None,
+    randomness: StepRandomness | None = None,
 ) -> Trajectory:
     """Run the ``T`` inner steps of ``problem`` from its initial parameters (or steps ``t0 + 1`` to ``stop``).
 
@@ -88,6 +94,8 @@ def unroll(
             (``problem.learned_init``) is computed from ``h`` and stays connected to it where step 1 is ``CHAIN``.
         stop: the last step run (default T). The trajectory's ``inner_losses`` are those of steps ``t0 + 1`` to
             ``stop``.
+        randomness: records the random state where each stretch of steps starts, for the estimator to run it again
+            with the same draws (see :class:`StepRandomness`); ``None``: nothing recorded.
     """
     opt = problem.optimizer
     h_const = [x.detach() for x in h]
@@ -104,6 +112,8 @@ def unroll(
         for t in range(first, (problem.steps if stop is None else stop) + 1):
             step_mode = mode(t)
             step_loss = problem.step_loss(t)
+            if randomness is not None:
+                randomness.before(t)
             if step_mode is StepMode.CONSTANT:
                 w_in, s_in = leaves(w), state.detached()
                 loss = step_loss(w_in, h_const)
@@ -126,4 +136,93 @@ def unroll(
                 w, state = w_new, s_new
             else:
                 w, state = [x.detach() for x in w_new], s_new.detached()
+    if randomness is not None:
+        randomness.close()
     return Trajectory(w, state, torch.stack(losses) if losses else torch.zeros(0))
+
+
+RandomState = tuple[Tensor, list[Tensor]]
+"""The CPU generator's state and the states of some CUDA devices' generators."""
+
+
+def cuda_devices(tensors: Sequence[Tensor]) -> list[int]:
+    """The indices of the CUDA devices that ``tensors`` are on (whose generators a step on them draws from)."""
+    return sorted({x.get_device() for x in tensors if isinstance(x, Tensor) and x.is_cuda})
+
+
+def random_state(devices: Sequence[int]) -> RandomState:
+    """The CPU generator's state and those of the CUDA ``devices``."""
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def set_random_state(state: RandomState, devices: Sequence[int]) -> None:
+    """Set the generators to ``state`` (from :func:`random_state` with the same ``devices``)."""
+    torch.set_rng_state(state[0])
+    for device, cuda_state in zip(devices, state[1]):
+        torch.cuda.set_rng_state(cuda_state, device)
+
+
+def same_random_state(a: RandomState, b: RandomState) -> bool:
+    """Whether two states are equal: nothing drew a random number between them."""
+    return all(torch.equal(x, y) for x, y in zip([a[0], *a[1]], [b[0], *b[1]]))
+
+
+def preserved_random_state(tensors: Sequence[Tensor]) -> contextlib.AbstractContextManager:
+    """A block after which the generators (the CPU's, and those of the CUDA devices of ``tensors``) are as before."""
+    return torch.random.fork_rng(devices=cuda_devices(tensors))
+
+
+class StepRandomness:
+    """The random state where each stretch of ``every`` inner steps started, to run the stretch again with the same
+    draws.
+
+    The first run of the steps records the state of the generators (the CPU's, and each CUDA device's that
+    ``tensors`` are on) before steps 1, ``1 + every``, ``1 + 2 every``, ... and draws from the global random stream
+    as usual; a stretch whose steps drew nothing keeps no state (a deterministic model costs no memory).
+    :meth:`replay` runs a stretch again with its recorded state, in a fork that leaves the global stream where it
+    was, as ``torch.utils.checkpoint`` does. So a model that draws random numbers (dropout) sees the same draws in
+    every run of a step, and the random stream after an estimate is that of one pass of the loop.
+    """
+
+    def __init__(self, tensors: Sequence[Tensor], every: int = 1) -> None:
+        self.devices = cuda_devices(tensors)
+        self.every = every
+        self.states: dict[int, RandomState] = {}
+        self._open: int | None = None  # the stretch being run for the first time
+
+    @classmethod
+    def of(cls, problem: BilevelProblem, h: Sequence[Tensor], every: int = 1) -> StepRandomness:
+        """For the steps of ``problem`` with ``h`` (the devices of ``h`` and of constant inner parameters)."""
+        return cls([*h, *([] if problem.learned_init else problem.init_params)], every)
+
+    def before(self, t: int) -> None:
+        """Called before the first run of step ``t``: a stretch starts at ``t = 1 + k every``."""
+        if (t - 1) % self.every == 0:
+            self.close()
+            self.states[t] = random_state(self.devices)
+            self._open = t
+
+    def close(self) -> None:
+        """End the stretch being run: its state is dropped where nothing drew a random number since."""
+        if self._open is not None and same_random_state(self.states[self._open], random_state(self.devices)):
+            del self.states[self._open]
+        self._open = None
+
+    def replay(self, t: int) -> contextlib.AbstractContextManager:
+        """A block that runs the stretch from step ``t`` again, with the state recorded before ``t`` (then
+        forgotten; nothing to set where the stretch drew nothing, or has not run yet)."""
+        return self.at(self.states.pop(t, None))
+
+    @contextlib.contextmanager
+    def at(self, state: RandomState | None) -> Iterator[None]:
+        """A block that draws from ``state`` (``None``: from the global stream), the global stream kept as it was."""
+        if state is None:
+            yield
+            return
+        with torch.random.fork_rng(devices=self.devices):
+            set_random_state(state, self.devices)
+            yield
+
+    def now(self) -> RandomState:
+        """The generators' state now."""
+        return random_state(self.devices)

@@ -12,7 +12,12 @@ Buffers (batch norm's running statistics): every call of the inner model normali
 batch it is given, in training, validation and test alike, and never reads or updates the running statistics, as
 MAML's reference implementation does. So an inner step is a pure function of ``(w, h)`` (which reverse mode,
 checkpointed replays, forward mode and ``vmap`` need), validation sees the function that training differentiated,
-and the buffers keep their initial values: checkpoints hold them unchanged.
+and the buffers keep their initial values: checkpoints hold them unchanged. Spectral norm (either form of
+``spectral_norm``) is treated alike: its power iteration does not run inside a call, its ``u`` and ``v`` stay.
+
+Random draws (dropout): the estimators that replay an inner step restore the random state the step first ran with
+(:class:`~lightning_hypergrad.inner_loop.StepRandomness`), so every exact estimator gives one hypergradient for one
+seed. ``torch.vmap`` (``batch_tasks=True``) cannot batch them: a random draw under it is refused with one line.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.instancenorm import _InstanceNorm
+
+from lightning_hypergrad._call_plan import Plan, make_plan, pure_call
 
 INITS = ("learned", "fixed", "zeros")
 V = TypeVar("V")
@@ -56,6 +62,15 @@ class InnerModel(nn.Module):
             the proximal term alone, so the implicit estimators define its hypergradient
             (``(I + H / lambda)^-1 g_T``, with ``H`` the Hessian of the inner loss without the term).
 
+    A tensor shared under several names (tied weights, ``b.weight = a.weight``) is one inner parameter, named by its
+    first name (:attr:`aliases` has them all), in every ``init``: a call puts its value in every place, so the inner
+    loop moves every use, and a constant initialization makes every place a buffer. ``params``, :meth:`select` and
+    :class:`BoundModel` take any of its names.
+
+    The module is called as it was wrapped. A later change of its structure (a submodule replaced, added or
+    removed, a parametrization added) is followed where every inner parameter still lives in the module that held
+    it (the call plan is rebuilt), and refused with one line otherwise (a ``RuntimeError`` at the next call).
+
     Raises:
         ValueError: ``init`` unknown, a name of ``params`` that matches nothing, another parameter that requires
             grad, or ``proximal`` not a number > 0 or given without ``init="learned"``.
@@ -81,25 +96,27 @@ class InnerModel(nn.Module):
         self.init = init
         #: iMAML's ``lambda`` (``None``: no proximal term)
         self.proximal = None if proximal is None else float(proximal)
-        every = [name for name, _ in module.named_parameters()]
-        if params is None:
-            names = every
-        else:
-            if isinstance(params, str):
-                params = [params]
+        groups: dict[int, list[str]] = {}  # each tensor's names, tied ones sharing a tensor
+        for name, p in module.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(p), []).append(name)
+        every = [name for names in groups.values() for name in names]
+        chosen = list(groups.values())
+        if params is not None:
+            params = [params] if isinstance(params, str) else list(params)
             for pattern in params:
                 if not fnmatch.filter(every, pattern):
                     raise ValueError(
                         f"InnerModel params: {pattern!r} matches no parameter of the module; its parameters are "
                         f"{', '.join(every)}"
                     )
-            names = [n for n in every if any(fnmatch.fnmatchcase(n, p) for p in params)]
-        if not names:
+            chosen = [names for names in chosen if any(fnmatch.fnmatchcase(n, p) for n in names for p in params)]
+        if not chosen:
             raise ValueError("InnerModel: the module has no parameters to train in the inner loop")
         #: the names of the inner parameters, in the order of the engine's list of tensors
-        self.names: tuple[str, ...] = tuple(names)
-        own = dict(module.named_parameters())
-        others = [n for n in every if n not in self.names and own[n].requires_grad]
+        self.names: tuple[str, ...] = tuple(names[0] for names in chosen)
+        #: every name of each inner parameter (more than one where it is tied), by its name in :attr:`names`
+        self.aliases: dict[str, tuple[str, ...]] = {names[0]: tuple(names) for names in chosen}
+        others = self.trainable_others()
         if others:
             raise ValueError(
                 f"InnerModel: the parameters {', '.join(others)} are not inner parameters but require grad; a loss "
@@ -108,8 +125,13 @@ class InnerModel(nn.Module):
             )
         if init != "learned":  # constants: buffers, so that the module's parameters() are hyperparameters only
             for name in self.names:
-                sub, attr = self._locate(name)
-                sub.register_buffer(attr, sub._parameters.pop(attr).detach())
+                value = getattr(*self._locate(name)).detach()
+                for alias in self.aliases[name]:  # a tied tensor: every place holds the one buffer
+                    sub, attr = self._locate(alias)
+                    sub._parameters.pop(attr, None)  # (gone already where one submodule is used twice)
+                    sub.register_buffer(attr, value)
+        # the submodule that holds each name: a later change of the module is checked against them (make_plan)
+        self.__dict__["_owners"] = {a: self._locate(a)[0] for names in self.aliases.values() for a in names}
 
     # ------------------------------------------------------------------ the inner parameters
     def parameter_tensors(self) -> list[Tensor]:
@@ -121,6 +143,12 @@ class InnerModel(nn.Module):
         """The submodule that holds the tensor ``name`` (``"0.weight"``) and its attribute name there."""
         owner, _, attr = name.rpartition(".")
         return self.module.get_submodule(owner), attr
+
+    def trainable_others(self) -> list[str]:
+        """The names of the module's parameters that require grad and are not inner parameters."""
+        known = {alias for names in self.aliases.values() for alias in names}
+        found = self.module.named_parameters(remove_duplicate=False)
+        return [name for name, p in found if p.requires_grad and name not in known]
 
     def initial(self) -> list[Tensor]:
         """``w_0`` for a constant initialization (``"fixed"``: copies of the parameters, ``"zeros"``: zeros)."""
@@ -159,16 +187,17 @@ class InnerModel(nn.Module):
     def select(self, values: Mapping[str, V], default: V = _MISSING) -> list[V]:
         """One value per inner parameter, by name: for per-parameter (per-layer) optimizer settings.
 
-        ``values`` maps names or glob patterns (``"0.*"``, ``"*.bias"``) to values; the first matching key wins.
-        A parameter that no key matches takes ``default`` (an error without one). A key that matches nothing is an
-        error (a typo would otherwise be silent).
+        ``values`` maps names or glob patterns (``"0.*"``, ``"*.bias"``) to values; the first matching key wins (a
+        tied parameter matches by any of its names). A parameter that no key matches takes ``default`` (an error
+        without one). A key that matches nothing is an error (a typo would otherwise be silent).
         """
+        fits = lambda name, key: any(fnmatch.fnmatchcase(a, key) for a in self.aliases[name])  # noqa: E731
         for key in values:
-            if not any(fnmatch.fnmatchcase(n, key) for n in self.names):
+            if not any(fits(n, key) for n in self.names):
                 raise ValueError(f"InnerModel.select: {key!r} matches no inner parameter ({', '.join(self.names)})")
         out = []
         for name in self.names:
-            match = next((v for k, v in values.items() if fnmatch.fnmatchcase(name, k)), _MISSING)
+            match = next((v for k, v in values.items() if fits(name, k)), _MISSING)
             if match is _MISSING:
                 if default is _MISSING:
                     raise ValueError(f"InnerModel.select: no value for {name!r}; give one or a default")
@@ -183,40 +212,39 @@ class InnerModel(nn.Module):
         The values are put in the module's own slots for the call and the old ones put back after it: what
         ``torch.func.functional_call`` does, in a few microseconds instead of about fifteen (an inner loop calls
         the model once or twice per step). Modules with tied or parametrized weights go through
-        ``functional_call`` itself, which handles them.
+        ``functional_call`` itself, given the value under each of a tied parameter's names.
         """
         if len(params) != len(self.names):
             raise ValueError(f"InnerModel: got {len(params)} tensors for {len(self.names)} inner parameters")
-        slots, norms = self._call_plan()
-        with _batch_statistics(norms):
-            if slots is None:
-                return torch.func.functional_call(self.module, self.named(params), args, kwargs, strict=False)
-            saved = [table[attr] for table, attr in slots]
+        plan = self._call_plan()
+        with pure_call(plan):
             try:
-                for (table, attr), value in zip(slots, params):
-                    table[attr] = value
-                return self.module(*args, **kwargs)
-            finally:
-                for (table, attr), value in zip(slots, saved):
-                    table[attr] = value
+                if plan.slots is None:
+                    values = {a: value for name, value in zip(self.names, params) for a in self.aliases[name]}
+                    return torch.func.functional_call(self.module, values, args, kwargs, strict=False)
+                saved = [table[attr] for table, attr, _ in plan.slots]
+                try:
+                    for table, attr, i in plan.slots:
+                        table[attr] = params[i]
+                    return self.module(*args, **kwargs)
+                finally:
+                    for (table, attr, _), value in zip(plan.slots, saved):
+                        table[attr] = value
+            except RuntimeError as error:
+                if "vmap" in str(error) and "randomness" in str(error):
+                    raise RuntimeError(
+                        "InnerModel: the module draws random numbers (dropout or another random operation) under "
+                        "torch.vmap, which refuses them (batch_tasks=True runs the tasks under vmap); set "
+                        "batch_tasks=False, or make the module deterministic (e.g. eval() its dropout layers)"
+                    ) from None
+                raise
 
-    def _call_plan(self) -> tuple[list[tuple[dict, str]] | None, list[nn.Module]]:
-        """Where each inner parameter lives (its module's ``_parameters`` or ``_buffers`` and its name there), or
-        ``None`` where the fast swap does not apply; and the normalization layers. Computed once."""
+    def _call_plan(self) -> Plan:
+        """Where each inner parameter lives and how the module is called (a ``Plan``); made at the first call
+        and again whenever the module's structure changed since."""
         plan = self.__dict__.get("_plan")
-        if plan is None:
-            norms = [m for m in self.module.modules() if isinstance(m, (_BatchNorm, _InstanceNorm))]
-            tied = len(list(self.module.named_parameters(remove_duplicate=False))) != len(
-                list(self.module.named_parameters())
-            ) or len(list(self.module.named_buffers(remove_duplicate=False))) != len(list(self.module.named_buffers()))
-            parametrized = any(hasattr(m, "parametrizations") for m in self.module.modules())
-            slots: list[tuple[dict, str]] | None = None
-            if not tied and not parametrized:
-                slots = []
-                for name in self.names:
-                    sub, attr = self._locate(name)
-                    slots.append((sub._parameters if attr in sub._parameters else sub._buffers, attr))
-            plan = self.__dict__["_plan"] = (slots, norms)
+        if plan is None or not plan.holds():
+            plan = self.__dict__["_plan"] = make_plan(self, self.__dict__["_owners"])
         return plan
 
     def bind(self, params: Sequence[Tensor]) -> BoundModel:
@@ -243,26 +271,15 @@ class BoundModel:
         return iter(zip(self.inner.names, self.params))
 
     def __getitem__(self, key: str | int) -> Tensor:
-        """The value of the inner parameter ``key``: a name, or a position in :attr:`InnerModel.names` (the flat
-        list's, so that code written for ``params[i]`` keeps working)."""
+        """The value of the inner parameter ``key``: a name (any of a tied parameter's), or a position in
+        :attr:`InnerModel.names` (the flat list's, so that code written for ``params[i]`` keeps working)."""
         if isinstance(key, int):
             return self.params[key]
-        return self.inner.named(self.params)[key]
+        found = [v for name, v in zip(self.inner.names, self.params) if key in self.inner.aliases[name]]
+        return found[0] if found else self.inner.named(self.params)[key]
 
     def __len__(self) -> int:
         return len(self.params)
-
-
-@contextlib.contextmanager
-def _batch_statistics(norms: Sequence[nn.Module]) -> Iterator[None]:
-    saved = [(m.training, m.track_running_stats) for m in norms]
-    try:
-        for m in norms:
-            m.training, m.track_running_stats = True, False
-        yield
-    finally:
-        for m, (training, track) in zip(norms, saved):
-            m.training, m.track_running_stats = training, track
 
 
 def per_task_batch_norm(module: nn.Module, tasks: int) -> contextlib.AbstractContextManager[None]:

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from lightning_hypergrad._checks import check_int
 from lightning_hypergrad.estimators import RMD, AutoGreedy, HypergradEstimator, get_estimator
+from lightning_hypergrad.inner_loop import cuda_devices, random_state, set_random_state
 
 
 def _flat(tensors: Sequence[Tensor]) -> Tensor:
@@ -37,7 +38,9 @@ class HypergradCallback(L.Callback):
     spec string (``greedy(0.9)``; a ``/`` in it written ``%2F``). When the module's estimator is an
     :class:`~lightning_hypergrad.AutoGreedy`, the same reference chooses its discount (``hypergrad/auto_gamma``).
     The cost (one reference computation, plus one per compared estimator) is paid only on the steps it runs;
-    batch-norm running statistics are restored afterwards, so the extra computations leave no trace. With an implicit
+    batch-norm running statistics and the random state are restored afterwards, so the extra computations leave no
+    trace: each one, and the module's own step, starts from the same random state (a model with dropout sees the same
+    draws in each, and an exact estimator gives the reference's hypergradient). With an implicit
     estimator (``cg``, ``minres``, ``neumann``), every training step also logs what its solve saw for the step's last
     task: ``hypergrad/solver_residual`` (``|g_T - H x| / |g_T|``, where the solver reports one) and
     ``hypergrad/solver_hvps`` (the Hessian-vector products it used).
@@ -92,15 +95,19 @@ class HypergradCallback(L.Callback):
         if trainer.global_step % self.every_n_steps != 0:
             return
         buffers = {k: v.clone() for k, v in pl_module.named_buffers()}
+        devices = cuda_devices(list(pl_module.parameters()))
+        start = random_state(devices)
         try:
             tasks = pl_module.split_tasks(batch)
             self._reference = pl_module.meta_gradient(tasks, self.reference).hypergrads
             self._compared = {}
             for estimator in self.compare:
+                set_random_state(start, devices)
                 hypergrad = pl_module.meta_gradient(tasks, estimator).hypergrads
                 label = str(estimator).replace("/", "%2F")  # a '/' would split the key's group
                 self._compared[label] = cosine_and_norm_ratio(hypergrad, self._reference)
         finally:
+            set_random_state(start, devices)
             with torch.no_grad():
                 for name, buffer in pl_module.named_buffers():
                     buffer.copy_(buffers[name])

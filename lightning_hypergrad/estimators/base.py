@@ -14,7 +14,7 @@ from torch import Tensor
 
 from lightning_hypergrad._checks import check_int
 from lightning_hypergrad.estimators.registry import Capabilities, capable_names
-from lightning_hypergrad.inner_loop import Trajectory, leaves
+from lightning_hypergrad.inner_loop import Trajectory, leaves, preserved_random_state
 from lightning_hypergrad.optim.base import DifferentiableOptimizer, OptimizerState
 from lightning_hypergrad.problem import BilevelProblem, check_dependence
 
@@ -218,7 +218,8 @@ class HypergradEstimator(ABC):
             h_leaf = leaves(h)
             if check:
                 second = (str(self), capable_names("double_backward", having=False))
-                check_dependence(problem, h, h_leaf, second if self.capabilities.double_backward else None)
+                with preserved_random_state(h_leaf):  # the check's random draws (dropout) leave the stream as it was
+                    check_dependence(problem, h, h_leaf, second if self.capabilities.double_backward else None)
             try:
                 hypergrads, estimate = self._hypergrads(problem, h, h_leaf)
             except RuntimeError as error:

@@ -7,7 +7,16 @@ from torch import Tensor
 
 from lightning_hypergrad.estimators.base import AdjointEstimator, Estimate, add_grads, check_gamma, weighted_step_vjp
 from lightning_hypergrad.estimators.registry import Capabilities, register_estimator
-from lightning_hypergrad.inner_loop import InnerStep, StepMode, leaves, unroll
+from lightning_hypergrad.inner_loop import (
+    InnerStep,
+    StepMode,
+    cuda_devices,
+    leaves,
+    random_state,
+    same_random_state,
+    set_random_state,
+    unroll,
+)
 from lightning_hypergrad.optim.base import OptimizerState
 from lightning_hypergrad.optim.sgd import SGD
 from lightning_hypergrad.problem import BilevelProblem
@@ -51,6 +60,10 @@ def _fused_terms(problem: BilevelProblem, h, entries, state_before: OptimizerSta
     stepped, _ = problem.optimizer.update(before, grads, state, h)
     weighted = sum(((gi * si).reshape(len(entries), -1).sum(1) * weights).sum() for gi, si in zip(g, stepped))
     return list(torch.autograd.grad(weighted, h, allow_unused=True))
+
+
+class _RandomDraws(ValueError):
+    """The inner loop drew random numbers, which the fused form cannot replay."""
 
 
 class _WeightedGreedy(AdjointEstimator):
@@ -100,12 +113,16 @@ class _WeightedGreedy(AdjointEstimator):
         if self.fuses(problem):
             if self.fused is True:
                 return self._fused_estimate(problem, h)
+            devices = cuda_devices(h)
+            before = random_state(devices)
             try:
                 return self._fused_estimate(problem, h)
-            except (RuntimeError, NotImplementedError):
-                # a loss that vmap cannot batch (a data-dependent branch, an unsupported operation): streamed from
-                # now on, which raises again if the error was not vmap's
+            except (RuntimeError, NotImplementedError, _RandomDraws):
+                # a loss that vmap cannot batch (a data-dependent branch, an unsupported operation) or a model that
+                # draws random numbers: streamed from now on, from the random state the fused try started with
+                # (which raises again if the error was not vmap's)
                 self._fusing_failed = True
+                set_random_state(before, devices)
         return self._streamed_estimate(problem, h)
 
     def _fused_estimate(self, problem: BilevelProblem, h) -> Estimate:
@@ -130,7 +147,14 @@ class _WeightedGreedy(AdjointEstimator):
                 entry = (c, [w.detach() for w in step.params_before], step.state_before.tensors(), step.params)
                 stored[first].append(entry)
 
+        devices = cuda_devices(h)
+        before = random_state(devices)
         trajectory = unroll(problem, h, lambda t: StepMode.CONSTANT, on_step)
+        if not same_random_state(before, random_state(devices)):
+            raise _RandomDraws(
+                f"{self}: fused=True recomputes the inner steps in one batched call, which cannot replay the model's "
+                "random draws (dropout); use fused='auto' (which streams such a model) or fused=False"
+            )
         w_T = [w.detach() for w in trajectory.params]
         with torch.enable_grad():
             total: list[Tensor | None] = [None] * len(h)
@@ -207,9 +231,11 @@ class Greedy(_WeightedGreedy):
         fused: ``"auto"`` (default): fused where the stored trajectory holds at most ``FUSE_MAX_ENTRIES``
             numbers (2^22: 16 MiB in float32), the inner optimizer is :class:`~lightning_hypergrad.SGD` itself (not
             a subclass, which may depend on the step), there is no per-step loss (``inner_step_loss``) and the
-            initialization is not learned; else streamed. Should ``vmap`` fail on the losses, it streams from then
-            on. ``True``: fused wherever the optimizer and the losses allow it (a learned initialization too);
-            ``False``: always streamed.
+            initialization is not learned; else streamed. Should ``vmap`` fail on the losses, or the model draw
+            random numbers (dropout, which one batched call cannot replay step by step), it streams from then on,
+            from the random state it started with. ``True``: fused wherever the optimizer and the losses allow it
+            (a learned initialization too; a model that draws random numbers is refused); ``False``: always
+            streamed.
 
     Raises:
         ValueError: ``gamma`` outside (0, 1], or ``fused`` not one of ``True``, ``False``, ``"auto"``.

@@ -20,13 +20,17 @@ captured tensor).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from lightning_hypergrad.estimators.base import AdjointEstimator, Estimate, add_grads
 from lightning_hypergrad.estimators.registry import Capabilities, register_estimator
 from lightning_hypergrad.estimators.reverse import check_checkpoint_every, segment_length
-from lightning_hypergrad.inner_loop import InnerStep, StepMode, Trajectory, unroll
+from lightning_hypergrad.inner_loop import InnerStep, StepMode, StepRandomness, Trajectory, unroll
 from lightning_hypergrad.optim.base import OptimizerState
 from lightning_hypergrad.problem import BilevelProblem, leaves
 
@@ -43,13 +47,16 @@ def adjoint_step(
     h: list[Tensor],
     adjoint_w: list[Tensor],
     adjoint_s: list[Tensor],
+    replay: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor | None]]:
-    """The adjoints of ``w_{t-1}`` and ``s_{t-1}`` and the step's term of ``h``, from ``w_{t-1}``, ``s_{t-1}``."""
+    """The adjoints of ``w_{t-1}`` and ``s_{t-1}`` and the step's term of ``h``, from ``w_{t-1}``, ``s_{t-1}``
+    (each evaluation of the step's loss in a ``replay()`` block: with the random state the step first ran with)."""
     loss = problem.step_loss(t)
     h_const = [x.detach() for x in h]
     with torch.enable_grad():
         w_in = leaves(w)
-        d = torch.autograd.grad(loss(w_in, h_const), w_in, materialize_grads=True)
+        with replay():
+            d = torch.autograd.grad(loss(w_in, h_const), w_in, materialize_grads=True)
         d_in = leaves(d)
         s_in = state.detached(requires_grad=True)
         h_in = leaves(h)
@@ -69,7 +76,8 @@ def adjoint_step(
         return torch.func.grad(lambda a, b: loss(list(a), list(b)), argnums=(0, 1))(w_, tuple(h_const))
 
     w_primal = tuple(x.detach() for x in w)
-    _, (hessian_a, mixed_a) = torch.func.jvp(gradients, (w_primal,), (tuple(a_d),))
+    with replay():
+        _, (hessian_a, mixed_a) = torch.func.jvp(gradients, (w_primal,), (tuple(a_d),))
     add_grads(total, list(mixed_a))
     return [x + y for x, y in zip(a_w, hessian_a)], a_s, total
 
@@ -112,12 +120,13 @@ class MixedRMD(AdjointEstimator):
         steps = problem.steps
         every = min(segment_length(self.checkpoint_every, steps) or 1, steps)  # None: every step's (w, s) stored
         stored: dict[int, tuple[list[Tensor], OptimizerState]] = {}
+        randomness = StepRandomness.of(problem, h, every)  # the sweep evaluates each step with its first draws
 
         def keep(step: InnerStep) -> None:  # (w_{t-1}, s_{t-1}) of the steps that start a segment
             if (step.t - 1) % every == 0:
                 stored[step.t] = ([x.detach() for x in step.params_before], step.state_before.detached())
 
-        trajectory = unroll(problem, h, lambda t: StepMode.CONSTANT, on_step=keep)
+        trajectory = unroll(problem, h, lambda t: StepMode.CONSTANT, on_step=keep, randomness=randomness)
         w_T = leaves(trajectory.params)
         with torch.enable_grad():
             loss = problem.outer_loss(w_T, h)
@@ -127,13 +136,16 @@ class MixedRMD(AdjointEstimator):
         total: list[Tensor | None] = list(found[len(w_T) :])
         for start in sorted(stored, reverse=True):  # segments from the last: recompute its steps' inputs
             w, state = stored.pop(start)
+            drew = start in randomness.states  # the segment drew random numbers: each step's state recorded anew
             inputs = []
-            for t in range(start, min(start + every, steps + 1)):
-                inputs.append((t, w, state))
-                if t < min(start + every, steps + 1) - 1:
-                    w, state = _step(problem, t, w, state, h)
-            for t, w_t, s_t in reversed(inputs):
-                adjoint_w, adjoint_s, term = adjoint_step(problem, t, w_t, s_t, h, adjoint_w, adjoint_s)
+            with randomness.replay(start):
+                for t in range(start, min(start + every, steps + 1)):
+                    inputs.append((t, w, state, randomness.now() if drew else None))
+                    if t < min(start + every, steps + 1) - 1:
+                        w, state = _step(problem, t, w, state, h)
+            for t, w_t, s_t, drawn in reversed(inputs):
+                replay = {} if drawn is None else {"replay": functools.partial(randomness.at, drawn)}
+                adjoint_w, adjoint_s, term = adjoint_step(problem, t, w_t, s_t, h, adjoint_w, adjoint_s, **replay)
                 add_grads(total, term)
         trajectory = Trajectory([x.detach() for x in trajectory.params], trajectory.state, trajectory.inner_losses)
         return Estimate(total, trajectory, loss.detach(), init_adjoint=adjoint_w)

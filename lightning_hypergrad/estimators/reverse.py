@@ -9,7 +9,7 @@ from torch import Tensor
 
 from lightning_hypergrad.estimators.base import AdjointEstimator, Estimate, add_grads, check_positive_int
 from lightning_hypergrad.estimators.registry import Capabilities, register_estimator
-from lightning_hypergrad.inner_loop import InnerStep, StepMode, Trajectory, leaves, unroll
+from lightning_hypergrad.inner_loop import InnerStep, StepMode, StepRandomness, Trajectory, leaves, unroll
 from lightning_hypergrad.optim.base import OptimizerState
 from lightning_hypergrad.problem import BilevelProblem
 
@@ -106,7 +106,9 @@ class RMD(_ReverseMode):
     respect to ``h`` adding up. Memory O(P (T/K + K)) instead of O(P T) (``K = sqrt(T)``: O(P sqrt(T))), for one
     extra pass of the inner loop without a graph (the steps before the last segment): about 1.5x plain RMD's time.
     ``K >= T`` is one segment, plain RMD. Spec strings: ``rmd(checkpoint_every=5)``,
-    ``rmd(checkpoint_every='sqrt')``.
+    ``rmd(checkpoint_every='sqrt')``. A segment's steps run again with the random state they first ran with
+    (:class:`~lightning_hypergrad.inner_loop.StepRandomness`): with dropout in the model, the hypergradient is plain
+    RMD's for the same seed.
 
     A learned initialization ``w_0(alpha)`` (MAML) is differentiated exactly, in both forms: the term
     ``g_T A_T ... A_1 dw_0/dalpha`` comes from the same backward pass (from the first segment's, when checkpointed).
@@ -178,13 +180,14 @@ def _checkpointed_rmd(problem: BilevelProblem, h: list[Tensor], every: int) -> E
     bounds = list(range(0, steps, every))  # segment starts; segment i runs steps bounds[i] + 1 .. bounds[i + 1]
     ends = bounds[1:] + [steps]
     checkpoints: dict[int, tuple[list[Tensor], OptimizerState]] = {}
+    randomness = StepRandomness.of(problem, h, every)  # a segment's random draws, the same when it runs again
 
     def keep(step: InnerStep) -> None:
         if step.t % every == 0:
             checkpoints[step.t] = ([x.detach() for x in step.params], step.state.detached())
 
     # 1. no graph: the starts of segments 1, 2, ... (the last segment's steps are left to its own run below)
-    head = unroll(problem, h, lambda t: StepMode.CONSTANT, on_step=keep, stop=bounds[-1])
+    head = unroll(problem, h, lambda t: StepMode.CONSTANT, on_step=keep, stop=bounds[-1], randomness=randomness)
     grads: list[Tensor | None] = [None] * len(h)
     adjoint: list[Tensor | None] = []
     tail_losses = head.inner_losses[:0]
@@ -197,7 +200,8 @@ def _checkpointed_rmd(problem: BilevelProblem, h: list[Tensor], every: int) -> E
             w0, s0 = checkpoints.pop(t0)
             start = (t0, leaves(w0), s0.detached(requires_grad=True))
             inputs = [*start[1], *start[2].tensors()]
-        segment = unroll(problem, h, lambda t: StepMode.CHAIN, start=start, stop=t1)
+        with randomness.replay(t0 + 1):  # the last segment runs for the first time here: nothing to replay
+            segment = unroll(problem, h, lambda t: StepMode.CHAIN, start=start, stop=t1)
         if t1 == steps:
             loss = problem.outer_loss(segment.params, h)
             final, tail_losses = segment, segment.inner_losses
