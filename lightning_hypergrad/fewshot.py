@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Callable
 
@@ -14,7 +15,7 @@ from lightning_hypergrad._checks import check_choice, check_int
 from lightning_hypergrad.estimators import HypergradEstimator
 from lightning_hypergrad.inner_model import INITS, InnerModel, per_task_batch_norm
 from lightning_hypergrad.module import BilevelModule, Task
-from lightning_hypergrad.nets import BACKBONES, ConvBackbone, build_backbone  # noqa: F401 (ConvBackbone: public)
+from lightning_hypergrad.nets import BACKBONES, ConvBackbone, batch_statistics, build_backbone  # noqa: F401
 from lightning_hypergrad.optim import DifferentiableOptimizer
 
 BackboneFactory = Callable[[tuple[int, int, int]], nn.Module]
@@ -23,6 +24,9 @@ is their size; otherwise one forward pass of zeros finds it)."""
 HeadFactory = Callable[[int, int], nn.Module]
 """``head(in_features, ways) -> nn.Module``: a head class (``torch.nn.Linear``, ``lightning_hypergrad.nets.MLPHead``)
 or any function of the two; in a config, the class path and its other arguments."""
+
+EVAL_BATCH_NORM = ("running", "batch")
+"""The values of ``FewShotClassifier(eval_batch_norm=...)``: the backbone's batch norm in validation and test."""
 
 _BACKBONE_SIGNATURE = "backbone(image_shape) -> nn.Module"
 _HEAD_SIGNATURE = "head(in_features, ways) -> nn.Module"
@@ -61,9 +65,9 @@ class FewShotClassifier(BilevelModule):
     on the support set's features; the outer loss is the cross-entropy on the query set. The backbone's features of
     the support and query images are computed once per task (:meth:`features`), so every estimator costs about one
     backbone forward and backward per task. The backbone's batch norm uses the task's batch statistics in training
-    (its running statistics are updated once per task) and the running statistics in validation and test. The
-    head is an :class:`~lightning_hypergrad.inner_model.InnerModel`: batch norm inside it always uses the batch's
-    statistics.
+    (its running statistics are updated once per task) and, by default, the running statistics in validation and
+    test (``eval_batch_norm``). The head is an :class:`~lightning_hypergrad.inner_model.InnerModel`: batch norm
+    inside it always uses the batch's statistics.
 
     Validation and test run the inner loop on held-out tasks and log the query accuracy and its 95% confidence
     interval over the tasks (``val/acc``, ``val/acc_ci95``).
@@ -96,10 +100,16 @@ class FewShotClassifier(BilevelModule):
             it issues one set of kernels instead of one per task; not on a CPU, where one pass over the whole
             meta-batch's activations is slower than ten cache-sized ones (3.5x on the cost study's problem, see
             docs/scale.md). ``True`` or ``False``: always or never.
+        eval_batch_norm: the backbone's batch norm in validation and test: ``"running"`` (the default, also for
+            ``None``) normalizes with the running statistics gathered in training; ``"batch"`` with the statistics
+            of each task's images (its support and query together, one pass, as in training), leaving the running
+            statistics as they are: the protocol of MAML's reference code and learn2learn's examples, which
+            published few-shot numbers follow. The default is not that protocol, so numbers evaluated with it cannot
+            be set beside published ones.
 
     Raises:
-        ValueError: ``depth`` or ``width`` < 1, an unknown backbone or head_init, a backbone or head path that does
-            not import, or ``ways``/``image_shape`` disagreeing with the data module's.
+        ValueError: ``depth`` or ``width`` < 1, an unknown backbone, head_init or eval_batch_norm, a backbone or head
+            path that does not import, or ``ways``/``image_shape`` disagreeing with the data module's.
         TypeError: a head, or a path of a backbone or a head, that cannot be called.
     """
 
@@ -122,6 +132,8 @@ class FewShotClassifier(BilevelModule):
         nonfinite: str = "skip",
         batch_tasks: bool = False,
         batch_backbone: bool | None = None,
+        eval_batch_norm: str | None = None,
+        compile_losses: bool = False,
     ) -> None:
         super().__init__(
             estimator=estimator,
@@ -133,6 +145,7 @@ class FewShotClassifier(BilevelModule):
             gradient_clip_algorithm=gradient_clip_algorithm,
             nonfinite=nonfinite,
             batch_tasks=batch_tasks,
+            compile_losses=compile_losses,
         )
         owner = type(self).__name__
         check_int("depth", depth, owner=owner)
@@ -156,6 +169,9 @@ class FewShotClassifier(BilevelModule):
             )
         if head_init is not None:
             check_choice("head_init", head_init, INITS, owner=owner)
+        if eval_batch_norm is not None:
+            check_choice("eval_batch_norm", eval_batch_norm, EVAL_BATCH_NORM, owner=owner)
+        self.eval_batch_norm = eval_batch_norm or "running"
         if batch_backbone is not None and not isinstance(batch_backbone, bool):
             raise TypeError(f"{owner} batch_backbone must be true, false or null (automatic), got {batch_backbone!r}")
         self.batch_backbone = batch_backbone
@@ -256,8 +272,15 @@ class FewShotClassifier(BilevelModule):
     def features(self, task: Task) -> list[Tensor]:
         n_support = task["support_x"].shape[0]
         images = torch.cat([task["support_x"], task["query_x"]])
-        out = self.backbone(images)  # one pass: batch norm sees the support and query images together
+        with self._evaluation_norm():
+            out = self.backbone(images)  # one pass: batch norm sees the support and query images together
         return [out[:n_support], out[n_support:]]
+
+    def _evaluation_norm(self) -> contextlib.AbstractContextManager[None]:
+        """The backbone's batch norm on each batch's statistics outside training, with ``eval_batch_norm="batch"``."""
+        if self.training or self.eval_batch_norm != "batch":
+            return contextlib.nullcontext()
+        return batch_statistics(self.backbone)
 
     def stacked_features(self, stacked):
         """One backbone call over the images of every task (``batch_tasks=True``), batch norm per task
@@ -298,7 +321,9 @@ class MAML(FewShotClassifier):
     :mod:`lightning_hypergrad.inner_model`). Validation and test adapt ``w_0`` to each held-out task.
 
     Args: as :class:`FewShotClassifier`; ``head_init`` does not apply (the whole initialization is learned), and
-        the linear head starts from ``torch.nn.Linear``'s random initialization, as MAML's does.
+        the linear head starts from ``torch.nn.Linear``'s random initialization, as MAML's does. ``eval_batch_norm``
+        is ``"batch"`` (``None`` means it too), the only protocol here: the whole network is the inner model, whose
+        batch norm always uses each batch's statistics.
     """
 
     features = BilevelModule.features  # no part outside the inner loop
@@ -306,7 +331,14 @@ class MAML(FewShotClassifier):
     def __init__(self, *args, **kwargs) -> None:
         if kwargs.get("head_init") not in (None, "learned"):
             raise ValueError("MAML learns the whole initialization; remove head_init (or set it to 'learned')")
+        if kwargs.get("eval_batch_norm") not in (None, "batch"):
+            raise ValueError(
+                f"MAML's batch norm always uses each batch's statistics (the whole network is the inner model), so "
+                f"eval_batch_norm={kwargs['eval_batch_norm']!r} cannot apply; remove eval_batch_norm (or set it to "
+                "'batch')"
+            )
         kwargs["head_init"] = "learned"
+        kwargs["eval_batch_norm"] = "batch"
         super().__init__(*args, **kwargs)
 
     def _build(self) -> None:

@@ -5,20 +5,28 @@ Backbones (``FewShotClassifier(backbone=...)``):
 - ``"conv"``: the paper's ``depth`` x ``width`` convolutional network (default 3 x 32), :class:`ConvBackbone`;
 - ``"conv4"``: the common 4-block, 64-channel network of MAML and Prototypical Networks (``ConvBackbone`` with
   depth 4 and width 64);
-- ``"resnet"``: :class:`ResNetBackbone`, four residual stages (a small ResNet-12 layout).
+- ``"resnet"``: :class:`ResNetBackbone`, four residual stages (a small ResNet-12 layout);
+- by dotted path, :class:`FCBackbone`: the fully connected network of MAML's Omniglot experiments (784-256-128-64-64,
+  each layer with batch norm), with :class:`TruncatedNormalLinear` as its head.
 
 Heads take ``(in_features, ways)`` as their first two arguments, so that a config names the class and its other
-arguments only (``torch.nn.Linear`` is one; :class:`MLPHead` and :class:`CosineHead` are others).
+arguments only (``torch.nn.Linear`` is one; :class:`MLPHead`, :class:`CosineHead` and :class:`TruncatedNormalLinear`
+are others).
+
+:func:`batch_statistics` makes a network's batch norm use the batch's statistics wherever it runs (the evaluation
+protocol of MAML's reference code, ``FewShotClassifier(eval_batch_norm="batch")``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_hypergrad._checks import check_choice, check_int, check_positive_number
 
@@ -139,3 +147,61 @@ class CosineHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.scale * F.linear(F.normalize(x, dim=-1), F.normalize(self.weight, dim=-1))
+
+
+def truncated_normal_(weight: Tensor, std: float) -> Tensor:
+    """Fills ``weight`` with draws of ``N(0, std^2)`` truncated at two standard deviations (in place, returned)."""
+    with torch.no_grad():
+        return nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
+
+
+class TruncatedNormalLinear(nn.Linear):
+    """A linear layer with weights from a normal of std ``std`` truncated at two std, and zero biases: the
+    initialization of the fully connected network of MAML's Omniglot experiments (as learn2learn's ``OmniglotFC``)."""
+
+    def __init__(self, in_features: int, out_features: int, std: float = 0.01) -> None:
+        super().__init__(in_features, out_features)
+        check_positive_number("TruncatedNormalLinear std", std)
+        truncated_normal_(self.weight, std)
+        nn.init.zeros_(self.bias)
+
+
+class FCBackbone(nn.Sequential):
+    """The fully connected network of MAML's Omniglot experiments (Finn et al., 2017, after Santoro et al., 2016),
+    without its last layer: the image flattened, then for each width of ``sizes`` a :class:`TruncatedNormalLinear`,
+    batch norm (``eps=1e-3``, learned scale and shift, no running statistics: always the batch's) and ReLU.
+
+    With ``head=TruncatedNormalLinear`` it is learn2learn's ``OmniglotFC`` layer for layer (784-256-128-64-64, then
+    the classes), as ``backbone=lightning_hypergrad.nets.FCBackbone`` in a config.
+    """
+
+    def __init__(self, image_shape: Sequence[int], sizes: Sequence[int] = (256, 128, 64, 64)) -> None:
+        in_features = math.prod(image_shape)
+        layers: list[nn.Module] = [nn.Flatten()]
+        for size in sizes:
+            check_int("FCBackbone layer size", size)
+            layers += [
+                TruncatedNormalLinear(in_features, size),
+                nn.BatchNorm1d(size, eps=1e-3, track_running_stats=False),
+                nn.ReLU(),
+            ]
+            in_features = size
+        super().__init__(*layers)
+        self.out_features = in_features
+
+
+@contextlib.contextmanager
+def batch_statistics(module: nn.Module) -> Iterator[None]:
+    """Within the block, every batch norm layer of ``module`` normalizes with the statistics of the batch it is given
+    and leaves its running statistics (and their count) as they are, in training and evaluation mode alike; their
+    modes are restored after it. MAML's reference code and learn2learn's examples evaluate so."""
+    norms = [m for m in module.modules() if isinstance(m, _BatchNorm)]
+    saved = [(m.training, m.track_running_stats) for m in norms]
+    try:
+        for m in norms:
+            # training: the batch's statistics; not tracking: the running ones are neither read nor updated
+            m.training, m.track_running_stats = True, False
+        yield
+    finally:
+        for m, (training, track) in zip(norms, saved):
+            m.training, m.track_running_stats = training, track

@@ -1,0 +1,165 @@
+"""``python -m studies.maml_omniglot report``: ``<out>/README.md`` and ``<out>/curve.png`` from the records.
+
+Every number of the page comes from ``record.json`` (the test after the full run), ``curve.jsonl`` (the curve) and
+``timing.json`` (seconds per iteration beside learn2learn's loop); the published figures from
+:data:`studies.maml_omniglot.experiment.PUBLISHED`. A record that is not there yet is said so on the page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from studies.common import atomic_path, format_duration, write_text
+from studies.maml_omniglot.experiment import DEFAULTS, OUT, PUBLISHED
+from studies.maml_omniglot.records import CURVE, RECORD, TIMING, read_curve
+
+PAGE, PLOT = "README.md", "curve.png"
+COMMAND = "nice -n 10 python -m studies.maml_omniglot run"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default=OUT, help=f"the run's folder (default {OUT})")
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _pct(value: float | None, ci95: float | None = None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.1f}%" + ("" if ci95 is None else f" ± {100 * ci95:.1f}")
+
+
+def plot_curve(points: list[dict[str, Any]], path: Path) -> None:
+    """Meta-train accuracy (the mean of each ``log_every`` iterations) and validation accuracy against the iteration,
+    with the published test accuracies as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [p for p in points if p["kind"] == "train"]
+    val = [p for p in points if p["kind"] == "val"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([p["iteration"] for p in train], [p["acc"] for p in train], lw=1, label="meta-train tasks (query accuracy)")
+    ax.errorbar(
+        [p["iteration"] for p in val],
+        [p["acc"] for p in val],
+        yerr=[p["acc_ci95"] or 0 for p in val],
+        fmt="o-",
+        ms=3,
+        lw=1,
+        label=f"{val[0]['tasks'] if val else ''} fixed validation tasks (95% interval)",
+    )
+    for name, style in (("learn2learn", ":"), ("paper", "--")):
+        ax.axhline(PUBLISHED[name]["acc"], ls=style, color="grey", lw=1, label=f"published test: {name}")
+    ax.set(xlabel="iteration (meta-batch of 32 tasks)", ylabel="accuracy after 1 adaptation step", ylim=(0, 1))
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def _difference(largest: float) -> str:
+    if largest == 0:
+        return "their parameters after them are equal to the bit"
+    return f"their parameters differ by at most {largest:.2g} after them"
+
+
+def _timing_lines(timing: dict[str, Any], total: int) -> list[str]:
+    seconds = {k: statistics.median(v) for k, v in timing["seconds"].items()}
+    ours = seconds["ours_sampling"] + seconds["ours_step"]
+    theirs = seconds["l2l_sampling"] + seconds["l2l_step"]
+    return [
+        f"Median of {timing['rounds']} interleaved rounds (after {timing['warmup']} warm-up rounds), each on the same "
+        f"{timing['setting']['meta_batch']} tasks; {timing['machine']}; load average "
+        f"{timing['load_average'][0]} at the start and {timing['load_average'][1]} at the end (a shared machine: "
+        "other work ran beside it).",
+        "",
+        "| seconds per iteration | this runner (`lh.MAML`) | learn2learn's loop |",
+        "| --- | --- | --- |",
+        f"| the step on the same tasks | {seconds['ours_step']:.3f} | {seconds['l2l_step']:.3f} |",
+        f"| sampling the iteration's tasks | {seconds['ours_sampling']:.3f} | {seconds['l2l_sampling']:.3f} |",
+        f"| both | {ours:.3f} | {theirs:.3f} |",
+        f"| the example's whole iteration (its 32 validation tasks too) | | {seconds['l2l_example_iteration']:.3f} |",
+        "",
+        f"The two steps start from the same weights and take the same {timing['warmup'] + timing['rounds']} steps; "
+        f"{_difference(timing['max_parameter_difference'])}. At {ours:.3f} s an iteration, the {total:,} iterations "
+        f"take about {ours * total / 3600:.1f} hours on this machine as loaded then, without the validations (every "
+        f"{timing['setting']['val_every']:,} iterations) and the test.",
+    ]
+
+
+def write_report(out: str | Path) -> Path:
+    """Writes ``<out>/README.md`` (and ``<out>/curve.png`` when there is a curve); returns the page's path."""
+    out = Path(out)
+    record, timing = _read(out / RECORD), _read(out / TIMING)
+    points = read_curve(out / CURVE)
+    setting = (record or timing or {}).get("setting", DEFAULTS.as_record())
+    lines = [
+        "# MAML on Omniglot: learn2learn's published row, reproduced with `lh.MAML`",
+        "",
+        "Generated by `python -m studies.maml_omniglot report` from the records in this folder; the study is "
+        "described in [docs/studies.md](../../../docs/studies.md#maml_omniglot).",
+        "",
+        f"The setting of learn2learn's `examples/vision/maml_omniglot.py`: its fully connected network (OmniglotFC, "
+        f"{'-'.join(str(s) for s in [setting['image_size'] ** 2, *setting['sizes'], setting['ways']])}, batch norm), "
+        f"{setting['ways']}-way {setting['shots']}-shot with {setting['queries']} query drawing a class, fast "
+        f"learning rate {setting['fast_lr']}, {setting['adaptation_steps']} adaptation step (also at test), meta "
+        f"learning rate {setting['meta_lr']} (Adam), meta-batch {setting['meta_batch']}, {setting['total']:,} "
+        f"iterations, second order (`{'fo' if setting['first_order'] else 'rmd'}`); learn2learn's Omniglot "
+        f"preparation (`dataset: omniglot-l2l`: its class split 1100/100/423 under `random.seed"
+        f"({setting['split_seed']})`, {setting['image_size']}x{setting['image_size']} Lanczos, the four rotations "
+        "as classes) and its evaluation protocol (batch norm on each batch's statistics); training tasks from a pool "
+        f"of {setting['task_pool']:,}, as its `num_tasks`.",
+        "",
+        "## Accuracy on unseen tasks",
+        "",
+    ]
+    if record is None:
+        done = max((p["iteration"] for p in points), default=None)
+        where = "it has no curve yet" if done is None else f"its curve reaches iteration {done:,}"
+        lines += [
+            f"Not yet: the run has not reached its {setting['total']:,} iterations ({where}). `{COMMAND}` starts it, "
+            "or resumes it from its last checkpoint.",
+            "",
+        ]
+    test = (record or {}).get("test", {})
+    lines += [
+        f"| | {setting['ways']}-way {setting['shots']}-shot accuracy (95% interval) | tasks |",
+        "| --- | --- | --- |",
+        f"| this run (`lh.MAML`) | {_pct(test.get('acc'), test.get('acc_ci95'))} | {test.get('tasks', 'n/a')} |",
+        f"| learn2learn, published | {_pct(PUBLISHED['learn2learn']['acc'])} | not stated |",
+        f"| Finn et al. (2017), published | {_pct(PUBLISHED['paper']['acc'], PUBLISHED['paper']['ci95'])} | |",
+        "",
+        f"Published figures: learn2learn: {PUBLISHED['learn2learn']['source']}; the paper: "
+        f"{PUBLISHED['paper']['source']} (an earlier version of learn2learn's README notes that the paper trains "
+        "with 1 adaptation step and tests with 3; learn2learn's example, and this run, test with the step they "
+        "train with). The published rows are 5-way 1-shot.",
+        "",
+    ]
+    if record is not None:
+        lines += [
+            f"Trained for {record['iterations']:,} iterations in {len(record['sittings'])} sittings, "
+            f"{format_duration(record['train_seconds'])} of training ({record['seconds_per_iteration']:.3f} s an "
+            f"iteration; {record['machine']}). Last validation: {_pct(record['final_validation']['acc'])} on "
+            f"{record['final_validation']['tasks']} fixed validation tasks.",
+            "",
+        ]
+    if points:
+        plot_curve(points, out / PLOT)
+        lines += ["## The curve", "", f"![accuracy against the iteration]({PLOT})", ""]
+    lines += ["## Seconds per iteration beside learn2learn's loop", ""]
+    if timing is None:
+        lines += ["Not measured yet: `nice -n 10 python -m studies.maml_omniglot timing`.", ""]
+    else:
+        lines += [*_timing_lines(timing, setting["total"]), ""]
+    page = out / PAGE
+    write_text(page, "\n".join(lines))
+    return page
