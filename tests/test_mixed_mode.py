@@ -96,3 +96,27 @@ def test_the_equality_fails_when_a_steps_adjoint_or_the_states_is_dropped(monkey
 def test_the_checkpoint_setting_is_checked():
     with pytest.raises(ValueError, match="MixedRMD checkpoint_every must be"):
         lh.get_estimator("mixed_rmd(checkpoint_every=0)")
+
+
+@pytest.mark.parametrize("name", ["mse_loss", "huber_loss"])
+@pytest.mark.parametrize("spec", ["mixed_rmd", "mixed_rmd(checkpoint_every=2)"])
+def test_losses_forward_ad_cannot_pass_fall_back_to_one_steps_double_backward(name, spec):
+    # F.mse_loss's backward writes into a constant's zero tangent and F.huber_loss's has no forward derivative:
+    # torch.func.jvp over their gradients raises; those steps' products come from double backward instead
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(10, 3, generator=g), torch.randn(10, generator=g)
+    log_wd = torch.tensor([0.1, -0.2, 0.3], requires_grad=True)
+    fn = getattr(torch.nn.functional, name)
+
+    def make() -> lh.BilevelProblem:
+        return lh.BilevelProblem(
+            lambda w, h: fn(x @ w[0], y) + (h[0].exp() * w[0] ** 2).sum(),
+            lambda w, h: fn(x @ w[0] + 1, y),
+            [log_wd],
+            [torch.zeros(3)],
+            lh.SGD(lr=0.1, momentum=0.9),
+            4,
+        )
+
+    exact = lh.get_estimator("rmd")(make()).hypergrads
+    assert _relative(lh.get_estimator(spec)(make()).hypergrads, exact) < 1e-12

@@ -76,10 +76,43 @@ def adjoint_step(
         return torch.func.grad(lambda a, b: loss(list(a), list(b)), argnums=(0, 1))(w_, tuple(h_const))
 
     w_primal = tuple(x.detach() for x in w)
-    with replay():
-        _, (hessian_a, mixed_a) = torch.func.jvp(gradients, (w_primal,), (tuple(a_d),))
+    try:
+        with replay():
+            _, (hessian_a, mixed_a) = torch.func.jvp(gradients, (w_primal,), (tuple(a_d),))
+    except RuntimeError as error:
+        if not any(sign in str(error) for sign in _FORWARD_AD_GAPS):
+            raise
+        with replay():  # the loss has an operation forward AD cannot take through its backward
+            hessian_a, mixed_a = _by_double_backward(loss, w_primal, h_const, a_d)
     add_grads(total, list(mixed_a))
     return [x + y for x, y in zip(a_w, hessian_a)], a_s, total
+
+
+_FORWARD_AD_GAPS = ("ZeroTensors are immutable", "forward AD")
+"""PyTorch's errors where forward-over-reverse does not reach (``F.mse_loss``'s backward writes into a constant's
+zero tangent; ``F.huber_loss``'s backward has no forward derivative)."""
+
+
+def _by_double_backward(
+    loss: Callable, w: tuple[Tensor, ...], h: list[Tensor], direction: list[Tensor]
+) -> tuple[list[Tensor], list[Tensor | None]]:
+    """``H a`` and ``d/dh <a, grad_w L>`` by reverse-over-reverse for this step alone (its double-backward graph is
+    freed on return): the products :func:`adjoint_step` takes by ``jvp``, where forward AD cannot. Refuses, as the
+    second-order estimators do, a ``once_differentiable`` function on the way (autograd would drop its part)."""
+    from lightning_hypergrad.problem import _once_differentiable_on_a_path
+
+    with torch.enable_grad():
+        w_in, h_in = leaves(w), leaves(h)
+        value = loss(w_in, h_in)
+        if _once_differentiable_on_a_path(value, w_in):
+            raise RuntimeError(
+                "mixed_rmd: forward AD cannot pass the training loss and its fallback, double backward, cannot pass "
+                "its once_differentiable function; use an estimator without double backward (fo, t1t2_fd, sama)"
+            )
+        grads = torch.autograd.grad(value, w_in, create_graph=True, materialize_grads=True)
+        inner = sum((g * a).sum() for g, a in zip(grads, direction))
+        found = torch.autograd.grad(inner, [*w_in, *h_in], allow_unused=True, materialize_grads=False)
+    return _zeros_for_none(found[: len(w_in)], w_in), list(found[len(w_in) :])
 
 
 @register_estimator
