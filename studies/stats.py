@@ -9,7 +9,9 @@ Over ``n`` values (seeds, tasks) with mean ``m`` and sample standard deviation `
   differences, pair by pair (:func:`paired_differences`);
 - :func:`median_interval`: the distribution-free interval of the median (the sign test's order statistics);
 - :func:`finite_mean`, :func:`finite_std`, :func:`standard_error`: over the finite values only (a diverged task's
-  NaN or infinity left out).
+  NaN or infinity left out);
+- :func:`verdict` and :func:`compare`: the one rule by which every comparison in the docs is worded. A paired 95%
+  interval that holds 0 is **level**; only an interval that excludes 0 makes a method **better** or **worse**.
 
 The means of the intervals are :func:`statistics.mean` (correctly rounded), those over the finite values
 :func:`statistics.fmean`, and the deviations :func:`statistics.stdev`: the computations the reports were first written
@@ -21,6 +23,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 Z975 = 1.96
 """The normal distribution's 97.5% quantile (as published, two decimals)."""
@@ -104,3 +107,63 @@ def standard_error(values: Sequence[float]) -> float:
     if not finite:
         return math.nan
     return finite_std(finite) / math.sqrt(len(finite))
+
+
+LEVEL = "level"
+BETTER = "better"
+WORSE = "worse"
+NOT_JUDGED = "not judged"
+"""The four verdicts of :func:`verdict`."""
+
+
+def verdict(interval: tuple[float, float] | None, *, higher_is_better: bool) -> str:
+    """The verdict of a paired comparison from the 95% interval of its differences (method minus reference).
+
+    The rule, the same everywhere: an interval that holds 0 is :data:`LEVEL`; one that lies wholly on the good side
+    of 0 (above it when ``higher_is_better``, below it otherwise) is :data:`BETTER`, wholly on the other side
+    :data:`WORSE`. Without an interval (fewer than two pairs, or a value that diverged) there is no verdict:
+    :data:`NOT_JUDGED`."""
+    if interval is None or not all(math.isfinite(x) for x in interval):
+        return NOT_JUDGED
+    low, high = interval
+    if low <= 0.0 <= high:
+        return LEVEL
+    return BETTER if (low > 0.0) == higher_is_better else WORSE
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A paired comparison: the mean difference (method minus reference), its 95% t interval, the pairs and the
+    :func:`verdict`."""
+
+    mean: float
+    interval: tuple[float, float] | None
+    n: int
+    verdict: str
+
+    def text(self, digits: int = 2, *, scale: float = 1.0, with_verdict: bool = False) -> str:
+        """``+0.34 [-0.22, +0.89]`` (each number times ``scale``), ``+0.34 (n=1)`` without an interval; with
+        ``with_verdict`` the verdict after a comma."""
+        if not math.isfinite(self.mean):
+            return "diverged"
+        mean = f"{scale * self.mean:+.{digits}f}"
+        if self.interval is None:
+            shown = f"{mean} (n={self.n})"
+        else:
+            low, high = (scale * x for x in self.interval)
+            shown = f"{mean} [{low:+.{digits}f}, {high:+.{digits}f}]"
+        return f"{shown}, {self.verdict}" if with_verdict else shown
+
+
+def compare(values: Sequence[float], reference: Sequence[float], *, higher_is_better: bool) -> Comparison:
+    """``values`` against ``reference``, pair by pair (the same seed, task or search): the mean of the differences,
+    their 95% t interval (:func:`mean_interval`) and the :func:`verdict`."""
+    differences = paired_differences(values, reference)
+    if not differences:
+        raise ValueError("a comparison needs at least one pair")
+    if not all(math.isfinite(d) for d in differences):
+        return Comparison(math.nan, None, len(differences), NOT_JUDGED)
+    interval = mean_interval(differences)
+    return Comparison(
+        statistics.mean(differences), interval, len(differences), verdict(interval, higher_is_better=higher_is_better)
+    )

@@ -18,13 +18,18 @@ saw, on the held-out test split.
 
 Records: ``<out>/cnn/T<T>-knots<K>/<method>-seed<s>.json``, written atomically when a run ends, so rerunning the
 same command resumes; records made with other settings are refused. ``report`` writes ``<out>/cnn.md`` (with
-``--knots 1``) or ``<out>/cnn-knots<K>.md``, and the plot beside it, from the records.
+``--knots 1``) or ``<out>/cnn-knots<K>.md``, and the plot beside it, from the records found (every search seed on
+disk); it starts no run. Its unit is the search: each search's final hyperparameters are judged by their mean over the
+unseen seeds, and methods are compared pair by pair over the search seeds they share, so that the intervals hold the
+search-to-search variance.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import math
+import re
 import statistics
 import time
 from pathlib import Path
@@ -58,7 +63,7 @@ from studies.horizon.cnn import (
     training_problem,
 )
 from studies.horizon.records import add_action, check_settings, read_record, record_path, run_or_report
-from studies.stats import mean_interval, paired_differences
+from studies.stats import Comparison, compare, mean_interval
 
 OUT = "studies/horizon/results"
 RANDOM_SEARCH = "random_search"
@@ -400,40 +405,106 @@ def run(args: argparse.Namespace) -> int:
 # the report
 # ---------------------------------------------------------------------------------------------------------------------
 
+SEARCHES = "searches"
+UNSEEN = "unseen seeds"
+"""The unit of a comparison: the searches (each search's mean over the unseen seeds, paired by search seed), or,
+where two methods share only one search, the unseen seeds of that search, which leave out the search's own luck."""
+ONE_SEARCH_NOTE = (
+    "†: one search in common, so the interval is over the unseen seeds of that search only and leaves out the "
+    "search-to-search variance; such a comparison is shown, not counted as a setting in the docs."
+)
+
+
+def record_seeds(folder: Path, method: str) -> list[int]:
+    """The search seeds of ``method`` that have a record in ``folder``, whatever ``--seeds`` says."""
+    prefix = record_path(folder, method, 0).name.removesuffix("0.json")
+    seeds = (path.name[len(prefix) : -len(".json")] for path in folder.glob(f"{glob.escape(prefix)}*.json"))
+    return sorted(int(seed) for seed in seeds if seed.isdigit())
+
 
 def load_records(args: argparse.Namespace, steps: int) -> dict[str, list[dict[str, Any]]]:
+    """The records of ``args.methods`` at horizon ``steps``, by method, one per search seed found, by seed, then those
+    of any other method found in the folder (run with ``--methods``, e.g. at one horizon only), before random search:
+    a report reads whatever searches exist (one method may have more than another); records of other settings are
+    refused."""
     folder, expected = folder_of(args, steps), settings(args, steps)
+    found = sorted({re.sub(r"-seed\d+\.json$", "", p.name) for p in folder.glob("*-seed*.json")})
+    methods = [m for m in args.methods if m != RANDOM_SEARCH] + [m for m in found if m not in args.methods]
+    methods += [RANDOM_SEARCH] if RANDOM_SEARCH in args.methods else []
     records: dict[str, list[dict[str, Any]]] = {}
-    for _, method, seed in (r for r in _runs(args) if r[0] == steps):
-        path = record_path(folder, method, seed)
-        if path.exists():
+    for method in methods:
+        for seed in record_seeds(folder, method):
+            path = record_path(folder, method, seed)
             data = read_record(path)
             check_settings(path, data, expected)
             records.setdefault(method, []).append(data)
     return records
 
 
-def _per_seed(runs: list[dict[str, Any]], key: str) -> list[float]:
-    """``key`` of the fresh trainings, averaged over the search seeds, one value per unseen seed."""
-    columns = [[e[key] for e in r["evaluation"]] for r in runs]
-    return [statistics.fmean(col) for col in zip(*columns)]
+def final_values(runs: list[dict[str, Any]], key: str = "test_loss") -> dict[int, list[float]]:
+    """Per search seed: ``key`` of the fresh trainings with the search's final hyperparameters, one per unseen seed."""
+    return {r["seed"]: [e[key] for e in r["evaluation"]] for r in runs}
 
 
-def _interval(values: list[float], digits: int = 3) -> str:
-    mean = statistics.fmean(values)
-    if any(not math.isfinite(v) for v in values):
-        return "diverged"
-    bounds = mean_interval(values)
-    return f"{mean:.{digits}f}" + ("" if bounds is None else f" [{bounds[0]:.{digits}f}, {bounds[1]:.{digits}f}]")
+def start_values(records: dict[str, list[dict[str, Any]]], key: str = "test_loss") -> list[float]:
+    """``key`` of the fresh trainings with the starting hyperparameters, per unseen seed: the same for every search,
+    and what ``fo`` ends with (the hyperparameters enter only the training loss, so its hypergradient is 0)."""
+    return [e[key] for e in next(iter(records.values()))[0]["snapshots"][0][3]]
 
 
-def _paired(values: list[float], reference: list[float] | None, digits: int = 3) -> str:
-    if reference is None or len(reference) != len(values):
+def start_searches(records: dict[str, list[dict[str, Any]]], key: str = "test_loss") -> dict[int, list[float]]:
+    """:func:`start_values` for every search seed found (no search changes the start), to pair with a method's."""
+    values = start_values(records, key)
+    return {r["seed"]: values for runs in records.values() for r in runs}
+
+
+def summary(values: dict[int, list[float]]) -> tuple[float, tuple[float, float] | None, str]:
+    """The mean over the searches of each search's mean over the unseen seeds, its 95% t interval and its unit: across
+    the searches where there are two or more; for one search, over its unseen seeds (:data:`UNSEEN`)."""
+    means = [statistics.fmean(v) for v in values.values()]
+    if len(means) >= 2:
+        return statistics.fmean(means), mean_interval(means), SEARCHES
+    only = next(iter(values.values()))
+    return statistics.fmean(only), mean_interval(only), UNSEEN
+
+
+def compare_searches(
+    values: dict[int, list[float]], reference: dict[int, list[float]] | None, *, higher_is_better: bool = False
+) -> tuple[Comparison, str] | None:
+    """``values`` minus ``reference``, paired by search seed over the searches both have (each search's mean over the
+    unseen seeds), with its :func:`studies.stats.verdict`; with one search in common, paired by unseen seed within it
+    (the unit :data:`UNSEEN`). ``None`` without a reference or a common search."""
+    common = sorted(set(values) & set(reference or {}))
+    if reference is None or not common:
+        return None
+    if len(common) >= 2:
+        mine = [statistics.fmean(values[s]) for s in common]
+        theirs = [statistics.fmean(reference[s]) for s in common]
+        return compare(mine, theirs, higher_is_better=higher_is_better), SEARCHES
+    return compare(values[common[0]], reference[common[0]], higher_is_better=higher_is_better), UNSEEN
+
+
+def comparison_text(found: tuple[Comparison, str] | None, digits: int = 2) -> str:
+    """A table cell: the difference, its interval and the verdict, marked ``†`` where the unit is the unseen seeds."""
+    if found is None:
         return "-"
-    diffs = paired_differences(values, reference)
-    if all(d == 0 for d in diffs):
-        return "0"
-    return ("+" if statistics.fmean(diffs) > 0 else "") + _interval(diffs, digits)
+    comparison, unit = found
+    return comparison.text(digits, with_verdict=True) + (" †" if unit == UNSEEN else "")
+
+
+def _summary_text(values: dict[int, list[float]], digits: int = 3) -> str:
+    mean, interval, unit = summary(values)
+    if not math.isfinite(mean):
+        return "diverged"
+    shown = f"{mean:.{digits}f}"
+    if interval is not None:
+        shown += f" [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+    return shown + (" †" if unit == UNSEEN else "")
+
+
+def each_search(values: dict[int, list[float]], digits: int = 3) -> str:
+    """Each search's mean over the unseen seeds, by search seed."""
+    return ", ".join(f"{statistics.fmean(v):.{digits}f}" for _, v in sorted(values.items()))
 
 
 def _rates(snapshot: dict[str, Any]) -> str:
@@ -443,12 +514,60 @@ def _rates(snapshot: dict[str, Any]) -> str:
     return " / ".join(f"{lr:.3g}" for lr in lrs) + " | " + " / ".join(f"{wd:.2g}" for wd in wds)
 
 
+def exact_method(records: dict[str, list[dict[str, Any]]]) -> str | None:
+    """The exact method the paired differences take: ``rmd``, else its checkpointed form; ``None`` without either."""
+    return next((m for m in (EXACT, CHECKPOINTED) if m in records), None)
+
+
 def report_name(args: argparse.Namespace) -> str:
     return "cnn" if args.knots == 1 else f"cnn-knots{args.knots}"
 
 
+def horizon_table(args: argparse.Namespace, records: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """One horizon's table: per method its searches, test loss and accuracy, the paired differences to random search
+    and to exact RMD (by search), cost, memory, cosines and the first search's final rates."""
+    exact = exact_method(records)
+    losses = {m: final_values(runs) for m, runs in records.items()}
+    ref_rs, ref_exact = losses.get(RANDOM_SEARCH), losses.get(exact or "")
+    start = start_searches(records)
+    lines = [
+        f"| method | searches | test loss | each search | vs random search | vs exact `{exact or EXACT}` | "
+        "test accuracy | search s | s / outer step | peak MiB | cosine to exact | lr conv0 / conv1 / fc | "
+        "weight decay conv0 / conv1 / fc |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| start (`fo` ends here) | - | {statistics.fmean(start_values(records)):.3f} | - | "
+        f"{comparison_text(compare_searches(start, ref_rs))} | {comparison_text(compare_searches(start, ref_exact))} | "
+        f"{statistics.fmean(start_values(records, 'test_acc')):.3f} | - | - | - | - | "
+        f"{_rates(next(iter(records.values()))[0]['snapshots'][0][2])} |",
+    ]
+    for method, runs in records.items():
+        secs = statistics.fmean(r["search_seconds"] for r in runs)
+        per_step = (
+            f"{secs / args.outer_steps:.2f}"
+            if method != RANDOM_SEARCH
+            else f"{secs / statistics.fmean(r['trials'] for r in runs):.2f} / trial "
+            f"({', '.join(str(r['trials']) for r in runs)} trials)"
+        )
+        peak = statistics.fmean(r["peak_bytes"] for r in runs) / 2**20
+        cos = [c for r in runs for _, c in r["cosines"]]
+        cos_text = (
+            f"{statistics.median(cos):.3f} [{min(cos):.3f}, {max(cos):.3f}]"
+            if cos
+            else ("1 (is exact)" if method.startswith("rmd") else "-")
+        )
+        vs_rs = "0" if method == RANDOM_SEARCH else comparison_text(compare_searches(losses[method], ref_rs))
+        vs_exact = "0" if method == exact else comparison_text(compare_searches(losses[method], ref_exact))
+        lines.append(
+            f"| `{method}` | {len(runs)} | {_summary_text(losses[method])} | {each_search(losses[method])} | {vs_rs} | "
+            f"{vs_exact} | {_summary_text(final_values(runs, 'test_acc'))} | {secs:.0f} | {per_step} | {peak:.1f} | "
+            f"{cos_text} | {_rates(runs[0]['final'])} |"
+        )
+    return lines
+
+
 def report(args: argparse.Namespace) -> int:
-    """Writes ``<out>/<report_name>.md`` and its plot from the records; prints the tables."""
+    """Writes ``<out>/<report_name>.md`` and its plot from the records found (every search seed on disk, whatever
+    ``--seeds`` says); prints the tables. Starts no run."""
     cnn = _settings_of(args, min(args.steps))
     variant = (
         "one learning rate per layer"
@@ -464,69 +583,33 @@ def report(args: argparse.Namespace) -> int:
         f"weight decay {args.wd_init:g} in every layer and takes {args.outer_steps} Adam steps (learning rate "
         f"{args.meta_lr:g}) on its hypergradient of the validation loss, each on a full retraining from the same "
         f"initialization with a new batch order; random search draws log-uniformly from lr {list(LR_BOX)}, weight "
-        f"decay {list(WD_BOX)} (the box every method is clipped to) for the median search time of the others. "
-        + (
-            "Search seed 0."
-            if args.seeds == 1
-            else f"Search seeds 0-{args.seeds - 1}: the test figures average the searches' fresh trainings per "
-            "unseen seed; the search seconds, memory and cosines are means or pooled over the searches; the rates "
-            "shown are search seed 0's."
-        ),
+        f"decay {list(WD_BOX)} (the box every method is clipped to) for the median search time of the others on the "
+        "same search seed. Each search (search seed) is an independent run of the method; the table counts the "
+        "searches found for each method.",
         "",
-        f"Judged by fresh trainings with the final hyperparameters on {args.eval_seeds} seeds no search saw "
+        f"Each search's final hyperparameters are judged by fresh trainings on {args.eval_seeds} seeds no search saw "
         f"(initialization and batch order {EVAL_SEED0}-{EVAL_SEED0 + args.eval_seeds - 1}), on the held-out test "
-        "split: mean [95% t interval]. Paired differences are per unseen seed (negative: lower loss than the "
-        f"reference). Cosine: of the method's hypergradient to exact RMD's, every {args.cosine_every} outer steps "
-        "(median [min, max] along the search). Peak memory: one hypergradient, "
-        f"{memory_meter(torch.device('cpu'), args.memory).description}.",
+        "split. The unit is the search: a search's figure is its mean over the unseen seeds; *test loss* and *test "
+        "accuracy* are the mean over the searches [95% t interval across the searches], so that the interval holds "
+        "the search-to-search variance; *each search* lists them by search seed. The paired differences (negative: "
+        "lower loss than the reference) pair the searches by search seed, over the seeds both methods have: an "
+        "interval that holds 0 is *level*, one that excludes 0 *better* or *worse*. The start is the same for every "
+        "search (and is where `fo` ends: its hypergradient is 0 here). "
+        + ONE_SEARCH_NOTE
+        + f" Search seconds, peak memory and cosines are means or pooled over the searches; cosine: of the method's "
+        f"hypergradient to exact RMD's, every {args.cosine_every} outer steps (median [min, max] along the searches); "
+        "peak memory: one hypergradient, "
+        f"{memory_meter(torch.device('cpu'), args.memory).description}; the rates are the first search's.",
     ]
     all_records = {}
     for steps in args.steps:
         records = load_records(args, steps)
         all_records[steps] = records
+        lines += ["", f"## T = {steps}", ""]
         if not records:
-            lines += ["", f"## T = {steps}", "", "No records yet."]
+            lines.append("No records yet.")
             continue
-        ref_rs = _per_seed(records[RANDOM_SEARCH], "test_loss") if RANDOM_SEARCH in records else None
-        exact = next((m for m in (EXACT, CHECKPOINTED) if m in records), None)
-        ref_exact = _per_seed(records[exact], "test_loss") if exact is not None else None
-        lines += [
-            "",
-            f"## T = {steps}",
-            "",
-            f"| method | test loss | test accuracy | vs random search | vs exact `{exact or EXACT}` | search s | "
-            "s / outer step | "
-            "peak MiB | cosine to exact | lr conv0 / conv1 / fc | weight decay conv0 / conv1 / fc |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        start = records[next(iter(records))][0]["snapshots"][0]
-        start_eval = start[3]
-        lines.append(
-            f"| start | {_interval([e['test_loss'] for e in start_eval])} | "
-            f"{_interval([e['test_acc'] for e in start_eval])} | "
-            f"{_paired([e['test_loss'] for e in start_eval], ref_rs)} | "
-            f"{_paired([e['test_loss'] for e in start_eval], ref_exact)} | - | - | - | - | {_rates(start[2])} |"
-        )
-        for method, runs in records.items():
-            losses, accs = _per_seed(runs, "test_loss"), _per_seed(runs, "test_acc")
-            secs = statistics.fmean(r["search_seconds"] for r in runs)
-            per_step = (
-                f"{secs / args.outer_steps:.2f}"
-                if method != RANDOM_SEARCH
-                else f"{secs / statistics.fmean(r['trials'] for r in runs):.2f} / trial ({runs[0]['trials']} trials)"
-            )
-            peak = statistics.fmean(r["peak_bytes"] for r in runs) / 2**20
-            cos = [c for r in runs for _, c in r["cosines"]]
-            cos_text = (
-                f"{statistics.median(cos):.3f} [{min(cos):.3f}, {max(cos):.3f}]"
-                if cos
-                else ("1 (is exact)" if method.startswith("rmd") else "-")
-            )
-            lines.append(
-                f"| `{method}` | {_interval(losses)} | {_interval(accs)} | {_paired(losses, ref_rs)} | "
-                f"{_paired(losses, ref_exact)} | {secs:.0f} | {per_step} | {peak:.1f} | {cos_text} | "
-                f"{_rates(runs[0]['final'])} |"
-            )
+        lines += horizon_table(args, records)
         skipped = {m: sum(r["skipped_steps"] for r in runs) for m, runs in records.items()}
         if any(skipped.values()):
             lines += [
@@ -534,9 +617,10 @@ def report(args: argparse.Namespace) -> int:
                 "Outer steps skipped for a non-finite hypergradient: "
                 + ", ".join(f"`{m}` {n}" for m, n in skipped.items() if n),
             ]
-    missing = [f"T={s} `{m}` seed {k}" for s, m, k in _runs(args) if not record_path(folder_of(args, s), m, k).exists()]
+    found = {(s, m, r["seed"]) for s, recs in all_records.items() for m, runs in recs.items() for r in runs}
+    missing = [f"T={s} `{m}` seed {k}" for s, m, k in _runs(args) if (s, m, k) not in found]
     if missing:
-        lines += ["", f"Missing runs ({len(missing)}): " + ", ".join(missing)]
+        lines += ["", f"Not found for `--seeds {args.seeds}` ({len(missing)}): " + ", ".join(missing)]
     machine = next(
         (r["machine"] for recs in all_records.values() for runs in recs.values() for r in runs),
         machine_description("cpu"),
@@ -548,6 +632,20 @@ def report(args: argparse.Namespace) -> int:
     plot(Path(args.out) / f"{name}.png", all_records)
     print(text)
     return 0
+
+
+def snapshot_losses(runs: list[dict[str, Any]], key: str = "test_loss") -> list[tuple[int, float, float]]:
+    """Along the searches: ``(outer step or trial, mean search seconds, mean key)`` of each snapshot's fresh trainings,
+    averaged over the searches (as far as every search has snapshots)."""
+    count = min(len(r["snapshots"]) for r in runs)
+    return [
+        (
+            runs[0]["snapshots"][k][0],
+            statistics.fmean(r["snapshots"][k][1] for r in runs),
+            statistics.fmean(e[key] for r in runs for e in r["snapshots"][k][3]),
+        )
+        for k in range(count)
+    ]
 
 
 def plot(path: Path, all_records: dict[int, dict[str, list[dict[str, Any]]]]) -> None:
@@ -565,15 +663,19 @@ def plot(path: Path, all_records: dict[int, dict[str, list[dict[str, Any]]]]) ->
     colors = plt.get_cmap("tab10")
     for ax, steps in zip(axes[0], horizons):
         for method, runs in all_records[steps].items():
-            snaps = runs[0]["snapshots"]
-            xs = [statistics.fmean(r["snapshots"][k][1] for r in runs) for k in range(len(snaps))]
-            ys = [
-                statistics.fmean(e["test_loss"] for r in runs for e in r["snapshots"][k][3]) for k in range(len(snaps))
-            ]
+            points = snapshot_losses(runs)
             style = "--" if method == RANDOM_SEARCH else "-"
-            ax.plot(xs, ys, style, marker="o", ms=3, color=colors(methods.index(method) % 10), label=method)
+            ax.plot(
+                [x for _, x, _ in points],
+                [y for _, _, y in points],
+                style,
+                marker="o",
+                ms=3,
+                color=colors(methods.index(method) % 10),
+                label=f"{method} ({len(runs)} search{'es' if len(runs) > 1 else ''})",
+            )
         ax.set(xlabel="search wall-clock (s, 1 CPU thread)", ylabel="test loss (fresh trainings, unseen seeds)")
-        ax.set_title(f"T = {steps} inner steps")
+        ax.set_title(f"T = {steps} inner steps (mean over the searches)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
