@@ -6,7 +6,9 @@
 #      one by one, the peak CUDA memory of each, and the GPU's hypergradient against the CPU's (float32, float64);
 #   2. the cost study's few-shot problem: fused against streamed Greedy beside T1-T2 and FO, one by one and batched;
 #   3. python -m studies.cost.launches --device cuda: launch counts and times of the three paths;
-#   4. python -m studies.peers --device cuda: the peers side by side (after scripts/install_peers.sh).
+#   4. python -m studies.peers --device cuda: the peers side by side (after scripts/install_peers.sh);
+#   5. python -m studies.scale --device cuda: peak CUDA memory and seconds of one hypergradient against T (10, 100,
+#      1000) on the horizon study's CNN for rmd, mixed_rmd (each plain and checkpointed), higher and TorchOpt.
 # Options go to part 1 (python -m studies.gpu_check --help lists them):
 #     bash scripts/gpu_check.sh --steps 3 --rounds 2
 #     bash scripts/gpu_check.sh --device cpu --dataset digits --steps 1 --rounds 1 --inner-steps 2   # part 1 alone, no GPU
@@ -24,3 +26,5 @@ case " $* " in *" --device cpu "*) exit 0 ;; esac
 "$VENV/bin/python" -m studies.cost.launches --device cuda --rounds 3
 [ -d .peers ] || PYTHON="$VENV/bin/python" bash scripts/install_peers.sh || echo "note: the peers did not install; part 4 leaves them out"
 "$VENV/bin/python" -m studies.peers --device cuda --rounds 3
+"$VENV/bin/python" -m studies.scale run --device cuda --out studies/scale/results_cuda --steps 10 100 1000 \
+    --sublinear-steps --repeats 1 --max-seconds 60

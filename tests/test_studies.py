@@ -23,7 +23,10 @@ import lightning_hypergrad as lh
 from studies.common import atomic_path, quiet_trainer, quiet_trainer_args, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDIES = ("table2", "cost", "quality", "hpo", "ddp", "lightning_step", "trace", "horizon")
+STUDIES = (
+    "table2", "cost", "quality", "hpo", "ddp", "lightning_step", "trace", "horizon", "peers", "imaml", "precision",
+    "compile", "scale", "maml_omniglot",
+)  # fmt: skip
 
 
 def results_snapshot() -> dict[str, tuple[int, int]]:
