@@ -46,6 +46,7 @@ class CheckpointHooks:
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._check_weights(checkpoint.get("state_dict"))
+        settle_finished_epoch(checkpoint)
         saved = checkpoint.get(CHECKPOINT_KEY, {})
         written, ours = saved.get("method") or {}, self._method()
         changed = [f"{k}: {ours[k]} (checkpoint: {v})" for k, v in written.items() if k in ours and ours[k] != v]
@@ -92,3 +93,27 @@ class CheckpointHooks:
             f"{which} was written by another model than {type(self).__name__} with these settings: "
             f"{'; '.join(parts)}; give a checkpoint of this config's model, or the settings it was written with"
         )
+
+
+def settle_finished_epoch(checkpoint: dict[str, Any]) -> None:
+    """Makes a checkpoint written after its last epoch had completed resume with the next epoch, as the run would
+    have gone on.
+
+    Lightning writes ``last`` at the end of training (``ModelCheckpoint.on_train_end``, when no checkpoint was
+    written at the final step: ``every_n_train_steps`` that does not divide ``max_steps``, with ``max_steps`` at an
+    epoch's end) and on an exception after the epoch's end, with the epoch completed and its batch counter still at
+    the epoch's last batch. A run resumed from it with a larger ``max_steps`` takes that counter for an epoch being
+    restarted at its last batch: it runs an epoch without batches, then trains the next one, so every later epoch
+    is counted one too far (the tasks of epoch 2 where the uninterrupted run trains on those of epoch 1). The batch
+    counter of the epoch is set to the state the next epoch starts from (no batch yet), in the loaded ``checkpoint``
+    before Lightning restores its loops from it; a checkpoint of any other point of the run is left as it is.
+    """
+    fit_loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    epochs = (fit_loop.get("epoch_progress") or {}).get("current") or {}
+    batches = fit_loop.get("epoch_loop.batch_progress") or {}
+    counts = [epochs.get(key) for key in ("ready", "started", "processed", "completed")]
+    if not counts[0] or len(set(counts)) != 1 or not batches.get("is_last_batch"):
+        return  # not an epoch completed before the checkpoint was written
+    current = batches.get("current") or {}
+    batches["current"] = dict.fromkeys(current, 0)
+    batches["is_last_batch"] = False

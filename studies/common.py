@@ -8,7 +8,10 @@
   events, from the resident set size, or from the tensors saved for backward;
 - :func:`device_name` and :func:`machine_description`: what a report says about the machine it ran on;
 - :func:`estimator_spec` and :func:`require_positive`: the command lines' checks of estimator specs and counts;
-- :class:`Progress` and :func:`format_duration`: one line per unit of work of a study, with the time left.
+- :class:`Progress` and :func:`format_duration`: one line per unit of work of a study, with the time left;
+- :class:`StudyParser`: a command line whose errors are one line; :func:`unwritable` and :func:`writable_folder`:
+  an ``--out`` that cannot be written is refused before any work;
+- :func:`folder_lock`: one run at a time in a records folder, where two would do the same work twice.
 
 Lightning (and the package) is imported on first use, so that importing this module (e.g. from
 ``tests/test_memory.py``) is cheap.
@@ -16,9 +19,11 @@ Lightning (and the package) is imported on first use, so that importing this mod
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import ctypes.util
+import fcntl
 import gc
 import json
 import logging
@@ -32,7 +37,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 from torch import Tensor
@@ -191,6 +196,84 @@ def write_text(path: str | Path, text: str) -> None:
 def write_json(path: str | Path, data: Any, indent: int = 2) -> None:
     """Writes ``data`` as JSON to ``path`` atomically: a temporary file in the same folder, then ``os.replace``."""
     write_text(path, json.dumps(data, indent=indent) + "\n")
+
+
+class StudyParser(argparse.ArgumentParser):
+    """A study's argument parser, whose errors are one line (``prog: error: message``) instead of the usage block
+    and the line (``--help`` shows the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
+def unwritable(folder: str | Path) -> str | None:
+    """Why files cannot be written into ``folder`` (made with its parents where missing), in a few words; ``None``
+    when they can. Nothing is created: the folder, or the nearest of its parents that exists, is checked."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+def writable_folder(value: str) -> str:
+    """The ``type`` of a study's ``--out`` (argparse checks the default too): ``value``, or
+    ``argparse.ArgumentTypeError`` (exit 2, naming the option) where the study could not write its results there,
+    so that it stops before any work instead of after it."""
+    reason = unwritable(value)
+    if reason is not None:
+        raise argparse.ArgumentTypeError(f"cannot write the results into {value}: {reason}; give another --out")
+    return value
+
+
+class FolderBusy(RuntimeError):
+    """Another living process holds the lock of a records folder (:func:`folder_lock`)."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, name: str = ".lock") -> Iterator[None]:
+    """Holds ``folder/name`` for the block: one run of a study at a time writes into ``folder``, where a second would
+    do the same work and write the same records.
+
+    The lock file holds the process id of the run that holds it, and is locked (``flock``) while it does, so that a
+    lock left by a run that is gone (killed with ``SIGKILL``) is taken over at once. Removed when the block ends.
+
+    Raises:
+        FolderBusy: another living process holds it; the message names it, the folder and what to do.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise FolderBusy(
+                f"another run (pid {owner}) is writing into {folder} (it holds {path}): wait for it to end, or give "
+                "another --out"
+            ) from None
+        try:
+            ours = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            ours = False
+        if ours:
+            break
+        os.close(fd)  # the run that held it removed it meanwhile: take the new one
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -511,8 +594,6 @@ def estimator_spec(text: str) -> str:
         argparse.ArgumentTypeError: ``text`` is not an estimator spec (the message lists the known names), so that
             the parser stops with exit 2 naming the option before any work starts.
     """
-    import argparse
-
     from lightning_hypergrad import get_estimator
 
     try:

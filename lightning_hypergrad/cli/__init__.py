@@ -6,12 +6,13 @@ additions:
 
 - **Checkpoints of a config stay together, and no run touches another's.** Every run writes its checkpoints into
   ``lightning-hypergrad/<config>/checkpoints/`` (``<config>``: the names of the ``--config`` files, e.g.
-  ``quickstart`` or ``omniglot+t1t2``; ``--checkpoint.dirpath`` sets another folder), each file named after the
-  run (``<run>-epoch=E-step=S.ckpt`` and ``last-<run>.ckpt``, ``<run>`` the W&B run id), so that runs of the same
-  config never overwrite or delete each other's files. The ``checkpoint`` settings are those of
-  :class:`~lightning_hypergrad.cli.checkpoints.RunCheckpoint` (Lightning's ``ModelCheckpoint``), with
-  ``save_last: true``.
-- **``--ckpt_path last``** resumes (or evaluates) the most recent ``last-*.ckpt`` of the config's folder.
+  ``quickstart`` or ``paper-omniglot+t1t2``, one folder for each shipped config; ``--checkpoint.dirpath`` sets
+  another folder), each file named after the run (``<run>-epoch=E-step=S.ckpt`` and ``last-<run>.ckpt``, ``<run>``
+  the W&B run id), so that runs of the same config never overwrite or delete each other's files. The ``checkpoint``
+  settings are those of :class:`~lightning_hypergrad.cli.checkpoints.RunCheckpoint` (Lightning's
+  ``ModelCheckpoint``), with ``save_last: true``.
+- **``--ckpt_path last``** resumes (or evaluates) the most recent ``last-*.ckpt`` of the config's folder. A
+  checkpoint of another model class is refused before anything is built.
 - **A resumed run is the same experiment.** Every checkpoint holds the model and data settings of its run (the
   estimator with its arguments, the inner optimizer with its settings, every other model and data setting, as the
   config has them). ``fit --ckpt_path ...`` continues with the checkpoint's settings where the configs say otherwise

@@ -1,15 +1,17 @@
 """Every private name of Lightning and W&B that the command line uses, each behind one override or function of this
 file that says why no public name does the job.
 
-``tests/test_cli_private_names.py`` checks each of them against the installed versions, and runs in the test subset
-of the oldest versions that ``pyproject.toml`` admits (``scripts/oldest_tests.txt``), so that a version that renames
-one or changes what it does fails there, not in a user's run. Written against Lightning 2.6 and W&B 0.17 to 0.31.
+``tests/test_cli_private_names.py`` checks each of them against the installed versions (those of the checkpoint:
+``tests/test_epoch_end_checkpoint.py``), in the test subset of the oldest versions that ``pyproject.toml`` admits too
+(``scripts/oldest_tests.txt``), so that a version that renames one or changes what it does fails there, not in a
+user's run. Written against Lightning 2.6 and W&B 0.17 to 0.31.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 
@@ -94,3 +96,25 @@ makes torch warn at every run: the warning is about Lightning's code, not the ru
 Private because: the warning comes from that module, ``_pytree``, and a filter names the module it comes from to
 silence nothing else.
 """
+
+
+def steps_between_checkpoints(callback: ModelCheckpoint) -> int:
+    """The checkpoint's ``every_n_train_steps`` (0: none by steps).
+
+    Private because: ``ModelCheckpoint`` keeps its constructor's argument as ``_every_n_train_steps`` only.
+    """
+    return int(callback._every_n_train_steps or 0)
+
+
+def save_checkpoint_now(callback: ModelCheckpoint, trainer: Any) -> None:
+    """Writes the checkpoint that ``callback`` would write at a step of ``every_n_train_steps`` (its top-k file and
+    ``last``), now, unless Lightning's rules skip it (sanity check, ``fast_dev_run``, already written at this step).
+
+    Private because: ``ModelCheckpoint`` writes its files in ``_save_topk_checkpoint`` and ``_save_last_checkpoint``
+    from ``_monitor_candidates``, called from its hooks only; no public method writes them at another moment.
+    """
+    if callback._should_skip_saving_checkpoint(trainer):
+        return
+    candidates = callback._monitor_candidates(trainer)
+    callback._save_topk_checkpoint(trainer, candidates)
+    callback._save_last_checkpoint(trainer, candidates)

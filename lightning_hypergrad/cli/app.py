@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -25,10 +26,17 @@ from lightning_hypergrad.cli.checkpoints import (
     RunCheckpoint,
     checkpoint_folder,
     last_checkpoint,
+    legacy_checkpoint_folder,
     read_checkpoint,
 )
 from lightning_hypergrad.cli.messages import notice, quiet_third_parties
-from lightning_hypergrad.cli.resume import SECTIONS, differences, explicit_settings, settle_with_checkpoint
+from lightning_hypergrad.cli.resume import (
+    SECTIONS,
+    check_model_class,
+    differences,
+    explicit_settings,
+    settle_with_checkpoint,
+)
 from lightning_hypergrad.cli.run_files import RemoveAbortedStart, SaveConfigToRun
 from lightning_hypergrad.cli.wandb import (
     WANDB_FLUSH_ENV,
@@ -102,6 +110,7 @@ class HypergradCLI(CLIHooks):
         subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand or "", self.config)
         checkpoint = config.get("checkpoint")
+        legacy = None
         if checkpoint is not None and not checkpoint.get("dirpath"):
             files = list(config.get("config") or [])
             if config is not self.config:  # configs given before the subcommand
@@ -110,11 +119,13 @@ class HypergradCLI(CLIHooks):
             model_class = model.get("class_path", "model") if model is not None else None
             root = config.get("trainer", {}).get("default_root_dir")
             checkpoint.dirpath = checkpoint_folder(files, model_class, root)
+            legacy = legacy_checkpoint_folder(files, root) if files else None
         if not config.get("ckpt_path"):
             return
         fitting = subcommand == "fit"
         if config.ckpt_path == "last":
-            config.ckpt_path = last_checkpoint(checkpoint.dirpath if checkpoint is not None else None, fitting)
+            folder = checkpoint.dirpath if checkpoint is not None else None
+            config.ckpt_path = last_checkpoint(folder, fitting, legacy)
             if config.ckpt_path is None:
                 return
         path = Path(config.ckpt_path)
@@ -124,7 +135,9 @@ class HypergradCLI(CLIHooks):
         self.checkpoint_step = (path, saved.get("global_step"))
         stored = saved.get(SETTINGS_KEY)
         if isinstance(stored, dict):
-            found = differences(self.experiment_settings(), stored)
+            ours = self.experiment_settings()
+            check_model_class(path, ours, stored, checkpoint.dirpath if checkpoint is not None else None)
+            found = differences(ours, stored)
             allow = bool(config.get("resume_with_changes"))
             explicit = explicit_settings(self.given_args)
             settle_with_checkpoint(path, config, found, fitting=fitting, explicit=explicit, allow_changes=allow)
@@ -185,15 +198,23 @@ class HypergradCLI(CLIHooks):
         )
         return True
 
+    def before_instantiate_classes(self) -> None:
+        """Refuses ``trainer.precision`` fp16 before anything is built (:func:`check_precision`)."""
+        config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+        check_precision((config.get("trainer") or {}).get("precision"))
+
     def _check_before_logger(self, stage: str) -> None:
-        """What can be refused before the logger starts (a W&B run would otherwise stay behind, empty): an estimator
-        that cannot differentiate the inner optimizer's settings, and a few-shot data set that cannot make the tasks
-        (too few classes or examples in a split, a damaged file found on loading)."""
+        """What can be refused before the logger starts (a W&B run would otherwise stay behind, empty) and before the
+        model summary and the sanity check: the module's estimator where it cannot run with the inner optimizer and T
+        (:func:`check_estimators`), online mode with a meta-batch of more than one task (:func:`check_online`), and a
+        few-shot data set that cannot make the tasks (too few classes or examples in a split, a damaged file found on
+        loading)."""
         from lightning_hypergrad.data import FewShotDataModule
 
         model = self.model
         if stage == "fit" and isinstance(model, BilevelModule):
-            model.estimator.check_optimizer(model.inner_optimizer)
+            check_estimators(model)
+            check_online(model, self.datamodule)
         if isinstance(self.datamodule, FewShotDataModule) and not self.datamodule.download:
             self.datamodule.setup(stage)  # (loads once: Lightning's call finds it done)
 
@@ -208,6 +229,52 @@ class HypergradCLI(CLIHooks):
 
     def before_test(self) -> None:
         self._check_before_logger("test")
+
+
+FP16 = ("16", "16-mixed", "16-true")
+"""The ``trainer.precision`` values of fp16, which :func:`check_precision` refuses."""
+
+
+def check_precision(precision: Any) -> None:
+    """Refuses fp16 (``16-mixed``, ``16``, ``16-true``) as :class:`~lightning_hypergrad.BilevelModule` does, on every
+    device: on a CPU Lightning would otherwise run ``16-mixed`` as bf16 (with a warning), not the fp16 asked for."""
+    if str(precision) in FP16:
+        raise ValueError(
+            f"trainer.precision={precision!r}: fp16 is not supported: the hypergradients are taken with "
+            "torch.autograd.grad through the inner loop, where Lightning's fp16 loss scaling does not reach, so small "
+            "gradients would underflow silently (on a CPU, Lightning would run bf16 instead); use --trainer.precision "
+            "bf16-mixed (CPU, and GPUs from the A100 on) or 32-true"
+        )
+
+
+def check_estimators(model: BilevelModule) -> None:
+    """Runs the checks of the module's estimator that need only the inner optimizer and T (``truncated_rmd(K)`` with
+    K > T, Neumann's or an implicit estimator's ``lr``-based settings with another optimizer than SGD, an optimizer's
+    learned settings that the estimator cannot differentiate) on a problem of one hyperparameter: before any task,
+    instead of at the first training step. (A HypergradCallback checks its own estimators when fitting starts.)"""
+    from lightning_hypergrad.problem import BilevelProblem
+
+    outline = BilevelProblem(
+        inner_loss=lambda w, h: (w[0] * h[0]).sum(),
+        outer_loss=lambda w, h: w[0].sum(),
+        hyperparameters=[torch.zeros(1, requires_grad=True)],
+        init_params=[torch.zeros(1)],
+        optimizer=model.inner_optimizer,
+        steps=model.inner_steps,
+    )
+    model.estimator.validate(outline)  # (with check_optimizer)
+
+
+def check_online(model: BilevelModule, datamodule: Any) -> None:
+    """Online mode carries one inner model from step to step: a meta-batch (the module's, else the data module's)
+    of more than one task is refused, as :meth:`~lightning_hypergrad.BilevelModule.setup` refuses it, before the
+    trainer starts."""
+    size = model.meta_batch_size if model.meta_batch_size is not None else getattr(datamodule, "meta_batch_size", None)
+    if model.online and size not in (None, 1):
+        raise ValueError(
+            f"online=True carries one inner model from step to step, but meta_batch_size is {size}; set "
+            "meta_batch_size 1 (model and data), or online: false"
+        )
 
 
 def cli(

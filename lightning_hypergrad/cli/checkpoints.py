@@ -16,6 +16,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 
+from lightning_hypergrad._configs import configs_folder, shipped_configs
+from lightning_hypergrad.cli._lightning import save_checkpoint_now, steps_between_checkpoints
 from lightning_hypergrad.cli.messages import notice
 
 CHECKPOINT_ROOT = "lightning-hypergrad"
@@ -32,13 +34,19 @@ class RunCheckpoint(ModelCheckpoint):
     """Lightning's ``ModelCheckpoint`` with files that belong to one run, in a folder that runs share.
 
     - Each file starts with the run's name: ``<run>-epoch=E-step=S.ckpt`` and ``last-<run>.ckpt``, where ``<run>``
-      is the W&B run id (another logger's version, or the start time without a logger), so that the runs of one
-      config can share a folder and the files of a W&B run are found by its id.
+      is the W&B run id (another logger's version; without a logger, the start time and 4 random hex digits, so
+      that two runs started in the same second differ), so that the runs of one config can share a folder and the
+      files of a W&B run are found by its id.
     - A run resumed from a checkpoint starts its own list of files: it restores none of the file paths of the run it
       resumes, so it never deletes or overwrites that run's files (Lightning deletes the previous best file of the
       restored list, and writes ``last`` over the resumed one); a name already taken gets ``-v1``, ``-v2``, ...
     - It does not write again the checkpoint of the step it resumed at (Lightning repeats the end of an epoch that a
       checkpoint written at that end restores).
+    - A checkpoint of ``every_n_train_steps`` that falls on an epoch's last batch is written at the epoch's end, after
+      its validation and its end hooks, not before them: a run resumed from it (after a stop, or extended with a
+      larger ``max_steps``) has that epoch's validation row and goes on from the epoch's end. Written before, Lightning
+      resumes past the epoch's end without its validation, and a stop during that validation (SIGTERM at an epoch's
+      end) lost its row for good.
     - Every checkpoint holds the run's name (:data:`RUN_KEY`) and its model and data settings (:data:`SETTINGS_KEY`).
 
     Everything else (``every_n_train_steps`` for checkpoints in the middle of an epoch, ``save_top_k``, ``monitor``)
@@ -52,6 +60,7 @@ class RunCheckpoint(ModelCheckpoint):
     """The run's model and data settings (plain YAML values), written into every checkpoint; set by the CLI."""
 
     _resumed_step: int | None = None
+    _save_at_epoch_end: bool = False
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         with warnings.catch_warnings():  # the folder is shared by the runs of a config: files there are expected
@@ -79,6 +88,10 @@ class RunCheckpoint(ModelCheckpoint):
         self._resumed_step = checkpoint.get("global_step")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        every = steps_between_checkpoints(self)
+        if every > 0 and trainer.global_step % every == 0 and batch_idx + 1 == trainer.num_training_batches:
+            self._save_at_epoch_end = True  # the epoch's last batch: written after its validation and end hooks
+            return
         with warnings.catch_warnings():
             # with manual optimization Lightning warns that the checkpoint holds the state after the optimizer
             # step: that is the state a resumed run continues from (the data module counts the batch as done)
@@ -86,8 +99,12 @@ class RunCheckpoint(ModelCheckpoint):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.global_step != self._resumed_step:
-            super().on_train_epoch_end(trainer, pl_module)
+        if trainer.global_step == self._resumed_step:
+            return
+        if self._save_at_epoch_end:
+            self._save_at_epoch_end = False
+            save_checkpoint_now(self, trainer)
+        super().on_train_epoch_end(trainer, pl_module)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.global_step != self._resumed_step:
@@ -100,32 +117,59 @@ def run_checkpoint(trainer) -> RunCheckpoint | None:
 
 
 def name_of_run(trainer) -> str:
-    """The W&B run id, another logger's version, or the time: what the checkpoint files of a run start with."""
+    """The W&B run id, another logger's version, or the time and 4 random hex digits (``20260101-120000-3fa2``: runs
+    started in the same second differ): what the checkpoint files of a run start with."""
     logger = trainer.logger
     if isinstance(logger, WandbLogger):
         name = logger.experiment.id
     elif logger is not None and logger.version is not None:
         name = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
     else:
-        name = time.strftime("%Y%m%d-%H%M%S")
+        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
     return re.sub(r"[^A-Za-z0-9_.-]", "_", str(name))
 
 
-def checkpoint_folder(config_files: list[str], model_class_path: str | None, root: str | None) -> str:
+def config_name(file: Any) -> str:
+    """The name of a ``--config`` file in the checkpoint folder's name: the file's stem (``quickstart``,
+    ``lr_schedule``); for a shipped config whose stem another shipped config has too, its folder and stem
+    (``paper-omniglot``, ``maml-omniglot``), so that every shipped config has a folder of its own."""
+    path = Path(str(file))
+    folder = configs_folder()
+    if folder is not None:
+        try:
+            shipped = path.resolve().relative_to(folder.resolve()).with_suffix("")
+        except ValueError:  # not a shipped config
+            return path.stem
+        if [Path(name).name for name in shipped_configs()].count(shipped.name) > 1:
+            return "-".join(shipped.parts)
+    return path.stem
+
+
+def checkpoint_folder(
+    config_files: list[str], model_class_path: str | None, root: str | None, name_of: Any = config_name
+) -> str:
     """``lightning-hypergrad/<config>/checkpoints`` under ``root`` (the trainer's ``default_root_dir``), where
-    ``<config>`` joins the names of the config files (``quickstart``, ``omniglot+t1t2``); without a config file, the
-    model's class name."""
-    names = [Path(str(file)).stem for file in config_files]
+    ``<config>`` joins the names of the config files (:func:`config_name`: ``quickstart``, ``paper-omniglot+t1t2``);
+    without a config file, the model's class name."""
+    names = [name_of(file) for file in config_files]
     if not names and model_class_path is not None:
         names = [str(model_class_path).rsplit(".", 1)[-1]]
     name = "+".join(names) or "run"
     return os.path.join(*([root] if root else []), CHECKPOINT_ROOT, name, "checkpoints")
 
 
-def last_checkpoint(folder: str | None, fitting: bool) -> str | None:
+def legacy_checkpoint_folder(config_files: list[str], root: str | None) -> str | None:
+    """The folder that the configs' checkpoints went into when a config was named by its stem alone (before the
+    shipped configs that share a stem got folders of their own); ``None`` where that is today's folder."""
+    old = checkpoint_folder(config_files, None, root, name_of=lambda file: Path(str(file)).stem)
+    return None if old == checkpoint_folder(config_files, None, root) else old
+
+
+def last_checkpoint(folder: str | None, fitting: bool, legacy: str | None = None) -> str | None:
     """What ``--ckpt_path last`` means: the most recent ``last*.ckpt`` of the checkpoint ``folder``.
 
-    Without one, ``None`` for ``fit`` (a new run starts, said on stderr).
+    Without one, ``None`` for ``fit`` (a new run starts, said on stderr, naming the ``legacy`` folder where it holds
+    checkpoints written before the config had a folder of its own).
 
     Raises:
         FileNotFoundError: for another subcommand, when the folder holds no ``last*.ckpt``.
@@ -134,12 +178,18 @@ def last_checkpoint(folder: str | None, fitting: bool) -> str | None:
     if candidates:
         return str(candidates[-1])
     where = f"in {folder}" if folder else "(checkpoint.dirpath is not set)"
+    older = ""
+    if legacy is not None and any(Path(legacy).glob("last*.ckpt")):
+        older = (
+            f"; the runs of this config before it had a folder of its own wrote theirs into {legacy} (shared with "
+            "another config): give one of those with --ckpt_path to resume it"
+        )
     if fitting:
-        notice(f"ckpt_path=last: no last checkpoint of this config {where}: starting a new run")
+        notice(f"ckpt_path=last: no last checkpoint of this config {where}: starting a new run{older}")
         return None
     raise FileNotFoundError(
         f"ckpt_path=last: no last checkpoint of this config {where}; fit the config first, or give the path "
-        "of a .ckpt file"
+        f"of a .ckpt file{older}"
     )
 
 

@@ -7,6 +7,7 @@ checkpoint holds (:func:`differences`), and what each subcommand does with the d
   difference and how to start a new run instead; ``--resume_with_changes true`` continues with them, saying so.
 - ``validate`` and ``test`` use the settings as given and name those that differ (evaluating a trained backbone with
   another number of inner steps is a use).
+- A checkpoint of another model class is refused before anything is built (:func:`check_model_class`).
 - A checkpoint that holds no settings (one that the Python API wrote) is used as given.
 """
 
@@ -67,6 +68,24 @@ def differences(ours: dict[str, Any], stored: dict[str, Any]) -> list[Difference
             if name in args and not _same(args[name], value)
         ]
     return found
+
+
+def check_model_class(path: Path, ours: dict[str, Any], stored: dict[str, Any], folder: str | None) -> None:
+    """Refuses a checkpoint whose run trained another model class than this config's: its weights cannot be this
+    model's, and its settings are not this model's arguments.
+
+    Raises:
+        ValueError: one line naming both classes, and what to give instead.
+    """
+    given = (ours.get("model") or {}).get("class_path")
+    saved = (stored.get("model") or {}).get("class_path")
+    if given is None or saved is None or given == saved:
+        return
+    where = f" (in {folder})" if folder else ""
+    raise ValueError(
+        f"ckpt_path={path} was written by a run of {saved}, and this config's model is {given}: give a checkpoint "
+        f"of this config's runs{where}, or drop --ckpt_path to start a new run"
+    )
 
 
 def explicit_settings(args: Iterable[str]) -> set[tuple[str, str]]:

@@ -43,6 +43,11 @@ class FewShotDataModule(LightningDataModule):
       ``download=True`` the original files fetched by torchvision into ``root/omniglot-py`` and converted once to
       those archives. Background characters are the meta-train classes; of the evaluation characters the first half
       are meta-validation and the second half meta-test. Strokes are 1.0 and images are resized to 28x28.
+      Not the split or the preparation of published few-shot numbers: for those, ``"omniglot-l2l"``.
+    - ``"omniglot-l2l"``: the same files prepared as learn2learn's benchmark (``get_tasksets("omniglot")``): its
+      class split of the 1623 characters by ``split_seed`` (1100/100/423; learn2learn's examples seed 42), 28x28
+      Lanczos-resized images, and each character's four rotations as classes (4400/400/1692 classes), as
+      ``lightning_hypergrad/data/datasets/omniglot_l2l.py`` describes.
     - ``"cifar100"``: CIFAR-100 in the official ``root/cifar-100-python`` layout (or downloaded by torchvision),
       all 600 images per class; the 100 classes are shuffled by ``split_seed`` into 50 meta-train and 50
       meta-validation classes, and the meta-test classes are the meta-validation classes (the paper's protocol).
@@ -63,8 +68,8 @@ class FewShotDataModule(LightningDataModule):
     same tasks.
 
     Args:
-        dataset: one of ``digits``, ``omniglot``, ``cifar100``, ``cifarfs``, ``mini-imagenet``, ``folder``, or a
-            registered dataset (the names of :data:`~lightning_hypergrad.data.DATASETS`).
+        dataset: one of ``digits``, ``omniglot``, ``omniglot-l2l``, ``cifar100``, ``cifarfs``, ``mini-imagenet``,
+            ``folder``, or a registered dataset (the names of :data:`~lightning_hypergrad.data.DATASETS`).
         root: the data folder (default ``data``; required for ``folder``).
         ways: classes per task (N).
         shots: support examples per class (K).
@@ -77,7 +82,7 @@ class FewShotDataModule(LightningDataModule):
             28 omniglot, 32 cifar100/cifarfs/folder, 84 mini-imagenet).
         download: download the dataset into ``root`` if it is not there (omniglot, cifar100, cifarfs images,
             mini-imagenet; needs internet access).
-        split_seed: seed of the class split (``cifar100`` and flat ``folder`` layouts).
+        split_seed: seed of the class split (``cifar100``, ``omniglot-l2l`` and flat ``folder`` layouts).
         seed: seed of the task sampling.
         num_workers: dataloader worker processes.
 

@@ -12,10 +12,28 @@ from typing import Any
 from studies.common import log
 
 
+class Record(dict):
+    """A record's JSON object (and each object inside it): reading a key that it lacks ends the study with one line
+    naming the file and the key (a record of another version of the study, or edited), not with a traceback."""
+
+    path: Path
+
+    def __missing__(self, key: Any) -> Any:
+        raise SystemExit(
+            f"error: {self.path} has no {key!r}: it is no complete record of this study; delete it to redo it"
+        )
+
+
 def read_record(path: Path) -> dict[str, Any]:
-    """A record, or ``SystemExit`` naming the file and what is wrong with it."""
+    """A record (:class:`Record`), or ``SystemExit`` naming the file and what is wrong with it."""
+
+    def record(pairs: dict[str, Any]) -> Record:
+        found = Record(pairs)
+        found.path = path
+        return found
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), object_hook=record)
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: {path} is no JSON record ({error}); delete it to redo it") from None
     if not isinstance(data, dict) or not isinstance(data.get("settings"), dict):

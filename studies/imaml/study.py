@@ -41,7 +41,7 @@ from studies.common import (
     write_json,
     write_text,
 )
-from studies.stats import mean_ci95, paired_differences
+from studies.stats import compare, mean_ci95
 from studies.table2.run import CachedFewShotDataModule
 
 METHODS = {"maml": "rmd", "fomaml": "fo", "imaml": "cg(5, normal=True)"}
@@ -141,22 +141,21 @@ def measure_memory(root: str | None, t_values: list[int], dataset: str = "omnigl
     return found
 
 
-def report(out: Path) -> str:
+def load(out: Path) -> dict[tuple[str, int], dict[str, Any]]:
+    """The records in ``out``, by ``(method, seed)``."""
     records = [json.loads(p.read_text()) for p in sorted(out.glob("*_seed*.json"))]
-    by = {(r["method"], r["seed"]): r for r in records}
-    seeds = sorted({r["seed"] for r in records})
-    lines = ["# MAML, first-order MAML and iMAML on Omniglot 5-way 1-shot", ""]
-    if records:
-        first = records[0]
-        lines += [
-            f"{len(records)} records; {first['steps']} outer steps, meta-batch {first['meta_batch']}, T = "
-            f"{first['inner_steps']}, inner SGD lr {first['inner_lr']}, outer Adam lr {first['outer_lr']}, iMAML "
-            f"lambda {PROXIMAL}; accuracy on {first['eval_tasks']} tasks of the evaluation alphabets; machine: "
-            f"{first['machine']}, {first['torch_threads']} thread(s).",
-            "",
-            "| method | seeds | test accuracy, mean [95%] | paired vs maml [95%] | seconds per step (median) |",
-            "| --- | --- | --- | --- | --- |",
-        ]
+    return {(r["method"], r["seed"]): r for r in records}
+
+
+def accuracy_table(out: Path) -> list[str]:
+    """Each method's test accuracy over the seeds and its paired difference to MAML (seed by seed, the level rule of
+    :func:`studies.stats.verdict`), with the median seconds per step."""
+    by = load(out)
+    seeds = sorted({seed for _, seed in by})
+    lines = [
+        "| method | seeds | test accuracy, mean [95%] | paired vs maml [95%] | seconds per step (median) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for method in METHODS:
         rows = [by[(method, s)] for s in seeds if (method, s) in by]
         if not rows:
@@ -165,25 +164,50 @@ def report(out: Path) -> str:
         paired = [s for s in seeds if (method, s) in by and ("maml", s) in by]
         vs = "-"
         if method != "maml" and len(paired) >= 2:
-            diff = paired_differences(
-                [by[(method, s)]["test_acc"] for s in paired], [by[("maml", s)]["test_acc"] for s in paired]
+            found = compare(
+                [by[(method, s)]["test_acc"] for s in paired],
+                [by[("maml", s)]["test_acc"] for s in paired],
+                higher_is_better=True,
             )
-            d_mean, d_half = mean_ci95(diff, t=True)
-            verdict = "level" if d_mean - d_half <= 0 <= d_mean + d_half else ("above" if d_mean > 0 else "below")
-            vs = f"{100 * d_mean:+.2f} [{100 * (d_mean - d_half):+.2f}, {100 * (d_mean + d_half):+.2f}] ({verdict})"
+            vs = f"{found.text(2, scale=100)} ({found.verdict})"
         seconds = statistics.median(r["seconds_per_step_median"] for r in rows)
         interval = "" if half is None else f" [{100 * (mean - half):.2f}, {100 * (mean + half):.2f}]"
         lines.append(
             f"| `{method}` ({rows[0]['estimator']}) | {len(rows)} | {100 * mean:.2f}{interval} | {vs} | {seconds:.3f} |"
         )
+    return lines
+
+
+def memory_table(out: Path) -> list[str]:
+    """Peak tensor memory of one outer step's meta-gradient (MiB) per method against T; empty without a record."""
     memory = out / "memory.json"
-    if memory.exists():
-        found = json.loads(memory.read_text())
-        t_values = sorted({int(t) for m in found.values() for t in m})
-        lines += ["", "Peak tensor memory of one outer step's meta-gradient (MiB), against T:", ""]
-        lines += ["| method | " + " | ".join(f"T = {t}" for t in t_values) + " |", "|---" * (len(t_values) + 1) + "|"]
-        for method, values in found.items():
-            lines.append(f"| `{method}` | " + " | ".join(f"{values[str(t)] / 2**20:.1f}" for t in t_values) + " |")
+    if not memory.exists():
+        return []
+    found = json.loads(memory.read_text())
+    t_values = sorted({int(t) for m in found.values() for t in m})
+    lines = ["| method | " + " | ".join(f"T = {t}" for t in t_values) + " |", "|---" * (len(t_values) + 1) + "|"]
+    for method, values in found.items():
+        lines.append(f"| `{method}` | " + " | ".join(f"{values[str(t)] / 2**20:.1f}" for t in t_values) + " |")
+    return lines
+
+
+def report(out: Path) -> str:
+    by = load(out)
+    lines = ["# MAML, first-order MAML and iMAML on Omniglot 5-way 1-shot", ""]
+    if by:
+        first = next(iter(by.values()))
+        lines += [
+            f"{len(by)} records; {first['steps']} outer steps, meta-batch {first['meta_batch']}, T = "
+            f"{first['inner_steps']}, inner SGD lr {first['inner_lr']}, outer Adam lr {first['outer_lr']}, iMAML "
+            f"lambda {PROXIMAL}; accuracy on {first['eval_tasks']} tasks of the evaluation alphabets; machine: "
+            f"{first['machine']}, {first['torch_threads']} thread(s). Paired differences: seed by seed; level where "
+            "the 95% interval holds 0, better or worse where it excludes 0.",
+            "",
+            *accuracy_table(out),
+        ]
+    memory = memory_table(out)
+    if memory:
+        lines += ["", "Peak tensor memory of one outer step's meta-gradient (MiB), against T:", "", *memory]
     text = "\n".join(lines) + "\n"
     write_text(out / "results.md", text)
     return text

@@ -27,17 +27,22 @@ Measured: the largest relative difference of each exact hypergradient to the pee
 max |b|`` over all entries); then in float32, the seconds of one outer step (the hypergradient, from building the
 problem to the gradients in ``.grad``; median of ``--rounds`` interleaved rounds, one torch thread) and its peak
 memory (live tensor bytes, ``torch.profiler``), as ratios to the peer's. A peer that cannot be imported is left out,
-with the reason in the table's notes.
+with the reason in the table's notes; where the table in ``--out`` holds rows that the run would not write (a peer
+missing here, an ``--hpo-steps`` left out), the run refuses to start, naming them and how to install the peers
+(:func:`rows_kept`): it never replaces a table by one with fewer rows.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import importlib
+import io
+import json
 import os
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +53,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lightning_hypergrad as lh
-from studies.common import machine_description, memory_meter, write_json, write_text
+from studies.common import (
+    StudyParser,
+    machine_description,
+    memory_meter,
+    require_positive,
+    writable_folder,
+    write_json,
+    write_text,
+)
 from studies.cost.estimators import Task, fewshot_backbone, task_features, whole_network
 
 PEERS_DIR = ".peers"
@@ -69,8 +82,10 @@ def import_peers(folder: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
         sys.path.insert(0, str(folder.resolve()))
     found, missing = {}, {}
     for name in PEERS:
-        try:
-            found[name] = importlib.import_module(name)
+        try:  # quietly: learn2learn's gym prints a banner and warns on import
+            with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                found[name] = importlib.import_module(name)
         except Exception as error:  # noqa: BLE001 (any import failure means: not available here)
             missing[name] = f"{name} does not import ({type(error).__name__}: {error}); install it with {INSTALL}"
     return found, missing
@@ -500,34 +515,110 @@ def _version(name: str) -> str:
         return "(version unknown)"
 
 
+def row_keys(table: dict[str, Any]) -> set[tuple[Any, ...]]:
+    """The rows of a ``peers.json`` table, each by what it measures (problem, T, method and peer)."""
+    rows = table.get("equality"), table.get("timing")
+    keys = {("equality", r.get("problem"), r.get("T"), r.get("method"), r.get("peer")) for r in rows[0] or []}
+    keys |= {("timing", r.get("problem"), r.get("T"), r.get("who"), r.get("method")) for r in rows[1] or []}
+    return keys
+
+
+def read_table(path: Path) -> dict[str, Any] | None:
+    """The table of an earlier run at ``path`` (``None``: there is none), or ``SystemExit`` with one line where the
+    file is no such table (it is not replaced)."""
+    if not path.exists():
+        return None
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise SystemExit(
+            f"error: {path} is no table of this study ({error}): move it away, or give another --out"
+        ) from None
+    rows = [table.get(k) for k in ("equality", "timing")] if isinstance(table, dict) else [None]
+    if not all(isinstance(r, list) and all(isinstance(row, dict) for row in r) for r in rows):
+        raise SystemExit(
+            f"error: {path} is no table of this study (no 'equality' and 'timing' rows): move it away, or give "
+            "another --out"
+        )
+    return table
+
+
+def _peer_module(label: str) -> str:
+    """The module of a peer's row label: ``higher innerloop_ctx`` -> ``higher``, ``TorchOpt MetaSGD`` ->
+    ``torchopt``."""
+    return str(label or "").split(" ")[0].lower()
+
+
+def rows_kept(table: dict[str, Any] | None, missing: dict[str, str], hpo_steps: Sequence[int]) -> str | None:
+    """Why a run would leave out rows of the earlier ``table`` (``None``: it would write them all again): the peers
+    of its rows that do not import here, and its ``hpo`` horizons not in ``hpo_steps``."""
+    if table is None:
+        return None
+    labels = [r.get("peer", "") for r in table["equality"]]
+    labels += [r.get("method", "") for r in table["timing"] if r.get("who") == "peer"]
+    gone = sorted({_peer_module(label) for label in labels} & set(missing))
+    horizons = sorted(
+        {str(r.get("T")) for r in table["equality"] + table["timing"] if r.get("problem") == "hpo"}
+        - {str(t) for t in hpo_steps},
+        key=str,
+    )
+    reasons = []
+    if gone:
+        reasons.append(
+            f"{', '.join(gone)} {'does' if len(gone) == 1 else 'do'} not import here (install with {INSTALL})"
+        )
+    if horizons:
+        reasons.append(f"its hpo rows of T = {', '.join(map(str, horizons))} are not in --hpo-steps")
+    return "; ".join(reasons) or None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m studies.peers", description=__doc__.splitlines()[0])
+    parser = StudyParser(prog="python -m studies.peers", description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default 5)")
     parser.add_argument("--hpo-steps", type=int, nargs="+", default=[10, 100], help="T of the hpo problem (10 100)")
     parser.add_argument("--peers-dir", default=os.environ.get("PEERS_DIR", PEERS_DIR), help="(default .peers)")
-    parser.add_argument("--out", default="studies/peers/results", help="where peers.md and peers.json go")
+    parser.add_argument(
+        "--out", type=writable_folder, default="studies/peers/results", help="where peers.md and peers.json go"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or min(args.hpo_steps) < 1:
-        parser.error("--rounds and --hpo-steps must be at least 1")
+    require_positive(parser, args, "rounds", "hpo_steps", "threads")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
     global DEVICE
     DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    name = "peers" if DEVICE.type == "cpu" else f"peers_{DEVICE.type}"
     peers, missing = import_peers(args.peers_dir)
+    earlier = read_table(out / f"{name}.json")
+    lost = rows_kept(earlier, missing, args.hpo_steps)
+    if lost is not None:
+        print(
+            f"error: {out / name}.json holds rows that this run would not write ({lost}): nothing was run; "
+            "give another --out to write a table without them",
+            file=sys.stderr,
+        )
+        return 1
     for reason in missing.values():
         print(f"note: {reason}: left out", file=sys.stderr)
-    eq = equality(peers, args.hpo_steps)
-    times = timing(peers, args.hpo_steps, args.rounds)
+    try:
+        eq = equality(peers, args.hpo_steps)
+        times = timing(peers, args.hpo_steps, args.rounds)
+    except KeyboardInterrupt:
+        print("interrupted: nothing written, the tables in --out are as they were", file=sys.stderr)
+        return 130
     machine = machine_description(DEVICE)
     versions = ", ".join(f"{name} {_version(name)}" for name in peers)
     text = markdown(eq, times, missing) + f"\n\nPeers: {versions or 'none'}. Machine: {machine}.\n"
-    out = Path(args.out)
-    name = "peers" if DEVICE.type == "cpu" else f"peers_{DEVICE.type}"
+    table = {"equality": eq, "timing": times, "missing": missing, "machine": machine, "peers": versions}
+    if earlier is not None and row_keys(earlier) - row_keys(table):  # not foreseen above: kept, the new one beside
+        name += "-fewer-rows"
+        print(
+            f"error: the earlier table has rows that this one lacks: kept, this one written as {name}", file=sys.stderr
+        )
     write_text(out / f"{name}.md", "# Side by side with the peers\n\n" + text)
-    write_json(out / f"{name}.json", {"equality": eq, "timing": times, "missing": missing, "machine": machine,
-                                    "peers": versions})  # fmt: skip
+    write_json(out / f"{name}.json", table)
     print(text)
-    return 0
+    return 1 if name.endswith("-fewer-rows") else 0

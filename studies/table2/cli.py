@@ -6,13 +6,13 @@ from __future__ import annotations
 import argparse
 
 from lightning_hypergrad.estimators import Greedy
-from studies.common import estimator_spec
+from studies.common import StudyParser, estimator_spec, writable_folder
 from studies.table2.settings import DATASETS, GREEDY_GAMMAS, METHODS_HELP, PAPER_WAYS
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m studies.table2`` parser with its ``run`` and ``report`` subcommands."""
-    parser = argparse.ArgumentParser(
+    parser = StudyParser(
         prog="python -m studies.table2",
         description="Reproduce Table 2 of the paper (few-shot classification with FO, T1-T2, IFT and Greedy).",
     )
@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=1, help="parallel worker processes (default: 1, which runs in this process)"
     )
     run.add_argument("--threads", type=int, default=1, help="torch threads per worker (default: 1)")
-    run.add_argument("--out", default=None, help="output folder (default: studies/table2/results/<dataset>)")
+    run.add_argument(
+        "--out", type=writable_folder, default=None, help="output folder (default: studies/table2/results/<dataset>)"
+    )
     rep = commands.add_parser(
         "report",
         help="write OUT/table2.md, table2.csv and table2.png from the records in OUT/runs",
@@ -80,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     rep.add_argument(
-        "--out", required=True, help="the folder given to `run --out` (e.g. studies/table2/results/omniglot)"
+        "--out",
+        type=writable_folder,
+        required=True,
+        help="the folder given to `run --out` (e.g. studies/table2/results/omniglot)",
     )
     return parser

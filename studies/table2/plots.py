@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from studies.common import atomic_path
+from studies.stats import BETTER, WORSE
 from studies.table2.settings import CHOSEN, PROTOCOLS
 from studies.table2.summary import Entry, paired_differences
 
@@ -89,9 +90,7 @@ def plot_differences(path: Path, records: Sequence[dict[str, Any]], reference: s
             d = mine.get(name)
             if d is None:
                 continue
-            better = d.low is not None and d.low > 0
-            worse = d.high is not None and d.high < 0
-            color = "tab:green" if better else "tab:red" if worse else "tab:gray"
+            color = {BETTER: "tab:green", WORSE: "tab:red"}.get(d.verdict, "tab:gray")
             if abs(d.mean) > OFF_SCALE:
                 x = math.copysign(edge, d.mean)
                 ax.plot([x], [y], "<" if d.mean < 0 else ">", color=color)

@@ -35,7 +35,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from studies.common import Progress, format_duration
+from studies.common import Progress, format_duration, unwritable
 from studies.table2.cli import build_parser
 from studies.table2.records import MalformedRecord, read_record, record_problem
 from studies.table2.report import report
@@ -95,6 +95,10 @@ def execute(jobs: Sequence[RunConfig], runs_dir: Path, workers: int) -> tuple[in
         for config in jobs:
             try:
                 record = run_one(config, runs_dir)
+            except SystemExit:
+                if _STOPS:  # Lightning ends a fit stopped by Ctrl-C with SystemExit(1)
+                    raise KeyboardInterrupt from None
+                raise
             except Exception as error:  # one failed run must not stop the others
                 failed += 1
                 print(progress.line(f"{config.describe()}: FAILED: {error!r}", config.steps), flush=True)
@@ -197,21 +201,30 @@ def _alive(pid: int) -> bool:
     return True
 
 
+_STOPS: list[str] = []
+"""The stop signals received within :func:`_stops_as_interrupt`."""
+
+
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, ``SIGTERM`` stops the runner as Ctrl-C does (its workers stopped, the "interrupted" line)."""
+def _stops_as_interrupt() -> Iterator[None]:
+    """Within the block, Ctrl-C and ``SIGTERM`` stop the runner alike (its workers stopped, the "interrupted" line):
+    each raises ``KeyboardInterrupt`` and is noted in :data:`_STOPS`, so that a stop which Lightning turns into
+    ``SystemExit(1)`` (its handling of ``KeyboardInterrupt`` in ``fit``, in a run of this process) is still one."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def interrupt(signum: int, frame: Any) -> None:
+        _STOPS.append(signal.Signals(signum).name)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    _STOPS.clear()
+    previous = {stop: signal.signal(stop, interrupt) for stop in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
 
 
 def _setting(args: argparse.Namespace, name: str, paper: PaperSettings) -> int:
@@ -221,6 +234,9 @@ def _setting(args: argparse.Namespace, name: str, paper: PaperSettings) -> int:
 
 def command_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """``table2 run``: plans the runs, skips those with a record, runs the rest and writes the report."""
+    out = Path(args.out if args.out is not None else f"studies/table2/results/{args.dataset}")
+    if (reason := unwritable(out)) is not None:  # (a given --out is checked by the parser)
+        parser.error(f"argument --out: cannot write the results into {out}: {reason}; give another --out")
     config = args.config if args.config is not None else default_config(args.dataset)
     try:
         paper = PaperSettings.from_config(config)
@@ -258,7 +274,6 @@ def command_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             )
         except (ValueError, FileNotFoundError) as error:
             parser.error(str(error))
-    out = Path(args.out if args.out is not None else f"studies/table2/results/{args.dataset}")
     runs_dir = out / "runs"
     jobs = plan_jobs(
         dataset=args.dataset,
@@ -308,7 +323,7 @@ def command_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     )
     start = time.perf_counter()
     try:
-        with runner_lock(runs_dir), _sigterm_as_interrupt():
+        with runner_lock(runs_dir), _stops_as_interrupt():
             finished, failed = execute(todo, runs_dir, args.workers)
     except KeyboardInterrupt:
         print(f"interrupted after {format_duration(time.perf_counter() - start)}; rerun the same command to resume")

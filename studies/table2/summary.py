@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lightning_hypergrad.estimators import get_estimator
-from studies.stats import mean_ci95
+from studies.stats import BETTER, WORSE, mean_ci95, verdict
 from studies.table2.records import is_number
 from studies.table2.settings import (
     CHOSEN,
@@ -189,12 +189,18 @@ class PairedDifference:
     low: float | None
     high: float | None
 
+    @property
+    def verdict(self) -> str:
+        """better, worse or level by :func:`studies.stats.verdict` (not judged without an interval)."""
+        interval = None if self.low is None or self.high is None else (self.low, self.high)
+        return verdict(interval, higher_is_better=True)
+
     def text(self) -> str:
         if self.mean is None:
             return "n/a"
         if self.low is None or self.high is None:
             return f"{self.mean:+.2f} (n={self.n})"
-        mark = " **↑**" if self.low > 0 else " **↓**" if self.high < 0 else ""
+        mark = {BETTER: " **↑**", WORSE: " **↓**"}.get(self.verdict, "")
         return f"{self.mean:+.2f} [{self.low:+.2f}, {self.high:+.2f}] (n={self.n}){mark}"
 
 
