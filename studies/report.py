@@ -421,6 +421,12 @@ def cost_fewshot() -> str:
         + " |",
         "|---|" + "---:|" * (2 * len(ts)),
     ]
+    return "\n".join(lines + _cost_rows(rows, ts)) + "\n"
+
+
+def _cost_rows(rows: list[dict], ts: list[int]) -> list[str]:
+    """One table row per estimator of a cost-study record: seconds per step (ratio) and peak MiB at each T."""
+    lines = []
     for name in dict.fromkeys(r["estimator"] for r in rows):
         by_t = {r["T"]: r for r in rows if r["estimator"] == name}
         lines.append(
@@ -430,7 +436,7 @@ def cost_fewshot() -> str:
             + " | ".join(f"{by_t[t]['peak_bytes'] / 2**20:.1f}" for t in ts)
             + " |"
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def cost_whole() -> str:
@@ -450,16 +456,7 @@ def cost_whole() -> str:
         + f" {plain['peak_bytes'] / 2**20:.1f} |"
         + " |" * (len(ts) - 1),
     ]
-    for name in dict.fromkeys(r["estimator"] for r in rows):
-        by_t = {r["T"]: r for r in rows if r["estimator"] == name}
-        lines.append(
-            f"| {name} | "
-            + " | ".join(f"{by_t[t]['seconds_per_step']:.3f} ({by_t[t]['ratio']:.2f})" for t in ts)
-            + " | "
-            + " | ".join(f"{by_t[t]['peak_bytes'] / 2**20:.1f}" for t in ts)
-            + " |"
-        )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _cost_rows(rows, ts)) + "\n"
 
 
 def scale_fewshot_batched() -> str:

@@ -14,12 +14,7 @@ from lightning_hypergrad.estimators import mixed_mode
 SPECS = ["mixed_rmd", "mixed_rmd(checkpoint_every=2)", "mixed_rmd(checkpoint_every='sqrt')"]
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def _relative(a, b) -> float:

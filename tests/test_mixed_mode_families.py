@@ -26,12 +26,7 @@ SPECS = ["mixed_rmd", "mixed_rmd(checkpoint_every=2)", "mixed_rmd(checkpoint_eve
 CNN = CNNSettings(characters=3, size=9, width=2, steps=6, batch=4, momentum=0.9, knots=2)
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def _relative(a, b) -> float:

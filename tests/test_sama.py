@@ -17,13 +17,7 @@ from torch.autograd.function import once_differentiable
 
 import lightning_hypergrad as lh
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def _run(problem: lh.BilevelProblem, spec: str) -> list[torch.Tensor]:
