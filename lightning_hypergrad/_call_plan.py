@@ -1,5 +1,6 @@
 """How an :class:`~lightning_hypergrad.InnerModel` calls its module: where each inner parameter goes, the layers
-whose call must be made pure, and the structure of the module the plan was made for (checked at every call)."""
+whose call must be made pure, and the structure of the module the plan was made for (checked at every call). The
+structure's record serves :class:`~lightning_hypergrad.HyperModule` too."""
 
 from __future__ import annotations
 
@@ -18,17 +19,11 @@ if TYPE_CHECKING:
     from lightning_hypergrad.inner_model import InnerModel
 
 
-class Plan(NamedTuple):
-    """How :class:`~lightning_hypergrad.InnerModel` calls its module, and the module's structure it was made for."""
+class Structure(NamedTuple):
+    """A module's tree as it was at one moment, checked later by :meth:`holds` (a few lookups, in C)."""
 
-    #: ``(table, attr, i)``: the inner parameter ``i`` goes to ``table[attr]`` (``None``: through functional_call)
-    slots: list[tuple[dict, str, int]] | None
-    #: batch and instance norm: batch statistics in every call
-    norms: list[nn.Module]
-    #: spectral norm's modules: their power iteration off in a call (``training`` False)
-    iterating: list[nn.Module]
-    #: the module's tree: each module's parent's ``_modules`` (the InnerModel's for the module itself), its key
-    #: there, the module and its type (a parametrization changes a module's class)
+    #: each module's parent's ``_modules`` (the holder's for the module itself), its key there, the module and its
+    #: type (a parametrization changes a module's class)
     parents: list[dict]
     keys: list[str]
     children: list[Any]
@@ -38,11 +33,40 @@ class Plan(NamedTuple):
     sizes: list[int]
 
     def holds(self) -> bool:
-        """Whether the module's structure is still the one the plan was made for (a few lookups, in C)."""
+        """Whether the tree is still the one recorded: the same modules at the same places, as many children and
+        parameters in each."""
         found = list(map(dict.get, self.parents, self.keys))
         if not all(map(operator.is_, found, self.children)) or list(map(type, found)) != self.kinds:
             return False
-        if list(map(len, self.tables)) != self.sizes:
+        return list(map(len, self.tables)) == self.sizes
+
+
+def structure_of(holder: nn.Module, key: str) -> Structure:
+    """The :class:`Structure` of ``holder``'s submodule ``key`` (the wrapped module) and everything below it."""
+    module = holder._modules[key]
+    modules = list(module.modules())
+    links = [(holder._modules, key, module)]
+    for m in modules:
+        links += [(m._modules, k, child) for k, child in m._modules.items()]
+    tables = [table for m in modules for table in (m._modules, m._parameters)]
+    parents, keys, children = (list(column) for column in zip(*links))
+    return Structure(parents, keys, children, list(map(type, children)), tables, list(map(len, tables)))
+
+
+class Plan(NamedTuple):
+    """How :class:`~lightning_hypergrad.InnerModel` calls its module, and the module's structure it was made for."""
+
+    #: ``(table, attr, i)``: the inner parameter ``i`` goes to ``table[attr]`` (``None``: through functional_call)
+    slots: list[tuple[dict, str, int]] | None
+    #: batch and instance norm: batch statistics in every call
+    norms: list[nn.Module]
+    #: spectral norm's modules: their power iteration off in a call (``training`` False)
+    iterating: list[nn.Module]
+    structure: Structure
+
+    def holds(self) -> bool:
+        """Whether the module's structure is still the one the plan was made for (a few lookups, in C)."""
+        if not self.structure.holds():
             return False
         return self.slots is None or all(attr in table for table, attr, _ in self.slots)
 
@@ -74,16 +98,10 @@ def make_plan(inner: InnerModel, owners: dict[str, nn.Module]) -> Plan:
             path, _, attr = name.rpartition(".")
             sub = module.get_submodule(path)
             slots.append((sub._parameters if attr in sub._parameters else sub._buffers, attr, i))
-    links = [(inner._modules, "module", module)]
-    for m in modules:
-        links += [(m._modules, key, child) for key, child in m._modules.items()]
-    tables = [table for m in modules for table in (m._modules, m._parameters)]
-    parents, keys, children = (list(column) for column in zip(*links))
     norms = [m for m in modules if isinstance(m, (_BatchNorm, _InstanceNorm))]
     iterating = [m for m in modules if isinstance(m, _SpectralNorm)]
     iterating += [m for m in modules if any(isinstance(k, _SpectralNormHook) for k in m._forward_pre_hooks.values())]
-    kinds = list(map(type, children))
-    return Plan(slots, norms, iterating, parents, keys, children, kinds, tables, list(map(len, tables)))
+    return Plan(slots, norms, iterating, structure_of(inner, "module"))
 
 
 def changed(why: str) -> NoReturn:

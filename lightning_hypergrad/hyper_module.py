@@ -22,15 +22,23 @@ on something of ``w`` (a learned loss of the predictions) goes through ``feature
 Buffers of the module (batch norm's running statistics) are used as they are: the module runs in its own mode
 (``train()`` or ``eval()``), as a direct call would. Parameters that do not require grad and are not among the
 hyperparameters are constants, used as they are too.
+
+The module is called as it was at :meth:`HyperModule.attach`. A later change of it (a submodule replaced or added,
+a parameter reassigned, a parametrization such as ``weight_norm``) is followed where every attached parameter is
+still where it was and no new parameter requires grad, and refused with one line otherwise (a ``RuntimeError`` at the
+next call): attach again after such a change.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from lightning_hypergrad._call_plan import structure_of
 
 HYPER_MODULE_MARK = "_lightning_hypergrad_hyper_module"
 """The attribute that marks a parameter as a :class:`HyperModule`'s (so that the refusal of a loss that captures it
@@ -103,8 +111,39 @@ class HyperModule(nn.Module):
         self.names = tuple(name for name, _, _ in bound)
         self.positions = tuple(i for _, _, i in bound)
         self.__dict__["_shapes"] = tuple(p.shape for _, p, _ in bound)
-        self.__dict__["_slot_plan"] = self._find_slots()
+        self.__dict__["_bound"] = tuple(p for _, p, _ in bound)
+        self._plan_calls()
         self._mark()
+
+    def _plan_calls(self) -> None:
+        """Record how a call puts the values of ``h`` into the module, and the module's structure it holds for."""
+        self.__dict__["_slot_plan"] = self._find_slots()
+        self.__dict__["_structure"] = structure_of(self, "module")
+
+    def _slots(self) -> list[tuple[nn.Module, str]] | None:
+        """The call plan of :meth:`attach`, checked against the module as it is now: rebuilt where the module's
+        structure changed with every attached parameter in place, refused (one line) where it did not."""
+        slots = self.__dict__["_slot_plan"]
+        if self.__dict__["_structure"].holds() and (
+            slots is None or all(map(operator.is_, [o._parameters.get(a) for o, a in slots], self.__dict__["_bound"]))
+        ):
+            return slots
+        current = dict(self.module.named_parameters())
+        moved = [n for n, p in zip(self.names, self.__dict__["_bound"]) if current.get(n) is not p]
+        if moved:
+            self._changed(f"the parameters {', '.join(moved)} are not the ones attached")
+        new = [n for n, p in current.items() if p.requires_grad and n not in self.names]
+        if new:
+            self._changed(f"the parameters {', '.join(new)} require grad and were not attached")
+        self._plan_calls()
+        return self.__dict__["_slot_plan"]
+
+    def _changed(self, why: str) -> None:
+        raise RuntimeError(
+            f"{self._describe()}: the module changed after attach ({why}); a HyperModule calls the module as it was "
+            "attached: make the change before attaching, or call meta_net.attach(hyperparameters) again with the "
+            "changed module's parameters among them"
+        )
 
     def _find_slots(self) -> list[tuple[nn.Module, str]] | None:
         """The submodule and attribute of each bound parameter, or ``None`` where the fast swap does not apply
@@ -182,7 +221,7 @@ class BoundHyperModule:
         ``functional_call`` itself.
         """
         hyper = self.hyper
-        slots = hyper.__dict__["_slot_plan"]
+        slots = hyper._slots()
         if slots is None:
             named = dict(zip(hyper.names, self.params))
             return torch.func.functional_call(hyper.module, named, args, kwargs, strict=False)

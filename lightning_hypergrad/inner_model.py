@@ -231,8 +231,8 @@ class InnerModel(nn.Module):
                     for (table, attr, _), value in zip(plan.slots, saved):
                         table[attr] = value
             except RuntimeError as error:
-                if "vmap" in str(error) and "randomness" in str(error):
-                    raise RuntimeError(
+                if "vmap" in str(error) and "randomness" in str(error):  # a setting: its message alone on the CLI
+                    raise ValueError(
                         "InnerModel: the module draws random numbers (dropout or another random operation) under "
                         "torch.vmap, which refuses them (batch_tasks=True runs the tasks under vmap); set "
                         "batch_tasks=False, or make the module deterministic (e.g. eval() its dropout layers)"

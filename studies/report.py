@@ -358,6 +358,153 @@ def table2_1shot_10way() -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# docs/results.md, section 1: what stalls IFT (the trace runs)
+# ---------------------------------------------------------------------------------------------------------------------
+
+TRACE_RUN = {
+    "dataset": "omniglot",
+    "ways": 3,
+    "shots": 10,
+    "seed": 0,
+    "steps": 100,
+    "clip": None,
+    "inner_weight_decay": None,
+    "freeze_last_norm": False,
+    "precision": 32,
+    "correction_scale": 1.0,
+}
+"""The trace run that a row names, less what the row changes: 3-way 10-shot, seed 0, 100 steps, nothing changed."""
+TRACE_CAUSES = (
+    ("`fo`", {"method": "fo"}),
+    ("`neumann(10)`", {"method": "neumann(10)"}),
+    ("`greedy(0.5)`", {"method": "greedy(0.5)"}),
+    ("`neumann(10)`, hypergradient norm clipped at 100", {"method": "neumann(10)", "clip": 100.0}),
+    ("`neumann(10)`, clipped at 10", {"method": "neumann(10)", "clip": 10.0}),
+    ("`neumann(10)`, last batch norm frozen", {"method": "neumann(10)", "freeze_last_norm": True}),
+    ("`greedy(0.5)`, last batch norm frozen", {"method": "greedy(0.5)", "freeze_last_norm": True}),
+    ("`fo`, inner weight decay 1.0", {"method": "fo", "inner_weight_decay": 1.0}),
+    (
+        "`neumann(10, damping=1.0)`, inner weight decay 1.0",
+        {"method": "neumann(10, damping=1.0)", "inner_weight_decay": 1.0},
+    ),
+    ("`neumann(10)`, float64", {"method": "neumann(10)", "precision": 64}),
+    ("`greedy(0.5)`, float64", {"method": "greedy(0.5)", "precision": 64}),
+    ("`truncated_rmd(3)` (exact through the last 3 steps)", {"method": "truncated_rmd(3)"}),
+    ("`rmd` (exact through all 10)", {"method": "rmd"}),
+)
+"""The rows of the table of changes tried: (label, what its run changes from :data:`TRACE_RUN`)."""
+TRACE_CORRECTION = (
+    ("fo", 1.0, ()),
+    ("t1t2", 0.5, ()),
+    ("t1t2", 1.0, (1,)),
+    ("t1t2", 1.5, ()),
+    ("t1t2", 2.0, ()),
+    ("t1t2", 4.0, ()),
+    ("greedy(0.5)", 1.0, (1,)),
+    ("greedy(0.5)", 0.5, ()),
+    ("greedy(0.9)", 1.0, ()),
+    ("greedy(0.9)", 2.0, ()),
+    ("greedy(0.99)", 1.0, ()),
+    ("neumann(10)", 1.0, (1,)),
+    ("neumann(10)", 0.1, ()),
+)
+"""The rows of the correction-scale table: (method, correction scale, the seeds whose cell is the Table 2 run)."""
+TRACE_SEEDS = (0, 1)
+
+
+@functools.cache
+def _trace_runs() -> tuple[dict[str, Any], ...]:
+    """The records of ``python -m studies.trace run``, with the fields that older records lack as they ran."""
+    from studies.table2.settings import canonical
+
+    runs = []
+    for path in sorted((ROOT / "studies/trace/results").glob("run-*.json")):
+        run = json.loads(path.read_text(encoding="utf-8"))
+        run.setdefault("precision", 32)  # recorded before --precision: float32
+        if run.get("correction_scale") is None:  # recorded before --correction-scale, or run without it
+            run["correction_scale"] = 1.0
+        run["method"] = canonical(run["method"])
+        run["path"] = path
+        runs.append(run)
+    return tuple(runs)
+
+
+def _trace_run(**changes: Any) -> dict[str, Any] | None:
+    """The one trace run of :data:`TRACE_RUN` with ``changes``; ``None`` when there is none."""
+    from studies.table2.settings import canonical
+
+    wanted = {**TRACE_RUN, **changes, "method": canonical(changes["method"])}
+    found = [r for r in _trace_runs() if all(r.get(k) == v for k, v in wanted.items())]
+    if len(found) > 1:
+        raise ValueError(f"more than one trace run of {wanted}: " + ", ".join(r["path"].name for r in found))
+    return found[0] if found else None
+
+
+def _norm(value: float) -> str:
+    """A hypergradient norm as the tables show it: 2 significant digits, whole below 1000, then ``1.3e6``."""
+    if float(f"{value:.2g}") < 100:
+        return f"{value:.2g}"
+    if value < 999.5:
+        return f"{value:.0f}"
+    mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def trace_causes() -> str:
+    lines = [
+        "| run | meta-test | median / max hypergradient norm | last batch norm's scale, shift after 100 steps |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, changes in TRACE_CAUSES:
+        run = _trace_run(**changes)
+        if run is None:
+            raise ValueError(f"no trace run of {changes} in studies/trace/results")
+        norms = [row["hypergrad_norm"] for row in run["trace"]]
+        last = run["trace"][-1]
+        norm = (
+            "1 (frozen)"
+            if run["freeze_last_norm"]
+            else f"{last['last_norm_scale']:.3f}, {last['last_norm_shift']:+.3f}"
+        )
+        lines.append(
+            f"| {label} | {100 * run['test_acc']:.1f} | {_norm(statistics.median(norms))} / {_norm(max(norms))} "
+            f"| {norm} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def trace_correction() -> str:
+    from studies.table2.settings import canonical
+
+    records, _, _ = _table2("studies/table2/results/omniglot")
+    lines = [
+        "| run | s | " + " | ".join(f"seed {s}" for s in TRACE_SEEDS) + " |",
+        "|---|---:|" + "---:|" * len(TRACE_SEEDS),
+    ]
+    starred = []
+    for method, scale, from_table2 in TRACE_CORRECTION:
+        cells = [code(method), "(0)" if method == "fo" else f"{scale:g}"]
+        for seed in TRACE_SEEDS:
+            if seed in from_table2:
+                (record,) = [
+                    r
+                    for r in records
+                    if canonical(r["method"]) == canonical(method)
+                    and (r["ways"], r["shots"], r["seed"]) == (TRACE_RUN["ways"], TRACE_RUN["shots"], seed)
+                ]
+                starred.append(record)
+                cells.append(f"({100 * record['test_acc']:.1f})*")
+            else:
+                run = _trace_run(method=method, seed=seed, correction_scale=scale)
+                cells.append("" if run is None else f"{100 * run['test_acc']:.1f}")
+        lines.append("|" + "|".join(f" {c} " if c else " " for c in cells) + "|")
+    if starred:
+        (steps,), (tasks,) = {r["steps"] for r in starred}, {r["eval_tasks"] for r in starred}
+        lines += ["", f"\\* the Table 2 run of that seed ({steps} steps, {tasks} test tasks), not a trace run."]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # docs/results.md, sections 2 and 3: quality, cost
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -763,6 +910,8 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "table2-10shot-seeds": table2_10shot_seeds,
     "table2-1shot-5way": table2_1shot_5way,
     "table2-1shot-10way": table2_1shot_10way,
+    "trace-causes": trace_causes,
+    "trace-correction": trace_correction,
     "quality-cosine": quality_cosine,
     "variants-overall": variants_overall,
     "cost-fewshot": cost_fewshot,

@@ -52,6 +52,21 @@ def test_a_number_changed_by_hand_is_caught(tmp_path, page, block):
     assert report.differences(root) == [f"{page}: {block}"]
 
 
+@pytest.mark.parametrize(("block", "column"), [("trace-causes", 1), ("trace-correction", 2)])
+def test_a_trace_run_changed_by_hand_is_caught(tmp_path, block, column):
+    """The first trace run's meta-test accuracy (seed 0), edited on the page, no longer matches its record."""
+    root = _pages_copy(tmp_path)
+    page = root / "docs/results.md"
+    text = page.read_text(encoding="utf-8")
+    body = report.blocks_in(text)[block]
+    lines = body.splitlines(keepends=True)
+    cells = lines[2].split(" | ")
+    cells[column] = f"{float(cells[column]) + 0.1:.1f}"
+    changed = "".join(lines[:2] + [" | ".join(cells)] + lines[3:])
+    page.write_text(text.replace(body, changed, 1), encoding="utf-8")
+    assert report.differences(root) == [f"docs/results.md: {block}"]
+
+
 def test_a_block_without_generator_or_page_is_named(tmp_path):
     root = _pages_copy(tmp_path)
     readme = root / "README.md"

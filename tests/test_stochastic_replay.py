@@ -10,6 +10,7 @@ from lightning_cases import loader, quiet_trainer, random_meta_batch
 from torch import nn
 
 import lightning_hypergrad as lh
+from lightning_hypergrad.cli.app import SETTING_ERRORS
 from lightning_hypergrad.inner_model import InnerModel
 from lightning_hypergrad.module import split_meta_batch
 
@@ -132,9 +133,10 @@ def test_batch_tasks_refuse_a_model_with_dropout_in_one_line():
     model = lh.FewShotClassifier(
         ways=3, image_shape=(1, 8, 8), depth=1, width=4, head=_dropout_head, head_init="fixed", batch_tasks=True
     )
-    with pytest.raises(RuntimeError, match=r"draws random numbers .*set batch_tasks=False") as error:
+    with pytest.raises(ValueError, match=r"draws random numbers .*set batch_tasks=False") as error:
         model.meta_gradient(split_meta_batch(random_meta_batch(tasks=2)))
     assert "\n" not in str(error.value)
+    assert isinstance(error.value, SETTING_ERRORS)  # the command line prints its message alone, no traceback
 
 
 def test_the_callback_reference_sees_the_draws_of_the_module_step():

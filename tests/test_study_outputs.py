@@ -6,7 +6,9 @@ The defects these guard against: ``python -m studies.peers`` with a peer missing
 without that peer's rows; the horizon and peers studies ended in 24-47-line tracebacks for an unwritable ``--out``
 (after all the compute) or a record missing a key, and ``--threads 0`` was a RuntimeError; two horizon runs on one
 ``--out`` both did all the work; the Table 2 runner's Ctrl-C exited 1 without a word under ``--workers 1`` (the
-default), and a Ctrl-C while it started printed a 23-line traceback.
+default), and a Ctrl-C while it started printed a 23-line traceback; the cost, quality, hpo, iMAML, MAML-Omniglot
+timing, compile, DDP, GPU check, trace and scale studies wrote their results only after all their work, into an
+``--out`` that nothing had checked (a traceback at the end), and two runs of one on the same ``--out`` both worked.
 """
 
 from __future__ import annotations
@@ -25,9 +27,27 @@ from lightning.pytorch.callbacks import Callback
 from lightning_cases import quiet_trainer
 
 import lightning_hypergrad as lh
+from studies.compile import study as compile_study
+from studies.cost import checkpointed_rmd, launches
+from studies.cost import estimators as cost_estimators
+from studies.cost import plot as cost_plot
+from studies.cost.__main__ import main as cost
+from studies.ddp import allreduce_wait
+from studies.ddp import scaling as ddp_scaling
+from studies.ddp.__main__ import main as ddp
+from studies.gpu_check import check as gpu_check
 from studies.horizon.__main__ import main as horizon
+from studies.hpo import comparison, tuning, unseen
+from studies.imaml import study as imaml
+from studies.lightning_step import step_time
+from studies.maml_omniglot import report as maml_report
+from studies.maml_omniglot import timing as maml_timing
+from studies.maml_omniglot.__main__ import main as maml_omniglot
 from studies.peers import study as peers
+from studies.quality import greedy_variants, quality
+from studies.scale import study as scale
 from studies.table2 import runner as table2
+from studies.trace import trace
 
 ROOT = Path(__file__).resolve().parents[1]
 NQM = ["nqm", "--dims", "6", "--steps", "4", "--outer-steps", "2", "--eval-every", "1", "--seeds", "1"]
@@ -58,17 +78,65 @@ def no_work(monkeypatch):
 
     monkeypatch.setattr(nqm_study, "run_one", work)
     monkeypatch.setattr(nqm_study, "compute_optimum", work)
+    for module, names in (
+        (cost_estimators, ("main",)),
+        (cost_plot, ("plot_metric",)),
+        (launches, ("measure",)),
+        (checkpointed_rmd, ("measure_memory", "alternating_seconds")),
+        (quality, ("choose_data", "train", "run_variants")),
+        (greedy_variants, ("digits",)),
+        (unseen, ("measure",)),
+        (comparison, ("run",)),
+        (tuning, ("fit",)),
+        (imaml, ("run_one", "measure_memory")),
+        (maml_timing, ("data_module",)),
+        (maml_report, ("write_report",)),
+        (compile_study, ("run_study", "write_report")),
+        (ddp_scaling, ("run",)),
+        (allreduce_wait, ("run",)),
+        (step_time, ("time_configs",)),
+        (trace, ("command_run", "command_init")),
+        (scale, ("run", "report")),
+    ):
+        for name in names:
+            monkeypatch.setattr(module, name, work)
 
 
 @pytest.mark.parametrize(
     "study, args",
     [
-        (horizon, NQM),
-        (peers.main, ["--rounds", "1"]),
-        (table2.main, ["run", "--dataset", "digits", "--seeds", "1", "--ways", "3", "--methods", "fo"]),
-        (table2.main, ["report"]),
+        pytest.param(horizon, NQM, id="horizon"),
+        pytest.param(peers.main, ["--rounds", "1"], id="peers"),
+        pytest.param(
+            table2.main,
+            ["run", "--dataset", "digits", "--seeds", "1", "--ways", "3", "--methods", "fo"],
+            id="table2 run",
+        ),
+        pytest.param(table2.main, ["report"], id="table2 report"),
+        pytest.param(cost, [], id="cost"),
+        pytest.param(cost_plot.main, [], id="cost plot"),
+        pytest.param(launches.main, [], id="cost launches"),
+        pytest.param(checkpointed_rmd.main, [], id="cost checkpointed_rmd"),
+        pytest.param(quality.main, ["--quick"], id="quality"),
+        pytest.param(quality.main, ["--variants"], id="quality variants"),
+        pytest.param(greedy_variants.main, [], id="quality greedy_variants"),  # --out a file: its folder checked
+        pytest.param(unseen.main, [], id="hpo unseen"),
+        pytest.param(comparison.main, [], id="hpo comparison"),
+        pytest.param(tuning.main, [], id="hpo tuning"),
+        pytest.param(imaml.main, ["run"], id="imaml run"),
+        pytest.param(imaml.main, ["memory"], id="imaml memory"),
+        pytest.param(imaml.main, ["report"], id="imaml report"),
+        pytest.param(maml_omniglot, ["timing"], id="maml_omniglot timing"),
+        pytest.param(maml_omniglot, ["report"], id="maml_omniglot report"),
+        pytest.param(compile_study.main, ["run", "--quick"], id="compile run"),
+        pytest.param(compile_study.main, ["report"], id="compile report"),
+        pytest.param(ddp, [], id="ddp"),
+        pytest.param(gpu_check.main, ["--device", "cpu"], id="gpu_check"),
+        pytest.param(trace.main, ["run", "--dataset", "digits"], id="trace run"),
+        pytest.param(trace.main, ["init", "--dataset", "digits"], id="trace init"),
+        pytest.param(scale.main, ["run"], id="scale run"),
+        pytest.param(scale.main, ["report"], id="scale report"),
     ],
-    ids=["horizon", "peers", "table2 run", "table2 report"],
 )
 def test_an_out_that_cannot_be_written_is_one_line_before_any_work(study, args, tmp_path, capsys, no_work):
     (tmp_path / "file").write_text("not a folder")
@@ -78,6 +146,19 @@ def test_an_out_that_cannot_be_written_is_one_line_before_any_work(study, args, 
     assert stopped.value.code == 2
     line = one_line(capsys.readouterr().err)
     assert f"cannot write the results into {out}: {tmp_path / 'file'} is a file, not a folder" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_a_json_file_that_cannot_be_written_is_one_line_before_any_work(tmp_path, capsys, no_work):
+    """The cost and DDP studies' ``--json`` (the records' file, elsewhere than ``--out``) is checked as ``--out`` is."""
+    (tmp_path / "file").write_text("not a folder")
+    path = tmp_path / "file" / "records.json"
+    for study in (cost, ddp):
+        with pytest.raises(SystemExit) as stopped:
+            study(["--json", str(path), "--out", str(tmp_path / "out")])
+        assert stopped.value.code == 2
+        line = one_line(capsys.readouterr().err)
+        assert f"argument --json: cannot write the results into {path}: {tmp_path / 'file'} is a file" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
@@ -137,6 +218,37 @@ def test_a_second_horizon_run_on_the_same_out_is_refused_while_the_first_lives(t
     (tmp_path / "nqm" / ".lock").write_text(f"{gone.pid}\n")
     assert horizon([*NQM, "--out", str(tmp_path)]) == 0
     assert (tmp_path / "nqm" / "rmd-seed0.json").is_file() and not (tmp_path / "nqm" / ".lock").exists()
+
+
+TRACE = ["run", "--dataset", "digits", "--ways", "3", "--steps", "2"]
+
+
+def test_a_second_trace_run_on_the_same_out_is_refused_while_the_first_lives(tmp_path, capsys, monkeypatch):
+    """A study whose runs write different records into one folder locks each record: the same run is refused while
+    one lives, another (another seed) is not, and the lock of a run that is gone is taken over."""
+    done = []
+    monkeypatch.setattr(trace, "command_run", lambda args: done.append(trace.record_name(args)))
+    name = "run-digits-3way-10shot-neumann(10)-seed0-2steps"
+    lock = tmp_path / f".{name}.lock"
+    with open(lock, "w") as held:  # a run under way (this process, alive) holds the lock
+        held.write(f"{os.getpid()}\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(SystemExit) as stopped:
+            trace.main([*TRACE, "--out", str(tmp_path)])
+        assert stopped.value.code == 2
+        assert one_line(capsys.readouterr().err) == (
+            f"error: another run (pid {os.getpid()}) is writing into {tmp_path} (it holds {lock}): wait for it to "
+            "end, or give another --out"
+        )
+        assert done == []
+        assert trace.main([*TRACE, "--seed", "1", "--out", str(tmp_path)]) == 0  # another record: no duplicate
+        assert done == [name.replace("seed0", "seed1")]
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock.write_text(f"{gone.pid}\n")
+    assert trace.main([*TRACE, "--out", str(tmp_path)]) == 0
+    assert done[-1] == name and not lock.exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

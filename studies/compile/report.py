@@ -104,15 +104,22 @@ def markdown(record: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v}" for k, v in record["versions"].items() if v)
         + ".",
         "",
+        *(
+            [f"A method is timed where its meta-gradient agrees: {record['agreement_rule']}.", ""]
+            if record.get("agreement_rule")
+            else []
+        ),
         "## Seconds per outer step",
         "",
-        f"| problem | T | method | cosine to `{record['reference']}` | s / outer step | / ours `fo` eager | "
-        "/ fastest peer | compile s |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| problem | T | method | cosine to `{record['reference']}` | cosine to `fo` in float64 | s / outer step | "
+        "/ ours `fo` eager | / fastest peer | compile s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in record["methods"]:
         agreement = row.get("agreement") or {}
         cosine = f"{agreement['cosine']:.6f}" if agreement.get("cosine") is not None else "-"
+        exact = row.get("exact_agreement") or {}
+        cosine += " | " + (f"{exact['cosine']:.6f}" if exact.get("cosine") is not None else "-")
         if row["status"] != "timed":
             seconds = f"{row['status']}: {row['reason']}"
             ratios = ["-", "-"]

@@ -41,10 +41,13 @@ import lightning_hypergrad as lh
 from studies.common import (
     MEMORY_METHODS,
     Progress,
+    StudyParser,
     arm_rss_measurement,
     heap_reuse_for_timing,
     machine_description,
     memory_meter,
+    run_alone,
+    writable_folder,
     write_json,
     write_text,
 )
@@ -52,10 +55,13 @@ from studies.cost.estimators import MIB, make_whole_network_step, synchronize
 
 PLAIN = "rmd"
 CHECKPOINTED = "rmd(checkpoint_every='sqrt')"
+LOCK = ".checkpointed_rmd.lock"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser = StudyParser(
+        prog="python -m studies.cost.checkpointed_rmd", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
     parser.add_argument("--inner-steps", type=int, nargs="+", default=[50, 100, 200], metavar="T")
     parser.add_argument("--repeats", type=int, default=5, metavar="N", help="timed outer steps per estimator and T")
     parser.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads(N)")
@@ -63,7 +69,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--memory", nargs="+", choices=MEMORY_METHODS, default=["auto", "saved"], help="peak-memory meters"
     )
-    parser.add_argument("--out", default="studies/cost/results", help="output folder (default studies/cost/results)")
+    parser.add_argument(
+        "--out", type=writable_folder, default="studies/cost/results", help="output folder (studies/cost/results)"
+    )
     args = parser.parse_args(argv)
     if min(args.inner_steps) < 2 or args.repeats < 1 or (args.threads is not None and args.threads < 1):
         parser.error("--inner-steps must be >= 2, --repeats and --threads >= 1")
@@ -136,6 +144,12 @@ def markdown(records: list[dict], meters: dict[str, str], header: str) -> str:
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     wall_start = time.perf_counter()
     args = parse_args(argv)
+    with run_alone(args.out, LOCK):  # a second run on the same --out would measure the same
+        return measure(args, argv, wall_start)
+
+
+def measure(args: argparse.Namespace, argv: Sequence[str] | None, wall_start: float) -> list[dict]:
+    """Measures, prints the table and writes the record and the report; returns the records."""
     arm_rss_measurement()  # before any tensor exists; only --memory rss needs it (see studies.cost.estimators)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

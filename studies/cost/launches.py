@@ -21,7 +21,6 @@ rounds, one torch thread) for the ratio of the two paths' times.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from studies.common import machine_description, write_json, write_text
+from studies.common import StudyParser, machine_description, run_alone, writable_folder, write_json, write_text
 from studies.cost.estimators import Job, interleaved_seconds_per_step, make_fewshot_batched_step, make_fewshot_step
 
 SPECS = ("fo", "t1t2", "greedy(0.99)", "rmd")
@@ -123,12 +122,14 @@ def markdown(rows: list[dict[str, Any]], meta_batch: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m studies.cost.launches", description=__doc__.splitlines()[0])
+    parser = StudyParser(prog="python -m studies.cost.launches", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 50], help="inner steps T (default 10 50)")
     parser.add_argument("--meta-batch", type=int, default=10, help="tasks per outer step (default 10)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default 5)")
     parser.add_argument("--estimators", nargs="+", default=list(SPECS), help="spec strings (default: 4)")
-    parser.add_argument("--out", default="studies/cost/results", help="where launches.md/.json go")
+    parser.add_argument(
+        "--out", type=writable_folder, default="studies/cost/results", help="where launches.md/.json go (checked first)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
     args = parser.parse_args(argv)
@@ -137,13 +138,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.meta_batch < 2 or args.rounds < 1 or any(t < 1 for t in args.steps):
         parser.error("--meta-batch must be at least 2, --rounds and --steps at least 1")
     torch.set_num_threads(args.threads)
-    rows = measure(args.estimators, args.steps, args.meta_batch, args.rounds, args.device)
-    machine = machine_description(args.device)
-    text = markdown(rows, args.meta_batch) + f"\n\nMachine: {machine}.\n"
     out = Path(args.out)
     name = "launches" if args.device == "cpu" else f"launches_{args.device}"
-    write_text(out / f"{name}.md", "# Launch counts\n\n" + text)
-    write_json(out / f"{name}.json", {"meta_batch": args.meta_batch, "rows": rows, "machine": machine})
+    with run_alone(out, f".{name}.lock"):  # a second run on the same --out would count the same
+        rows = measure(args.estimators, args.steps, args.meta_batch, args.rounds, args.device)
+        machine = machine_description(args.device)
+        text = markdown(rows, args.meta_batch) + f"\n\nMachine: {machine}.\n"
+        write_text(out / f"{name}.md", "# Launch counts\n\n" + text)
+        write_json(out / f"{name}.json", {"meta_batch": args.meta_batch, "rows": rows, "machine": machine})
     print(text)
     return 0
 

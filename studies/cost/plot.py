@@ -37,7 +37,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from studies.common import atomic_path, write_text  # noqa: E402
+from studies.common import StudyParser, atomic_path, writable_folder, write_text  # noqa: E402
 from studies.cost.estimators import Record  # noqa: E402
 
 PROBLEMS = ("fewshot", "whole_network")
@@ -212,13 +212,15 @@ def markdown_report(records: Sequence[Record], source: Path, missing: Sequence[s
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line options (see the module docstring)."""
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser = StudyParser(prog="python -m studies.cost.plot", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument(
         "--input",
         default="studies/cost/results/estimators_cpu.json",
         help="the JSON of python -m studies.cost.estimators --json (default studies/cost/results/estimators_cpu.json)",
     )
-    parser.add_argument("--out", default="studies/cost/results", help="output folder (default studies/cost/results)")
+    parser.add_argument(
+        "--out", type=writable_folder, default="studies/cost/results", help="output folder (studies/cost/results)"
+    )
     return parser.parse_args(argv)
 
 

@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from studies.common import REPOSITORY, Progress, write_json
+from studies.common import REPOSITORY, Progress, writable_file, write_json
 
 EXAMPLE = REPOSITORY / "examples" / "ddp_fewshot.py"
 SETTINGS = ("meta_batch", "steps", "rounds", "width", "inner_steps", "broadcast_buffers")
@@ -36,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--width", type=int, default=32, help="channels of the backbone's blocks")
     group.add_argument("--inner-steps", type=int, default=10)
     group.add_argument("--broadcast-buffers", action="store_true", help="DDP's buffer broadcast on (default off)")
-    group.add_argument("--json", default=None, help="the record (default: OUT/scaling_width<W>[_broadcast].json)")
+    group.add_argument(
+        "--json", type=writable_file, default=None, help="the record (default: OUT/scaling_width<W>[_broadcast].json)"
+    )
 
 
 def step_seconds(devices: int, args: argparse.Namespace) -> float:

@@ -29,7 +29,9 @@ Omniglot 5-way 10-shot, meta-batch 10 when the data is found (``--root``, else `
 ``../shared/data/omniglot``), else the digits (5-shot); the paper's inner loop (SGD 0.1, momentum 0.9) and 3 x 32
 conv backbone. ``--device cpu`` runs the same on the CPU (the memory column says n/a, part 3 is skipped), so that the
 check runs anywhere and in CI in a tiny form. The tables are written to ``gpu_check.json`` and ``gpu_check.md``
-under ``--out``, with the machine's description.
+under ``--out``, with the machine's description. Before any work: an ``--out`` that cannot be written is refused,
+and the check holds ``--out``'s ``.lock`` while it works (:func:`studies.common.run_alone`): a second check on the
+same ``--out`` is refused while the first lives.
 """
 
 from __future__ import annotations
@@ -50,12 +52,15 @@ from torch import Tensor
 
 from studies.common import (
     Progress,
+    StudyParser,
     estimator_spec,
     machine_description,
     omniglot_root,
     quiet,
     require_positive,
+    run_alone,
     tasks_label,
+    writable_folder,
     write_json,
     write_text,
 )
@@ -83,9 +88,7 @@ PRECISIONS = (  # (column, dtype, TF32 allowed as torch's defaults have it)
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     """The parser and its arguments; the estimators stay as given (see :func:`canonical_specs`)."""
-    parser = argparse.ArgumentParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = StudyParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="default: cuda")
     parser.add_argument("--dataset", choices=("omniglot", "digits"), default=None, help="default: omniglot if found")
     parser.add_argument("--root", default=None, help="the Omniglot folder (default: $OMNIGLOT_ROOT, else the usual)")
@@ -95,7 +98,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
     parser.add_argument("--steps", type=int, default=4, help="timed steps per fit (after one warm-up step); default: 4")
     parser.add_argument("--rounds", type=int, default=3, help="default: 3")
     parser.add_argument(
-        "--out", default=DEFAULT_OUT, help=f"folder of gpu_check.json and gpu_check.md (default: {DEFAULT_OUT})"
+        "--out",
+        type=writable_folder,
+        default=DEFAULT_OUT,
+        help=f"folder of gpu_check.json and gpu_check.md (default: {DEFAULT_OUT}); checked before any work",
     )
     args = parser.parse_args(argv)
     require_positive(parser, args, "steps", "rounds", "inner_steps")
@@ -244,10 +250,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser, args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(NO_CUDA)
+    estimators = canonical_specs(parser, args.estimators)
+    with run_alone(args.out):  # a second check on the same --out would measure the same
+        return run_check(args, estimators, argv)
+
+
+def run_check(args: argparse.Namespace, estimators: list[str], argv: Sequence[str] | None) -> dict[str, Any]:
+    """Times, compares and writes the check's tables under ``--out``; returns the record."""
     import lightning_hypergrad as lh
     from lightning_hypergrad.module import split_meta_batch
 
-    estimators = canonical_specs(parser, args.estimators)
     started = time.perf_counter()
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     root = omniglot_root(args.root)

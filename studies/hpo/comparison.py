@@ -24,6 +24,10 @@ plain ``torch.optim`` grid), ``variant`` (absent for the config's settings; ``st
 
 The claims of the examples (the learned rate against the grid with paired differences, weight decay against none
 and a grid, hypercleaning's AUC) on seeds that chose no setting are :mod:`studies.hpo.unseen`'s.
+
+Before any work: an ``--out`` that cannot be written is refused, and a run (not ``--report``) holds
+``OUT/.comparison.lock`` while it works (:func:`studies.common.run_alone`): a second run on the same ``--out`` is
+refused while the first lives.
 """
 
 from __future__ import annotations
@@ -47,15 +51,19 @@ from studies.common import (
     REPOSITORY,
     AllocatorPeak,
     Progress,
+    StudyParser,
     estimator_spec,
     machine_description,
     quiet,
     quiet_trainer_args,
+    run_alone,
+    writable_folder,
     write_json,
     write_text,
 )
 
 EXAMPLES = ("weight_decay", "lr_schedule", "hypercleaning")
+LOCK = ".comparison.lock"
 ESTIMATORS = (
     "fo", "t1t2", "greedy(0.5)", "greedy(0.9)", "greedy(0.99)", "rmd", "fmd", "neumann(10, scale='lr')", "cg(10)"
 )  # fmt: skip
@@ -286,7 +294,7 @@ def write_report(out: Path, records: list[dict]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = StudyParser(
         prog="python -m studies.hpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--examples", nargs="+", default=list(EXAMPLES), choices=EXAMPLES)
@@ -310,7 +318,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--steps", type=int, default=None, help="outer steps of every run (default: each config's trainer.max_steps)"
     )
-    parser.add_argument("--out", default="studies/hpo/results", help="writes OUT/comparison.json and OUT/comparison.md")
+    parser.add_argument(
+        "--out",
+        type=writable_folder,
+        default="studies/hpo/results",
+        help="writes OUT/comparison.json and OUT/comparison.md (checked before any work)",
+    )
     parser.add_argument(
         "--report", action="store_true", help="only rewrite OUT/comparison.md from OUT/comparison.json and print it"
     )
@@ -335,6 +348,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             ) from None
         print(write_report(out, records))
         return records
+    with run_alone(out, LOCK):  # a second run on the same --out would do the same runs
+        return compare(args, out)
+
+
+def compare(args: argparse.Namespace, out: Path) -> list[dict]:
+    """Every run of the comparison; writes the records and the tables and returns the records."""
     torch.set_num_threads(args.threads)
     print(machine_description("cpu"))
     steps = [] if args.steps is None else ["--trainer.max_steps", str(args.steps)]

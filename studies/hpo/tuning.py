@@ -8,6 +8,10 @@ each against the per-seed best of the grid of fixed rates (the same harness, the
 Rprop's largest step is given per inner step (``--max-steps-per-inner 0.01``: ``max_outer_step = 0.01 T``) and its
 first step as a fraction of the largest (``--first-steps 0.1``: ``outer_lr = 0.1 max_outer_step``). Everything
 else is ``configs/hpo/lr_schedule.yaml``.
+
+Before any work: an ``--out`` that cannot be written is refused, and a run (not ``--report``) holds
+``OUT/.NAME.lock`` while it works (:func:`studies.common.run_alone`): a second run of the same ``--name`` on the same
+``--out`` is refused while the first lives.
 """
 
 from __future__ import annotations
@@ -19,7 +23,16 @@ from pathlib import Path
 
 import torch
 
-from studies.common import Progress, machine_description, quiet, write_json, write_text
+from studies.common import (
+    Progress,
+    StudyParser,
+    machine_description,
+    quiet,
+    run_alone,
+    writable_folder,
+    write_json,
+    write_text,
+)
 from studies.hpo.comparison import GRID
 from studies.hpo.unseen import TUNING_SEEDS, fit
 
@@ -78,7 +91,7 @@ def report(records: list[dict], machine: str) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = StudyParser(
         prog="python -m studies.hpo.tuning", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=list(TUNING_SEEDS))
@@ -88,8 +101,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--first-steps", nargs="*", type=float, default=[0.1, 0.3, 1.0])
     parser.add_argument("--grid", nargs="+", type=float, default=list(GRID))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="studies/hpo/results")
-    parser.add_argument("--name", default="tuning_rule")
+    parser.add_argument(
+        "--out", type=writable_folder, default="studies/hpo/results", help="results folder (checked before any work)"
+    )
+    parser.add_argument("--name", default="tuning_rule", help="writes OUT/NAME.json and OUT/NAME.md")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args(argv)
     if any(not 0 < f <= 1 for f in args.first_steps):
@@ -106,6 +121,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         write_text(out / f"{args.name}.md", text + "\n")
         print(text)
         return saved["records"]
+    with run_alone(out, f".{args.name}.lock"):  # a second run of the same --name would do the same runs
+        return tune(args, out)
+
+
+def tune(args: argparse.Namespace, out: Path) -> list[dict]:
+    """Every rule and grid rate on every seed; writes the records and the table and returns the records."""
     torch.set_num_threads(args.threads)
     machine = machine_description("cpu")
     print(machine)

@@ -25,6 +25,10 @@ is chosen on the seeds it reports.
 Paired differences are per seed, ``learned / reference - 1`` of the final validation (or test) loss; reported as
 the median with a distribution-free 95% interval (order statistics of the sign test: ``[x_(2), x_(9)]`` of 10,
 coverage 97.9%) and as the mean with a t interval.
+
+Before any work: an ``--out`` that cannot be written is refused, and a run (not ``--report``) holds
+``OUT/.NAME.lock`` while it works (:func:`studies.common.run_alone`): a second run of the same ``--name`` on the same
+``--out`` is refused while the first lives.
 """
 
 from __future__ import annotations
@@ -39,7 +43,16 @@ from pathlib import Path
 import torch
 
 from lightning_hypergrad.callbacks import StepTimer
-from studies.common import Progress, machine_description, quiet, write_json, write_text
+from studies.common import (
+    Progress,
+    StudyParser,
+    machine_description,
+    quiet,
+    run_alone,
+    writable_folder,
+    write_json,
+    write_text,
+)
 from studies.hpo.comparison import GRID, build, evaluate, final_hyperparameters, plain_grid_run, plain_sgd, shipped
 from studies.stats import mean_interval, median_interval
 
@@ -418,7 +431,7 @@ def write(out: Path, name: str, records: list[dict], machine: str) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = StudyParser(
         prog="python -m studies.hpo.unseen", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--examples", nargs="+", default=list(EXAMPLES), choices=EXAMPLES)
@@ -430,7 +443,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--steps", type=int, default=None, help="outer steps of every run (default: the configs')")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="studies/hpo/results")
+    parser.add_argument(
+        "--out", type=writable_folder, default="studies/hpo/results", help="results folder (checked before any work)"
+    )
     parser.add_argument("--name", default="unseen", help="writes OUT/NAME.json and OUT/NAME.md")
     parser.add_argument("--report", action="store_true", help="only rewrite OUT/NAME.md from OUT/NAME.json")
     args = parser.parse_args(argv)
@@ -455,11 +470,12 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"--report: cannot read {path} ({error}); run the study first") from None
         print(write(out, args.name, saved["records"], saved["machine"]))
         return summarize(saved["records"])
-    torch.set_num_threads(args.threads)
-    machine = machine_description("cpu")
-    print(machine)
-    records = measure(args)
-    print(write(out, args.name, records, machine))
+    with run_alone(out, f".{args.name}.lock"):  # a second run of the same --name would do the same runs
+        torch.set_num_threads(args.threads)
+        machine = machine_description("cpu")
+        print(machine)
+        records = measure(args)
+        print(write(out, args.name, records, machine))
     return summarize(records)
 
 

@@ -14,11 +14,14 @@ the hypergradient of the initialization:
 ``run`` writes one record per (method, seed) into ``--out`` and skips those already there (resumable; a run that
 was interrupted leaves no record). ``memory`` measures one outer step's peak tensor memory at T = 5, 10, 20, 50.
 ``report`` writes ``results.md`` with each method's mean and paired 95% intervals against MAML.
+
+Before any work: an ``--out`` that cannot be written is refused, and ``run`` and ``memory`` hold ``--out``'s
+``.run.lock`` and ``.memory.lock`` while they work (:func:`studies.common.run_alone`): a second run of the same
+command on the same ``--out`` is refused while the first lives.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -33,11 +36,14 @@ import lightning_hypergrad as lh
 from lightning_hypergrad.callbacks import StepTimer
 from studies.common import (
     AllocatorPeak,
+    StudyParser,
     log,
     machine_description,
     omniglot_root,
     quiet,
     quiet_trainer,
+    run_alone,
+    writable_folder,
     write_json,
     write_text,
 )
@@ -213,8 +219,13 @@ def report(out: Path) -> str:
     return text
 
 
+def out_folder(value: str) -> Path:
+    """The ``type`` of ``--out``: :func:`studies.common.writable_folder`, as a ``Path``."""
+    return Path(writable_folder(value))
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m studies.imaml", description=__doc__.split("\n\n")[0])
+    parser = StudyParser(prog="python -m studies.imaml", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train and evaluate each (method, seed) not yet recorded")
     run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -228,22 +239,25 @@ def main(argv: list[str] | None = None) -> int:
     memory.add_argument("--dataset", choices=["omniglot", "digits"], default="omniglot", help="digits: the tests' form")
     sub.add_parser("report", help="write results.md from the records")
     for p in (run, memory, sub.choices["report"]):
-        p.add_argument("--out", type=Path, default=Path("studies/imaml/results"))
+        p.add_argument("--out", type=out_folder, default="studies/imaml/results", help="checked before any work")
         p.add_argument("--root", default=None, help="the Omniglot folder (default: $OMNIGLOT_ROOT or the shared one)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.command == "run":
-        torch.set_num_threads(args.threads)
-        for seed in args.seeds:
-            for method in args.methods:
-                if (args.out / f"{method}_seed{seed}.json").exists():
-                    continue
-                log(f"imaml study: {method} seed {seed}")
-                root = omniglot_root(args.root)
-                record = run_one(method, seed, root, args.steps, args.eval_tasks, args.out, args.dataset)
-                log(f"  test accuracy {100 * record['test_acc']:.2f}, {record['seconds_per_step_median']:.3f} s/step")
+        with run_alone(args.out, ".run.lock"):  # a second run would train the same (method, seed)
+            torch.set_num_threads(args.threads)
+            for seed in args.seeds:
+                for method in args.methods:
+                    if (args.out / f"{method}_seed{seed}.json").exists():
+                        continue
+                    log(f"imaml study: {method} seed {seed}")
+                    root = omniglot_root(args.root)
+                    record = run_one(method, seed, root, args.steps, args.eval_tasks, args.out, args.dataset)
+                    seconds = record["seconds_per_step_median"]
+                    log(f"  test accuracy {100 * record['test_acc']:.2f}, {seconds:.3f} s/step")
     elif args.command == "memory":
-        write_json(args.out / "memory.json", measure_memory(omniglot_root(args.root), args.t, args.dataset))
+        with run_alone(args.out, ".memory.lock"):  # a second run would measure the same
+            write_json(args.out / "memory.json", measure_memory(omniglot_root(args.root), args.t, args.dataset))
     print(report(args.out), end="")
     return 0
 

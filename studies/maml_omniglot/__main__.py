@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from studies.common import StudyParser
 from studies.maml_omniglot import report, runner, timing
 from studies.maml_omniglot.experiment import StudyError
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="python -m studies.maml_omniglot", description=__doc__.splitlines()[0])
+    top = StudyParser(prog="python -m studies.maml_omniglot", description=__doc__.splitlines()[0])
     actions = top.add_subparsers(dest="action", required=True)
     run = actions.add_parser("run", help="the resumable training run, then the test (record.json)")
     runner.add_arguments(run)

@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from studies.common import atomic_path, format_duration, write_text
+from studies.common import atomic_path, format_duration, writable_folder, write_text
 from studies.maml_omniglot.experiment import DEFAULTS, OUT, PUBLISHED
 from studies.maml_omniglot.records import CURVE, RECORD, TIMING, read_curve
 
@@ -22,7 +22,7 @@ COMMAND = "nice -n 10 python -m studies.maml_omniglot run"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default=OUT, help=f"the run's folder (default {OUT})")
+    parser.add_argument("--out", type=writable_folder, default=OUT, help=f"the run's folder (default {OUT})")
 
 
 def _read(path: Path) -> dict[str, Any] | None:

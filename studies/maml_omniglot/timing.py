@@ -15,7 +15,10 @@ one thread, measures in turn (the order of the two steps alternating between rou
 - ``l2l_example_iteration``: the example's whole iteration as written, with its own sampling and the 32 validation
   tasks it adapts at every iteration (the runner validates every ``--val-every`` iterations instead), on a copy.
 
-Record: ``<out>/timing.json`` (every round's seconds; the report takes the medians).
+Record: ``<out>/timing.json`` (every round's seconds; the report takes the medians). Before any work: an ``--out``
+that cannot be written is refused, and the measurement holds ``<out>/.timing.lock`` while it works
+(:func:`studies.common.run_alone`; the training run's lock is another): a second timing on the same ``--out`` is
+refused while the first lives.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from torch.utils.data import Dataset
 
 from lightning_hypergrad.data._learn2learn import import_learn2learn
 from lightning_hypergrad.data.datasets.omniglot import OMNIGLOT_CHARACTERS
-from studies.common import log, machine_description, write_json
+from studies.common import log, machine_description, run_alone, writable_folder, write_json
 from studies.maml_omniglot.experiment import (
     OUT,
     Setting,
@@ -50,10 +53,15 @@ from studies.maml_omniglot.experiment import (
 )
 from studies.maml_omniglot.records import TIMING
 
+LOCK = ".timing.lock"
+"""The timing's lock in ``--out``, beside the training run's (:data:`studies.maml_omniglot.records.LOCK`)."""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_setting_arguments(parser)
-    parser.add_argument("--out", default=OUT, help=f"results folder (default {OUT}): writes <out>/{TIMING}")
+    parser.add_argument(
+        "--out", type=writable_folder, default=OUT, help=f"results folder (default {OUT}): writes <out>/{TIMING}"
+    )
     parser.add_argument("--rounds", type=int, default=20, help="measured rounds (default 20)")
     parser.add_argument("--warmup", type=int, default=2, help="rounds before the measured ones (default 2)")
 
@@ -186,6 +194,12 @@ def _seconds(fn) -> float:
 
 
 def timing(args: argparse.Namespace, setting: Setting) -> int:
+    """Measures the rounds and writes ``<out>/timing.json``, holding ``<out>/.timing.lock`` meanwhile."""
+    with run_alone(args.out, LOCK):  # a second timing on the same --out would measure the same
+        return measure(args, setting)
+
+
+def measure(args: argparse.Namespace, setting: Setting) -> int:
     l2l = import_learn2learn()
     torch.set_num_threads(args.threads)
     data = data_module(setting, args.root)

@@ -11,7 +11,9 @@ small random initialization, with momentum 0 and 0.9. For every estimator the sc
 of its hypergradient to RMD's (mean and standard deviation over the tasks) and how often it beats T1-T2 and
 Greedy(0.99) task by task. The hyperparameters are in the inner loss only, so FO's hypergradient is zero (its
 cosine is reported as 0). The table is printed and written to ``--out`` (default
-``studies/quality/results/greedy_variants.md``).
+``studies/quality/results/greedy_variants.md``); an ``--out`` whose folder cannot be written is refused before any
+work, and a run holds ``.<name of --out>.lock`` beside it while it works (:func:`studies.common.run_alone`), so that
+a second run on the same ``--out`` is refused while the first lives.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch import Tensor  # noqa: E402
 
 import lightning_hypergrad as lh  # noqa: E402
 from lightning_hypergrad.callbacks.hypergrad_quality import cosine_and_norm_ratio  # noqa: E402
-from studies.common import Progress, write_text  # noqa: E402
+from studies.common import Progress, StudyParser, run_alone, writable_file, write_text  # noqa: E402
 
 ESTIMATORS = (
     "fo",
@@ -77,12 +79,24 @@ def task_problem(x: Tensor, y: Tensor, seed: int, steps: int, lr: float, momentu
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = StudyParser(prog="python -m studies.quality.greedy_variants", description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", type=int, default=10)
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 50])
     parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "greedy_variants.md"))
+    parser.add_argument(
+        "--out",
+        type=writable_file,
+        default=str(Path(__file__).parent / "results" / "greedy_variants.md"),
+        help="the table's file (default studies/quality/results/greedy_variants.md); checked before any work",
+    )
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    with run_alone(out.parent, f".{out.name}.lock"):
+        measure(args)
+
+
+def measure(args: argparse.Namespace) -> None:
+    """Every estimator's cosine to RMD on every task, momentum and T; prints the table and writes it to ``--out``."""
     torch.set_num_threads(1)
     x, y = digits()
     columns = [(mu, steps) for mu in MOMENTA for steps in args.steps]

@@ -51,6 +51,10 @@ Outputs (``--out DIR``, default ``studies/quality/results``):
 - ``cosine_vs_gamma.png`` and ``cosine_vs_T.png``, at the last checkpoint, one panel per momentum.
 
 The markdown is printed at the end, with the machine, torch version, threads and the total wall time.
+
+Before any work: an ``--out`` that cannot be written is refused, and a run (not ``--replot``) holds
+``DIR/.quality.lock`` (``DIR/.variants.lock`` with ``--variants``) while it works (:func:`studies.common.run_alone`):
+a second run on the same ``--out`` is refused while the first lives.
 """
 
 from __future__ import annotations
@@ -78,7 +82,17 @@ import torch  # noqa: E402
 
 import lightning_hypergrad as lh  # noqa: E402
 from lightning_hypergrad.callbacks.hypergrad_quality import cosine_and_norm_ratio  # noqa: E402
-from studies.common import Progress, atomic_path, log, machine_description, write_json, write_text  # noqa: E402
+from studies.common import (  # noqa: E402
+    Progress,
+    StudyParser,
+    atomic_path,
+    log,
+    machine_description,
+    run_alone,
+    writable_folder,
+    write_json,
+    write_text,
+)
 from studies.quality.protocol import (  # noqa: E402
     DEFAULT_TRAIN_STEPS,
     INNER_LR,
@@ -503,7 +517,7 @@ def plot(records: Sequence[dict[str, Any]], out: Path) -> list[Path]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line options (see the module docstring)."""
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser = StudyParser(prog="python -m studies.quality", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -511,7 +525,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--tasks", type=int, help=f"held-out tasks (default {DEFAULT_TASKS}; {QUICK_TASKS} quick)")
     parser.add_argument(
-        "--out", default="studies/quality/results", help="output folder (default studies/quality/results)"
+        "--out",
+        type=writable_folder,
+        default="studies/quality/results",
+        help="output folder (default studies/quality/results); checked before any work",
     )
     parser.add_argument(
         "--dataset",
@@ -571,18 +588,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.variants:
+    if args.replot and args.variants:  # --replot rewrites from the records only: no lock
         run_variants(args, start)
-        return
+    elif args.replot:
+        replot(Path(args.out))
+    else:
+        with run_alone(args.out, ".variants.lock" if args.variants else ".quality.lock"):
+            (run_variants if args.variants else measure)(args, start)
+
+
+def replot(out: Path) -> None:
+    """``--replot``: the plots of ``out`` again, from ``out/quality.json``."""
+    try:
+        records = json.loads((out / "quality.json").read_text())
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--replot: cannot read {out / 'quality.json'} ({error}); run the study first") from None
+    print("wrote " + ", ".join(str(path) for path in plot(records, out)))
+
+
+def measure(args: argparse.Namespace, start: float) -> None:
+    """Trains, measures every checkpoint, writes the JSON, the markdown and the plots, and prints the report."""
     device = torch.device(args.device)
     out = Path(args.out)
-    if args.replot:
-        try:
-            records = json.loads((out / "quality.json").read_text())
-        except (OSError, ValueError) as error:
-            raise SystemExit(f"--replot: cannot read {out / 'quality.json'} ({error}); run the study first") from None
-        print("wrote " + ", ".join(str(path) for path in plot(records, out)))
-        return
     out.mkdir(parents=True, exist_ok=True)
 
     t_values = QUICK_T_VALUES if args.quick else T_VALUES

@@ -39,6 +39,9 @@ Records: ``<out>/records/<method>-T<T>.json``, written atomically when each meas
 same command resumes; records (and ``agreement.json``) made with other settings are refused. The report fits each
 method's peaks with ``a + b T`` and ``a + b sqrt(T)`` (:mod:`studies.scale.growth`), keeps the better by residual,
 and gives the largest T within 16 GiB from it (extrapolated, unless a run reached it).
+
+Before any work: an ``--out`` that cannot be written is refused, and ``run`` holds ``<out>/.lock`` while it works
+(:func:`studies.common.run_alone`): a second run on the same ``--out`` is refused while the first lives.
 """
 
 from __future__ import annotations
@@ -47,7 +50,6 @@ import argparse
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -61,11 +63,14 @@ from torch import Tensor
 from studies.common import (
     MEMORY_METHODS,
     Progress,
+    StudyParser,
     log,
     machine_description,
     memory_meter,
     omniglot_root,
     require_positive,
+    run_alone,
+    writable_folder,
     write_json,
     write_text,
 )
@@ -319,12 +324,10 @@ def measure(bench: Bench, method: str, steps: int, meter_name: str, repeats: int
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = StudyParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", nargs="?", choices=("run", "report"), default="run",
                         help="run: the missing records, then the report (default); report: no run")  # fmt: skip
-    parser.add_argument("--out", default=OUT, help=f"results folder (default {OUT})")
+    parser.add_argument("--out", type=writable_folder, default=OUT, help=f"results folder (default {OUT})")
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 100, 1000], help="T of every method (10 100 1000)")
     parser.add_argument("--sublinear-steps", type=int, nargs="*", default=[30, 300, 3000, 10000],
                         help="T of the checkpointed forms only (30 300 3000 10000)")  # fmt: skip
@@ -353,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
-    """The parser and its checked arguments (``--out`` made and written to before any work)."""
+    """The parser and its checked arguments (an ``--out`` that cannot be written refused by the parser)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     require_positive(parser, args, "steps", "repeats", "check_steps", "characters", "width", "batch", "threads")
@@ -371,18 +374,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
         parser.error("--device cuda: torch finds no CUDA device here")
     if args.memory == "cuda" and args.device != "cuda" or args.memory == "rss":
         parser.error(f"--memory {args.memory} is not for this study on --device {args.device}: use auto or allocator")
-    check_writable(parser, Path(args.out))
     return parser, args
-
-
-def check_writable(parser: argparse.ArgumentParser, out: Path) -> None:
-    """``parser.error`` unless a file can be created in ``out`` (made if missing), before any work."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
-            pass
-    except OSError as error:
-        parser.error(f"--out {out}: cannot write there ({error.strerror or error})")
 
 
 def command(args: argparse.Namespace) -> str:
@@ -763,7 +755,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.action == "report":
         return report(args)
     try:
-        return run(args)
+        with run_alone(args.out):  # a second run on the same --out would measure the same records
+            return run(args)
     except KeyboardInterrupt:
         log("interrupted; the records written so far stay: rerun the same command to resume")
         return 130

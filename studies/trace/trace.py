@@ -13,7 +13,10 @@ settings as :mod:`studies.table2` (read from ``configs/paper/<dataset>.yaml``), 
 - ``init``: on the first meta-batch of each seed, at initialization, every method's hypergradient: its norm, its
   cosine to FO's and to RMD's, and its correction to FO (the hypergradient minus FO's) as a cosine to FO.
 
-Records go to ``studies/trace/results/`` (``--out``), one JSON file per command, named by its settings.
+Records go to ``studies/trace/results/`` (``--out``), one JSON file per command, named by its settings
+(:func:`record_name`). Before any work: an ``--out`` that cannot be written is refused, and a command holds
+``--out``'s ``.<record name>.lock`` while it works (:func:`studies.common.run_alone`): a second run of the same
+command and settings on the same ``--out`` is refused while the first lives.
 """
 
 from __future__ import annotations
@@ -32,7 +35,17 @@ from torch import Tensor, nn
 
 from lightning_hypergrad import SGD, FewShotClassifier, HypergradEstimator, get_estimator
 from lightning_hypergrad.estimators.base import AdjointEstimator, Estimate, add_grads
-from studies.common import Progress, estimator_spec, quiet, quiet_trainer, require_positive, write_json
+from studies.common import (
+    Progress,
+    StudyParser,
+    estimator_spec,
+    quiet,
+    quiet_trainer,
+    require_positive,
+    run_alone,
+    writable_folder,
+    write_json,
+)
 from studies.table2.run import CachedFewShotDataModule, paper_model, run_data
 from studies.table2.settings import PaperSettings, default_config, file_stem, resolve_root
 
@@ -142,8 +155,8 @@ def _setting_name(args: argparse.Namespace) -> str:
     return f"{args.dataset}-{args.ways}way-{args.shots}shot"
 
 
-def command_run(args: argparse.Namespace) -> dict[str, Any]:
-    torch.set_num_threads(args.threads)
+def _changes(args: argparse.Namespace) -> list[str]:
+    """A ``run``'s changes to the setting, as its record's name and its last line say them."""
     changes = []
     if args.clip is not None:
         changes.append(f"clip{args.clip:g}")
@@ -155,6 +168,21 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
         changes.append("float64")
     if args.correction_scale is not None:
         changes.append(f"correction{args.correction_scale:g}")
+    return changes
+
+
+def record_name(args: argparse.Namespace) -> str:
+    """The name of the command's record in ``--out``, without ``.json``: ``run-<setting>-<method>-seed<s>-<T>steps``
+    and the changes, or ``init-<setting>-<N>seeds``."""
+    if args.command == "init":
+        return f"init-{_setting_name(args)}-{args.seeds}seeds"
+    words = [_setting_name(args), file_stem(args.method), f"seed{args.seed}", f"{args.steps}steps", *_changes(args)]
+    return "run-" + "-".join(words)
+
+
+def command_run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    changes = _changes(args)
     precision = {32: "32-true", 64: "64-true"}[args.precision]
     trace = Trace(args.freeze_last_norm, args.steps)
     with quiet():
@@ -200,8 +228,7 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
         "test_ci95": float(test["test/acc_ci95"]),
         "trace": trace.steps,
     }
-    name = "-".join([_setting_name(args), file_stem(args.method), f"seed{args.seed}", f"{args.steps}steps", *changes])
-    write_json(Path(args.out) / f"run-{name}.json", record)
+    write_json(Path(args.out) / f"{record_name(args)}.json", record)
     for row in trace.steps[:: max(1, len(trace.steps) // 10)]:
         print(
             f"step {row['step']:4d}: |hypergrad| {row['hypergrad_norm']:9.3f}  query acc {row['query_acc']:.3f}  "
@@ -255,7 +282,7 @@ def command_init(args: argparse.Namespace) -> dict[str, Any]:
         "meta_batch": args.meta_batch,
         "seeds": seeds,
     }
-    write_json(Path(args.out) / f"init-{_setting_name(args)}-{args.seeds}seeds.json", record)
+    write_json(Path(args.out) / f"{record_name(args)}.json", record)
     print("method: norm / cosine to FO / cosine to RMD / correction's cosine to FO, seed by seed")
     for name in seeds["0"]:
         cells = [seeds[s][name] for s in seeds]
@@ -267,7 +294,7 @@ def command_init(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m studies.trace", description=__doc__.split("\n\n")[0])
+    parser = StudyParser(prog="python -m studies.trace", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="train one (setting, method, seed) and record every step")
     init = commands.add_parser("init", help="compare the estimators' hypergradients at initialization")
@@ -280,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--meta-batch", type=int, default=10)
         sub.add_argument("--eval-tasks", type=int, default=100)
         sub.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-        sub.add_argument("--out", default=OUT, help=f"where the record goes (default {OUT})")
+        sub.add_argument("--out", type=writable_folder, default=OUT, help=f"where the record goes (default {OUT})")
     run.add_argument(
         "--method", type=estimator_spec, default="neumann(10)", help='an estimator spec string (default "neumann(10)")'
     )
@@ -318,8 +345,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         print(f"python -m studies.trace: {error}", file=sys.stderr)
         return 2
-    if args.command == "run":
-        command_run(args)
-    else:
-        command_init(args)
+    with run_alone(args.out, f".{record_name(args)}.lock"):  # a second run of the same would do the same work
+        if args.command == "run":
+            command_run(args)
+        else:
+            command_init(args)
     return 0
