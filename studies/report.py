@@ -524,6 +524,13 @@ def quality_cosine() -> str:
     return "\n".join(lines) + "\n"
 
 
+def variants_digits() -> str:
+    """docs/results.md section 2b: the Greedy variants' cosine to RMD on the digits tasks."""
+    from studies.quality.greedy_variants import table
+
+    return table(json.loads((ROOT / "studies/quality/results/greedy_variants.json").read_text(encoding="utf-8")))
+
+
 def variants_overall() -> str:
     overall = {
         shots: json.loads((ROOT / f"studies/quality/results/variants_{shots}.json").read_text(encoding="utf-8"))[
@@ -899,6 +906,7 @@ def imaml_memory() -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 
 BLOCKS: dict[str, Callable[[], str]] = {
+    "variants-digits": variants_digits,
     "readme-advice-table": readme_advice_table,
     "readme-advice": readme_advice,
     "choosing-settings": choosing_settings_table,

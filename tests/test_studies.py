@@ -166,6 +166,22 @@ def test_quality_greedy_variants(tmp_path: Path) -> None:
     main(["--tasks", "2", "--steps", "5", "--out", str(out)])
     table = out.read_text()
     assert "| greedy_tail(0.9, 5) |" in table and "| momentum_greedy(0.9) | " in table and "mu=0.9, T=5" in table
+    from studies.quality.greedy_variants import table as from_record
+
+    record = json.loads(out.with_suffix(".json").read_text())  # the record the published table is generated from
+    assert len(record["cosines_to_rmd"]["t1t2"][0]["cosines"]) == 2 and table.endswith(from_record(record))
+    # one estimator computed two ways (momentum_greedy(g) at momentum 0 is greedy(g)): rounding ties, never wins
+    cells = lambda values: [{"momentum": 0.0, "T": 5, "cosines": values}]  # noqa: E731
+    tied = {
+        "tasks": 2,
+        "lr": 0.1,
+        "cosines_to_rmd": {
+            "t1t2": cells([0.9, 0.9]),
+            "greedy(0.99)": cells([0.5, 0.6]),
+            "momentum_greedy(0.99)": cells([0.5 + 1e-16, 0.6 + 2e-16]),
+        },
+    }
+    assert "| momentum_greedy(0.99) | 0.550 +- 0.071 [0/2, 0/2] |" in from_record(tied)
 
 
 def test_hpo(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -10,10 +10,11 @@ hyperparameters, around log 0.05) from its seed; the inner loop is T steps of SG
 small random initialization, with momentum 0 and 0.9. For every estimator the script prints the cosine similarity
 of its hypergradient to RMD's (mean and standard deviation over the tasks) and how often it beats T1-T2 and
 Greedy(0.99) task by task. The hyperparameters are in the inner loss only, so FO's hypergradient is zero (its
-cosine is reported as 0). The table is printed and written to ``--out`` (default
-``studies/quality/results/greedy_variants.md``); an ``--out`` whose folder cannot be written is refused before any
-work, and a run holds ``.<name of --out>.lock`` beside it while it works (:func:`studies.common.run_alone`), so that
-a second run on the same ``--out`` is refused while the first lives.
+cosine is reported as 0). The record (every task's cosine) goes to ``--out`` with the suffix ``.json``, the table
+(:func:`table`) to ``--out`` (default ``studies/quality/results/greedy_variants.md``) and to the screen; an
+``--out`` whose folder cannot be written is refused before any work, and a run holds ``.<name of --out>.lock`` beside
+it while it works (:func:`studies.common.run_alone`), so that a second run on the same ``--out`` is refused while the
+first lives.
 """
 
 from __future__ import annotations
@@ -31,7 +32,15 @@ from torch import Tensor  # noqa: E402
 
 import lightning_hypergrad as lh  # noqa: E402
 from lightning_hypergrad.callbacks.hypergrad_quality import cosine_and_norm_ratio  # noqa: E402
-from studies.common import Progress, StudyParser, run_alone, writable_file, write_text  # noqa: E402
+from studies.common import (  # noqa: E402
+    Progress,
+    StudyParser,
+    machine_description,
+    run_alone,
+    writable_file,
+    write_json,
+    write_text,
+)
 
 ESTIMATORS = (
     "fo",
@@ -48,6 +57,8 @@ ESTIMATORS = (
     "truncated_rmd(5)",
 )
 MOMENTA = (0.0, 0.9)
+TIE = 1e-12
+"""Cosines closer than this are a tie, not a win (float64 rounding of one estimator computed two ways)."""
 
 
 def digits() -> tuple[Tensor, Tensor]:
@@ -96,43 +107,78 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def measure(args: argparse.Namespace) -> None:
-    """Every estimator's cosine to RMD on every task, momentum and T; prints the table and writes it to ``--out``."""
+    """Every estimator's cosine to RMD on every task, momentum and T; writes the record (``--out`` with ``.json``)
+    and the table (``--out``), and prints the table."""
     torch.set_num_threads(1)
     x, y = digits()
     columns = [(mu, steps) for mu in MOMENTA for steps in args.steps]
-    cosines: dict[tuple[str, float, int], list[float]] = {}
+    cosines: dict[str, list[dict]] = {spec: [] for spec in ESTIMATORS}
     progress = Progress(len(columns), work=args.tasks * sum(steps for _, steps in columns))
     for mu, steps in columns:
+        found: dict[str, list[float]] = {spec: [] for spec in ESTIMATORS}
         for seed in range(args.tasks):
             reference = lh.RMD()(task_problem(x, y, seed, steps, args.lr, mu)).hypergrads
             for spec in ESTIMATORS:
                 estimate = lh.get_estimator(spec)(task_problem(x, y, seed, steps, args.lr, mu)).hypergrads
-                cosines.setdefault((spec, mu, steps), []).append(cosine_and_norm_ratio(estimate, reference)[0])
+                found[spec].append(cosine_and_norm_ratio(estimate, reference)[0])
+        for spec in ESTIMATORS:
+            cosines[spec].append({"momentum": mu, "T": steps, "cosines": found[spec]})
         progress.step(f"mu={mu:g}, T={steps}: {args.tasks} tasks", args.tasks * steps)
+    record = {
+        "study": "greedy_variants",
+        "command": "python -m studies.quality.greedy_variants " + " ".join(argv_of(args)),
+        "tasks": args.tasks,
+        "lr": args.lr,
+        "steps": list(args.steps),
+        "momenta": list(MOMENTA),
+        "cosines_to_rmd": cosines,
+        "machine": machine_description("cpu"),
+    }
+    out = Path(args.out)
+    write_json(out.with_suffix(".json"), record)
+    text = table(record)
+    print(text)
+    write_text(
+        out,
+        f"Written by `python -m studies.quality.greedy_variants` (record: {out.with_suffix('.json').name}).\n\n{text}",
+    )
 
-    def beats(spec: str, other: str, mu: float, steps: int) -> str:
-        pairs = zip(cosines[(spec, mu, steps)], cosines[(other, mu, steps)])
-        return f"{sum(a > b for a, b in pairs)}/{args.tasks}"
+
+def argv_of(args: argparse.Namespace) -> list[str]:
+    """The options that set the numbers (``--out`` left out)."""
+    return ["--tasks", str(args.tasks), "--steps", *map(str, args.steps), "--lr", str(args.lr)]
+
+
+def table(record: dict) -> str:
+    """The table of a record: each estimator's cosine to RMD, mean +- standard deviation over the tasks per momentum
+    and T, and in brackets the tasks on which it is closer than T1-T2 and than Greedy(0.99)."""
+    tasks = record["tasks"]
+    by = {
+        spec: {(c["momentum"], c["T"]): c["cosines"] for c in cells} for spec, cells in record["cosines_to_rmd"].items()
+    }
+    columns = [(c["momentum"], c["T"]) for c in next(iter(record["cosines_to_rmd"].values()))]
+
+    def beats(spec: str, other: str, column: tuple[float, int]) -> str:
+        # a win is closer by more than rounding: with momentum 0, momentum_greedy(g) is greedy(g) (ties, not wins)
+        return f"{sum(a > b + TIE for a, b in zip(by[spec][column], by[other][column]))}/{tasks}"
 
     header = " | ".join(f"mu={mu:g}, T={steps}" for mu, steps in columns)
     lines = [
-        f"cosine to RMD, mean +- std over {args.tasks} tasks (lr {args.lr}); [wins vs t1t2, vs greedy(0.99)]",
+        f"cosine to RMD, mean +- std over {tasks} tasks (lr {record['lr']}); [wins vs t1t2, vs greedy(0.99)]",
         "",
         f"| estimator | {header} |",
         "|---" * (len(columns) + 1) + "|",
     ]
-    for spec in ESTIMATORS:
+    for spec, values_by in by.items():
         cells = []
-        for mu, steps in columns:
-            values = cosines[(spec, mu, steps)]
+        for column in columns:
+            values = values_by[column]
             cell = f"{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f}"
             if spec not in ("fo", "t1t2", "greedy(0.99)"):
-                cell += f" [{beats(spec, 't1t2', mu, steps)}, {beats(spec, 'greedy(0.99)', mu, steps)}]"
+                cell += f" [{beats(spec, 't1t2', column)}, {beats(spec, 'greedy(0.99)', column)}]"
             cells.append(cell)
         lines.append(f"| {spec} | {' | '.join(cells)} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    write_text(args.out, f"Written by `python -m studies.quality.greedy_variants`.\n\n{text}")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
