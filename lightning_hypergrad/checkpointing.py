@@ -15,6 +15,12 @@ CHECKPOINT_KEY = "lightning_hypergrad"
 """The key of a checkpoint under which the module keeps its own state."""
 
 
+LOGGING_STEP = "_batches_that_stepped"
+"""Lightning's count of the batches that stepped, the step its loggers log at: private (an attribute of the training
+epoch loop and its key in the checkpoint's ``epoch_loop.state_dict``), checked against the installed Lightning by
+``tests/test_cli_private_names.py``; no public name sets it."""
+
+
 class CheckpointHooks:
     """``on_save_checkpoint`` and ``on_load_checkpoint`` of a :class:`~lightning_hypergrad.BilevelModule`.
 
@@ -44,8 +50,17 @@ class CheckpointHooks:
             "inner_steps": str(self.inner_steps),
         }
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """The first batch of a fit resumed from a checkpoint (``ckpt_path``) logs at the step the uninterrupted run
+        logs it at (:func:`logging_step_at_resume`). A subclass that overrides this hook calls
+        ``super().on_train_batch_start(batch, batch_idx)``."""
+        step = self.__dict__.pop("_logging_step_at_resume", None)
+        if step is not None and self._trainer is not None and self.trainer.ckpt_path is not None:
+            setattr(self.trainer.fit_loop.epoch_loop, LOGGING_STEP, step)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._check_weights(checkpoint.get("state_dict"))
+        self.__dict__["_logging_step_at_resume"] = logging_step_at_resume(checkpoint)
         settle_finished_epoch(checkpoint)
         saved = checkpoint.get(CHECKPOINT_KEY, {})
         written, ours = saved.get("method") or {}, self._method()
@@ -117,3 +132,18 @@ def settle_finished_epoch(checkpoint: dict[str, Any]) -> None:
     current = batches.get("current") or {}
     batches["current"] = dict.fromkeys(current, 0)
     batches["is_last_batch"] = False
+
+
+def logging_step_at_resume(checkpoint: dict[str, Any]) -> int | None:
+    """The step the first batch of a run resumed from ``checkpoint`` logs at in the uninterrupted run: the number of
+    batches begun before the checkpoint (each logs at its own step, a module of this package stepping once per batch,
+    with no accumulation); ``None`` for a checkpoint without Lightning's loops.
+
+    Lightning's own count (:data:`LOGGING_STEP`) comes back one too far from a checkpoint written at the end of
+    training with the last batch's validation done (``last``): the resumed run's first pass skips that validation and
+    counts the pass as a batch, so every later point of the extended run was logged one step later than in the
+    uninterrupted run. :meth:`CheckpointHooks.on_train_batch_start` sets the count before the first batch.
+    """
+    fit_loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    total = (fit_loop.get("epoch_loop.batch_progress") or {}).get("total") or {}
+    return total.get("processed")

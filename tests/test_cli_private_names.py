@@ -123,3 +123,42 @@ def test_lightnings_pytree_module_still_uses_the_deprecated_leafspec():
     spec = importlib.util.find_spec(name)
     assert spec is not None and re.search(PYTREE_MODULE, name)
     assert "LeafSpec" in Path(spec.origin).read_text()
+
+
+def test_lightnings_logging_step_is_the_training_epoch_loops_batches_that_stepped(tmp_path):
+    """:data:`~lightning_hypergrad.checkpointing.LOGGING_STEP`: the training epoch loop's attribute, saved under that
+    key, and the step a logger receives."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.loggers import Logger
+
+    from lightning_hypergrad.checkpointing import LOGGING_STEP
+
+    class Steps(Logger):
+        name, version, steps = "steps", 0, []
+
+        def log_metrics(self, metrics, step=None):
+            self.steps.append(step)
+
+        def log_hyperparams(self, params):
+            pass
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(1, 1)
+
+        def training_step(self, batch, batch_idx):
+            self.log("loss", self.layer(batch).sum())
+            return self.layer(batch).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    logger = Steps()
+    trainer = L.Trainer(max_steps=3, logger=logger, log_every_n_steps=1, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(Tiny(), torch.utils.data.DataLoader(torch.ones(5, 1), batch_size=1))
+    loop = trainer.fit_loop.epoch_loop
+    assert getattr(loop, LOGGING_STEP) == 3 == trainer.fit_loop.state_dict()["epoch_loop.state_dict"][LOGGING_STEP]
+    assert logger.steps == [0, 1, 2]

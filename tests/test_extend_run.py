@@ -93,8 +93,13 @@ def assert_same(a: Any, b: Any, where: str = "checkpoint") -> None:
 
 COMPUTED = ("global_step", "epoch", "state_dict", "optimizer_states", "lr_schedulers", "lightning_hypergrad")
 """What a run computed: the step and epoch reached, the weights, the outer optimizer and schedulers, the module's own
-state (online mode's carried inner model, the epoch whose end was handled). Lightning's logging counter
-(``_batches_that_stepped``) is not among them: a resume at an epoch's end adds one to it."""
+state (online mode's carried inner model, the epoch whose end was handled)."""
+
+
+def logging_step(checkpoint: dict[str, Any]) -> int:
+    """Lightning's count of batches that stepped: the step its loggers log at (Lightning's first pass over a resumed
+    epoch added one to it, so every logged point of the extended run came one step later)."""
+    return checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"]
 
 
 @pytest.mark.parametrize("config", main_configs())
@@ -108,3 +113,4 @@ def test_a_finished_run_extended_with_ckpt_path_last_equals_the_uninterrupted_ru
     data = [key for key in uninterrupted if key.endswith("DataModule")]  # the data module's sampling state, if any
     for key in (*COMPUTED, *data):
         assert_same(uninterrupted[key], extended[key], key)
+    assert logging_step(first) == 2 and logging_step(uninterrupted) == logging_step(extended) == 4
