@@ -889,6 +889,43 @@ def peers_equality() -> str:
     )
 
 
+def maml_omniglot() -> str:
+    """docs/results.md section 7: the MAML run of learn2learn's published row, its test accuracy on unseen tasks
+    against the published figures (one run: the interval is over its test tasks, the published figures have no
+    run-to-run interval to pair with, so the verdict reads whether each published figure lies in the run's interval)."""
+    from studies.maml_omniglot.experiment import PUBLISHED
+
+    record = json.loads((ROOT / "studies/maml_omniglot/results/record.json").read_text(encoding="utf-8"))
+    test = record["test"]
+    low, high = test["acc"] - test["acc_ci95"], test["acc"] + test["acc_ci95"]
+
+    def against(figure: float) -> str:
+        if low <= figure <= high:
+            return "inside the run's interval"
+        side = "above" if figure > high else "below"
+        return f"{side} the run's interval, {100 * abs(figure - test['acc']):.1f} points from its mean"
+
+    lines = [
+        "| | 5-way 1-shot accuracy on unseen tasks | tasks | published figure against this run |",
+        "|---|---|---|---|",
+        f"| this run (`lh.MAML`, `{record['estimator']}`, {record['iterations']:,} iterations) | "
+        f"{100 * test['acc']:.1f}% [{100 * low:.1f}, {100 * high:.1f}] | {test['tasks']} | |",
+        f"| learn2learn, published | {100 * PUBLISHED['learn2learn']['acc']:.1f}% | not stated | "
+        f"{against(PUBLISHED['learn2learn']['acc'])} |",
+        f"| Finn et al. (2017), published | {100 * PUBLISHED['paper']['acc']:.1f}% "
+        f"± {100 * PUBLISHED['paper']['ci95']:.1f} | | {against(PUBLISHED['paper']['acc'])} |",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def scale_maml() -> str:
+    """docs/scale.md: whole-network MAML's exact meta-gradient, ours against the peers (studies/scale/maml.py)."""
+    from studies.scale.maml import target_line, timing_table
+
+    record = json.loads((ROOT / "studies/scale/results_maml/maml.json").read_text(encoding="utf-8"))
+    return "\n".join([*timing_table(record), "", target_line(record)]) + "\n"
+
+
 def imaml_accuracy() -> str:
     from studies.imaml.study import accuracy_table
 
@@ -907,6 +944,7 @@ def imaml_memory() -> str:
 
 BLOCKS: dict[str, Callable[[], str]] = {
     "variants-digits": variants_digits,
+    "scale-maml": scale_maml,
     "readme-advice-table": readme_advice_table,
     "readme-advice": readme_advice,
     "choosing-settings": choosing_settings_table,

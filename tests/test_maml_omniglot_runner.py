@@ -4,7 +4,9 @@ folder (a 2-layer network of width 8 on 8x8 images, 3-way tasks, meta-batches of
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,15 +84,16 @@ def test_a_resumed_run_equals_an_uninterrupted_one_to_the_bit(root: str, tmp_pat
 def test_a_second_run_on_the_folder_and_other_settings_are_refused(root: str, tmp_path: Path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    living = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    (out / ".lock").write_text(str(living.pid))
-    try:
+    with open(out / ".lock", "w") as held:  # a run under way (this process, alive) holds the lock
+        held.write(f"{os.getpid()}\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
         assert _run(root, out, "--iterations", "1") == 2
-        assert "is in use by another run (process" in capsys.readouterr().err
+        assert capsys.readouterr().err == (
+            f"python -m studies.maml_omniglot run: error: another run (pid {os.getpid()}) is writing into {out} (it "
+            f"holds {out / '.lock'}): wait for it to end, or give another --out\n"
+        )
         assert not (out / "checkpoint.pt").exists()
-    finally:
-        living.kill()
-        living.wait()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (out / ".lock").write_text(dead.stdout.strip())  # a run killed with SIGKILL left it: taken over
     assert _run(root, out, "--iterations", "1") == 0 and not (out / ".lock").exists()

@@ -91,7 +91,7 @@ def test_the_quick_run_records_every_method_timed_and_the_report(tmp_path: Path)
     assert maml.main(["run", "--quick", "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "maml_quick.json").read_text())
     peers, missing = import_peers(ROOT / ".peers")
-    methods = [*maml.OURS, *(p for p in maml.PEERS if p in peers)]
+    methods = [*maml.OURS, maml.BARE, *(p for p in maml.PEERS if p in peers)]
     assert record["quick"] is True and record["refused"] is None and record["failures"] == []
     assert (record["protocol"]["meta_batch"], record["protocol"]["width"], record["protocol"]["steps"]) == (
         2,

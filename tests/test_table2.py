@@ -483,6 +483,11 @@ def test_workers_of_a_killed_runner_exit_within_a_second_or_so(parallel_runner: 
     before = _records(runs)
     runner.kill()
     runner.wait()
+    from studies.table2.runner import LOCK_NAME, runner_lock
+
+    assert (out / LOCK_NAME).exists()  # left behind, but not held: a new runner takes it over at once
+    with runner_lock(runs):
+        pass
     assert not _wait_until_gone(children, 1.5)
     after = _records(runs)
     assert before <= after and len(after) <= len(before) + 2
@@ -558,16 +563,20 @@ def test_one_runner_at_a_time_per_records_folder(tmp_path):
     from studies.table2.runner import LOCK_NAME, RunnerBusy, runner_lock
 
     runs = tmp_path / "runs"
-    with runner_lock(runs):
-        assert (tmp_path / LOCK_NAME).read_text() == str(os.getpid())
-        with pytest.raises(RunnerBusy, match=rf"another runner \(pid {os.getpid()}\) is writing records into"):
+    with runner_lock(runs):  # holds the lock (flock) while the block runs: a second runner is refused
+        assert runs.is_dir() and (tmp_path / LOCK_NAME).read_text() == f"{os.getpid()}\n"
+        with pytest.raises(RunnerBusy) as busy:
             with runner_lock(runs):
                 pass
+        assert str(busy.value) == (
+            f"another run (pid {os.getpid()}) is writing into {tmp_path} (it holds {tmp_path / LOCK_NAME}): wait for "
+            "it to end, or give another --out"
+        )
     assert not (tmp_path / LOCK_NAME).exists()
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (tmp_path / LOCK_NAME).write_text(gone.stdout.strip())  # the pid of a process that has ended
+    (tmp_path / LOCK_NAME).write_text(gone.stdout.strip())  # left by a runner that has ended: not locked, taken over
     with runner_lock(runs):
-        assert (tmp_path / LOCK_NAME).read_text() == str(os.getpid())
+        assert (tmp_path / LOCK_NAME).read_text() == f"{os.getpid()}\n"
 
 
 def test_a_stopped_worker_leaves_even_when_a_library_swallows_its_exit(tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ Files in ``--out`` (default ``studies/maml_omniglot/results``):
   ``--val-every`` iterations and at 0). Lines past the checkpoint (a run killed between the two) are dropped on resume.
 - ``record.json``: written when the run reaches ``--total``: the accuracy on ``--test-tasks`` unseen test tasks (fixed
   by the seed) with its 95% interval and every task's accuracy, the settings, the time, the machine.
-- ``.lock``: held while a run works on the folder; a second run on it refuses (a lock whose process is gone is taken).
+- ``.lock``: held while a run works on the folder (:func:`studies.common.folder_lock`); a second run on it refuses,
+  and the lock left by a run that is gone (killed with ``SIGKILL``) is taken over at once.
 """
 
 from __future__ import annotations
@@ -29,7 +30,16 @@ from typing import Any
 
 import torch
 
-from studies.common import Progress, atomic_path, log, machine_description, write_json, write_text
+from studies.common import (
+    FolderBusy,
+    Progress,
+    atomic_path,
+    folder_lock,
+    log,
+    machine_description,
+    write_json,
+    write_text,
+)
 from studies.maml_omniglot.experiment import (
     OUT,
     PUBLISHED,
@@ -65,50 +75,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# the lock, the curve, the checkpoint
+# the curve, the checkpoint
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@contextlib.contextmanager
-def folder_lock(out: Path) -> Iterator[None]:
-    """Holds ``out/.lock`` (created exclusively, holding this process's id) for the block; refuses a folder that a
-    living process holds, takes over the lock of one that is gone (a run killed with ``SIGKILL``)."""
-    out.mkdir(parents=True, exist_ok=True)
-    lock = out / LOCK
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                owner = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                owner = 0
-            if owner and _alive(owner):
-                raise StudyError(
-                    f"{out} is in use by another run (process {owner}, {lock}): wait for it to end, or give another "
-                    "--out"
-                ) from None
-            lock.unlink(missing_ok=True)  # its run is gone
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        break
-    else:
-        raise StudyError(f"{lock} could not be taken: remove it if no run is working on {out}")
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
 
 
 def _lines(points: list[dict[str, Any]]) -> str:
@@ -197,14 +165,16 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 def run(args: argparse.Namespace, setting: Setting) -> int:
     out = Path(args.out)
     torch.set_num_threads(args.threads)
-    with folder_lock(out), _sigterm_as_interrupt():
-        try:
+    try:
+        with folder_lock(out, LOCK), _sigterm_as_interrupt():
             return _run(args, setting, out)
-        except KeyboardInterrupt:
-            saved = out / CHECKPOINT
-            where = f"its checkpoint at iteration {_saved_iteration(saved)}" if saved.is_file() else "the start"
-            log(f"interrupted: the same command resumes the run from {where}")
-            return 130
+    except FolderBusy as error:  # another living run works on out: the command's one error line
+        raise StudyError(str(error)) from None
+    except KeyboardInterrupt:
+        saved = out / CHECKPOINT
+        where = f"its checkpoint at iteration {_saved_iteration(saved)}" if saved.is_file() else "the start"
+        log(f"interrupted: the same command resumes the run from {where}")
+        return 130
 
 
 def _saved_iteration(path: Path) -> int | str:

@@ -14,7 +14,8 @@ meta-batch of the exact (second-order) hypergradient of the initialization, ever
 outer optimizer update. The methods, every one from the same initial weights:
 
 - ours: ``lh.MAML``'s ``meta_gradient(tasks, estimator)`` with ``rmd``, ``rmd(checkpoint_every='sqrt')``,
-  ``mixed_rmd`` and ``mixed_rmd(checkpoint_every='sqrt')``;
+  ``mixed_rmd`` and ``mixed_rmd(checkpoint_every='sqrt')``, and ``rmd`` once more on a copy of the model without
+  the query accuracy it computes for its logs (:data:`BARE`: the peers compute none);
 - ``higher``: ``innerloop_ctx(net, SGD(lr), copy_initial_weights=False, track_higher_grads=True)`` per task, the T
   differentiable steps, then the query loss's ``backward`` into the initial weights (its MAML Omniglot example), the
   gradients divided by the number of tasks;
@@ -46,6 +47,7 @@ while it measures (:func:`studies.common.run_alone`).
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import time
@@ -98,7 +100,11 @@ PEERS = {
     "higher": "higher innerloop_ctx(track_higher_grads=True)",
     "torchopt": "TorchOpt sgd (functional, create_graph=True)",
 }
-METHODS = (*OURS, *PEERS)
+BARE = "rmd, no task metric"
+"""``rmd`` on a copy of the model that computes no task metric: ``lh.MAML`` also computes each task's query accuracy
+after its inner loop (one more forward pass of the query set per task, for its logs), which the peers' loops do not;
+this row computes what they compute."""
+METHODS = (*OURS, BARE, *PEERS)
 REFERENCE = "rmd"
 TOLERANCE = 1e-10
 """The largest difference to ``rmd``'s meta-gradient in float64, relative to its largest entry, before any timing."""
@@ -201,6 +207,9 @@ def maml_case(
     torch.manual_seed(protocol.seed)
     model = ours_model(PROBLEM, protocol, steps, compile_losses=False).to(dtype)
     methods = [Method(spec, "ours", ours_exact(model, tasks, spec), estimator=spec) for spec in OURS]
+    bare = copy.deepcopy(model)
+    bare.task_metrics = lh.BilevelModule.task_metrics.__get__(bare)  # none: the module's default
+    methods.append(Method(BARE, "ours", ours_exact(bare, tasks, REFERENCE), estimator=REFERENCE))
     builders = {"higher": higher_exact, "torchopt": torchopt_exact}
     for peer, build in builders.items():
         if peer not in peers:
@@ -350,7 +359,7 @@ def run_study(
             refused = "the float64 agreement with rmd failed: " + "; ".join(check["failures"]) + "; nothing timed"
         else:
             tasks = make_tasks(protocol)
-            count = len(OURS) + len(peers)
+            count = len(OURS) + 1 + len(peers)
             units = len(protocol.steps) * (count + rounds)
             progress = Progress(units, work=len(protocol.steps) * 2 * count * (1 + rounds))
             for steps in protocol.steps:
@@ -434,6 +443,28 @@ def target_line(record: dict[str, Any]) -> str:
     return f"{head}: **missed** by {100 * (value['median'] - PEER_TARGET):.0f}% ({ratio})"
 
 
+def timing_table(record: dict[str, Any]) -> list[str]:
+    """The table of every (T, method): peak MiB, seconds per outer step, the paired ratios to ``rmd`` and to the
+    fastest peer, the float32 cosine to ``rmd`` (docs/scale.md shows it too)."""
+    lines = [
+        f"| T | method | peak MiB | s / outer step | / `{record['reference']}` | / fastest peer | cosine to "
+        f"`{record['reference']}` (float32) |",
+        "|---:|---|---:|---|---|---|---:|",
+    ]
+    for row in record["rows"]:
+        name = _name(row["method"])
+        cosine = (row.get("agreement") or {}).get("cosine")
+        cosine_text = "-" if cosine is None else f"{cosine:.6f}"
+        if row["status"] != "timed":
+            lines.append(f"| {row['T']} | {name} | - | {row['status']}: {row['reason']} | - | - | - |")
+            continue
+        lines.append(
+            f"| {row['T']} | {name} | {mib(row['peak_bytes'])} | {_fmt(row['summary'], 4)} | "
+            f"{_fmt(row.get('ratio_to_rmd'), 2)} | {_fmt(row.get('ratio_to_fastest_peer'), 2)} | {cosine_text} |"
+        )
+    return lines
+
+
 def markdown(record: dict[str, Any]) -> str:
     p, check = record["protocol"], record["check"]
     lines = ["# Whole-network MAML, exact meta-gradient: peak memory and seconds per outer step against the peers", ""]
@@ -464,25 +495,7 @@ def markdown(record: dict[str, Any]) -> str:
         lines.append(f"| {_name(row['method'])} | {value} |")
     if record["refused"]:
         lines += ["", f"**Refused: {record['refused']}.**"]
-    lines += [
-        "",
-        "## Peak memory and seconds per outer step",
-        "",
-        f"| T | method | peak MiB | s / outer step | / `{record['reference']}` | / fastest peer | cosine to "
-        f"`{record['reference']}` (float32) |",
-        "|---:|---|---:|---|---|---|---:|",
-    ]
-    for row in record["rows"]:
-        name = _name(row["method"])
-        cosine = (row.get("agreement") or {}).get("cosine")
-        cosine_text = "-" if cosine is None else f"{cosine:.6f}"
-        if row["status"] != "timed":
-            lines.append(f"| {row['T']} | {name} | - | {row['status']}: {row['reason']} | - | - | - |")
-            continue
-        lines.append(
-            f"| {row['T']} | {name} | {mib(row['peak_bytes'])} | {_fmt(row['summary'], 4)} | "
-            f"{_fmt(row.get('ratio_to_rmd'), 2)} | {_fmt(row.get('ratio_to_fastest_peer'), 2)} | {cosine_text} |"
-        )
+    lines += ["", "## Peak memory and seconds per outer step", "", *timing_table(record)]
     fastest = ", ".join(f"{k}: {PEERS.get(v, '-') if v else '-'}" for k, v in record["fastest_peer"].items())
     lines += ["", f"Fastest peer per T: {fastest or '-'}.", "", "## The issue's target", "", "- " + target_line(record)]
     if record["failures"]:

@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import multiprocessing
 import multiprocessing.connection
-import os
 import signal
 import sys
 import threading
@@ -35,7 +34,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from studies.common import Progress, format_duration, unwritable
+from studies.common import FolderBusy, Progress, folder_lock, format_duration, unwritable
 from studies.table2.cli import build_parser
 from studies.table2.records import MalformedRecord, read_record, record_problem
 from studies.table2.report import report
@@ -150,55 +149,23 @@ def execute(jobs: Sequence[RunConfig], runs_dir: Path, workers: int) -> tuple[in
     return finished, failed
 
 
-class RunnerBusy(RuntimeError):
-    """Another runner is writing records into the same folder."""
-
+RunnerBusy = FolderBusy
+"""Another living runner is writing records into the same folder (:func:`runner_lock`)."""
 
 LOCK_NAME = ".runner.lock"
 """The file, in ``<out>`` (beside ``runs/``), that holds the process id of the runner writing records there."""
 
 
-@contextlib.contextmanager
-def runner_lock(runs_dir: Path) -> Iterator[None]:
+def runner_lock(runs_dir: Path) -> contextlib.AbstractContextManager[None]:
     """One runner at a time per records folder: a second one would redo the same runs and overwrite their records.
 
-    The lock is a file created exclusively, holding the runner's process id; a lock whose process is gone (a runner
-    killed with ``SIGKILL``) is taken over. Removed when the block ends, however it ends.
+    The lock is :func:`studies.common.folder_lock` on :data:`LOCK_NAME` in ``runs_dir``'s parent (``<out>``), and
+    ``runs_dir`` is made. A runner killed with ``SIGKILL`` leaves the file but not its ``flock``: the next runner takes
+    it over at once. Entering the block raises :data:`RunnerBusy` while another living runner holds it (the message
+    names the folder, that runner's pid and what to do).
     """
     runs_dir.mkdir(parents=True, exist_ok=True)
-    lock = runs_dir.parent / LOCK_NAME
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                owner = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                owner = 0
-            if owner and _alive(owner):
-                raise RunnerBusy(
-                    f"another runner (pid {owner}) is writing records into {runs_dir}; wait for it to end, or use "
-                    "another --out (a stale lock is taken over once its process is gone)"
-                ) from None
-            lock.unlink(missing_ok=True)  # its runner is gone: take it over
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        break
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return folder_lock(runs_dir.parent, LOCK_NAME)
 
 
 _STOPS: list[str] = []
