@@ -945,6 +945,7 @@ def imaml_memory() -> str:
 BLOCKS: dict[str, Callable[[], str]] = {
     "variants-digits": variants_digits,
     "scale-maml": scale_maml,
+    "maml-omniglot": maml_omniglot,
     "readme-advice-table": readme_advice_table,
     "readme-advice": readme_advice,
     "choosing-settings": choosing_settings_table,
