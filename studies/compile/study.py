@@ -248,9 +248,19 @@ def learn2learn_maml(l2l: Any, net: nn.Module, targets: list[Tensor], tasks: lis
     return run
 
 
-def torchopt_maml(torchopt: Any, net: nn.Module, targets: list[Tensor], tasks: list, steps: int, lr: float) -> Callable:
+def torchopt_maml(
+    torchopt: Any,
+    net: nn.Module,
+    targets: list[Tensor],
+    tasks: list,
+    steps: int,
+    lr: float,
+    create_graph: bool = False,
+) -> Callable:
     """TorchOpt's functional API (``torchopt.sgd``, ``update(..., inplace=False)``, ``apply_updates``), as its
-    functorch MAML example, with the inner gradient taken without a graph (first order)."""
+    functorch MAML example, with the inner gradient taken without a graph (first order), or with ``create_graph``
+    through it (second order: the scale study's exact MAML); the query loss's ``backward`` into the initial weights
+    per task, the mean over the tasks."""
     names = [name for name, _ in net.named_parameters()]
     params = tuple(p for _, p in net.named_parameters())
     optimizer = torchopt.sgd(lr=lr)
@@ -264,7 +274,8 @@ def torchopt_maml(torchopt: Any, net: nn.Module, targets: list[Tensor], tasks: l
             weights = params
             state = optimizer.init(weights)
             for _ in range(steps):
-                grads = torch.autograd.grad(loss(weights, task["support_x"], task["support_y"]), weights)
+                support = loss(weights, task["support_x"], task["support_y"])
+                grads = torch.autograd.grad(support, weights, create_graph=create_graph)
                 updates, state = optimizer.update(grads, state, inplace=False)
                 weights = torchopt.apply_updates(weights, updates, inplace=False)
             loss(weights, task["query_x"], task["query_y"]).backward()

@@ -90,6 +90,7 @@ from studies.compile.study import (
     ours_model,
     summarize,
     time_rounds,
+    torchopt_maml,
 )
 from studies.peers.study import PEERS_DIR, import_peers
 from studies.scale.study import OURS, mib, relative_difference
@@ -160,30 +161,9 @@ def higher_exact(higher: Any, net: nn.Module, targets: list[Tensor], tasks: list
 def torchopt_exact(
     torchopt: Any, net: nn.Module, targets: list[Tensor], tasks: list, steps: int, lr: float
 ) -> Callable:
-    """TorchOpt's functional API (``torchopt.sgd``, ``update(..., inplace=False)``, ``apply_updates``) with the inner
-    gradient taken with ``create_graph=True`` (second order), the query loss's ``backward`` into the initial weights
-    per task, the mean over the tasks."""
-    names = [name for name, _ in net.named_parameters()]
-    params = tuple(p for _, p in net.named_parameters())
-    optimizer = torchopt.sgd(lr=lr)
-
-    def loss(weights: Sequence[Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return F.cross_entropy(torch.func.functional_call(net, dict(zip(names, weights)), (x,)), y)
-
-    def run() -> list[Tensor]:
-        _zero(targets)
-        for task in tasks:
-            weights = params
-            state = optimizer.init(weights)
-            for _ in range(steps):
-                grads = torch.autograd.grad(loss(weights, task["support_x"], task["support_y"]), weights,
-                                            create_graph=True)  # fmt: skip
-                updates, state = optimizer.update(grads, state, inplace=False)
-                weights = torchopt.apply_updates(weights, updates, inplace=False)
-            loss(weights, task["query_x"], task["query_y"]).backward()
-        return _mean_grads(targets, len(tasks))
-
-    return run
+    """TorchOpt's functional API with the inner gradient taken with ``create_graph=True`` (second order): the compile
+    study's :func:`~studies.compile.study.torchopt_maml`, second order."""
+    return torchopt_maml(torchopt, net, targets, tasks, steps, lr, create_graph=True)
 
 
 def ours_exact(model: lh.BilevelModule, tasks: list, spec: str) -> Callable[[], list[Tensor]]:
