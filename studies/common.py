@@ -195,6 +195,20 @@ def write_text(path: str | Path, text: str) -> None:
             os.fsync(f.fileno())
 
 
+def report_from_record(path: Path, markdown: Callable[[dict[str, Any]], str], run_command: str) -> int:
+    """A study's ``report``: the page ``markdown(record)`` of the JSON record at ``path``, written beside it (``.md``)
+    and printed; 0, or 2 with one line naming ``run_command`` where the record cannot be read."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        log(f"error: cannot read the record {path} ({type(error).__name__}: {error}); run `{run_command}` first")
+        return 2
+    text = markdown(record)
+    write_text(path.with_suffix(".md"), text)
+    print(text)
+    return 0
+
+
 def write_json(path: str | Path, data: Any, indent: int = 2) -> None:
     """Writes ``data`` as JSON to ``path`` atomically: a temporary file in the same folder, then ``os.replace``."""
     write_text(path, json.dumps(data, indent=indent) + "\n")

@@ -567,15 +567,19 @@ def _cost(problem: str) -> list[dict[str, Any]]:
 def cost_fewshot() -> str:
     rows = _cost("fewshot")
     ts = sorted({r["T"] for r in rows})
-    lines = [
+    return "\n".join(_cost_header(ts, "s/step (x FO)") + _cost_rows(rows, ts)) + "\n"
+
+
+def _cost_header(ts: list[int], seconds: str) -> list[str]:
+    """The head of a cost table: the seconds (as ``seconds`` names them) at each T, then the peak MiB at each T."""
+    return [
         "| estimator | "
-        + " | ".join(f"T={t}: s/step (x FO)" for t in ts)
+        + " | ".join(f"T={t}: {seconds}" for t in ts)
         + " | "
         + " | ".join(f"T={t}: peak MiB" for t in ts)
         + " |",
         "|---|" + "---:|" * (2 * len(ts)),
     ]
-    return "\n".join(lines + _cost_rows(rows, ts)) + "\n"
 
 
 def _cost_rows(rows: list[dict], ts: list[int]) -> list[str]:
@@ -599,12 +603,7 @@ def cost_whole() -> str:
     rows = [r for r in rows if r["estimator"] != "plain_step"]
     ts = sorted({r["T"] for r in rows})
     lines = [
-        "| estimator | "
-        + " | ".join(f"T={t}: s/step (per inner step, x plain step)" for t in ts)
-        + " | "
-        + " | ".join(f"T={t}: peak MiB" for t in ts)
-        + " |",
-        "|---|" + "---:|" * (2 * len(ts)),
+        *_cost_header(ts, "s/step (per inner step, x plain step)"),
         f"| plain training step | {plain['seconds_per_step']:.4f} |"
         + " |" * (len(ts) - 1)
         + f" {plain['peak_bytes'] / 2**20:.1f} |"

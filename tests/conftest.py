@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,3 +14,13 @@ def float64_default():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
+
+
+@pytest.fixture
+def study_from_the_root(monkeypatch: pytest.MonkeyPatch):
+    """A study's test runs from the repository root (``.peers`` is found there); torch's thread count, which the
+    studies set, is restored after it."""
+    threads = torch.get_num_threads()
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    yield
+    torch.set_num_threads(threads)

@@ -23,14 +23,6 @@ BATCHABLE = [
 ]
 
 
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def classifier(estimator, batch_tasks: bool, inner=None, steps: int = 4, batch_backbone=None) -> lh.FewShotClassifier:
     torch.manual_seed(0)
     model = lh.FewShotClassifier(
@@ -62,7 +54,7 @@ def assert_close(a, b, rtol=1e-10):
 
 
 @pytest.mark.parametrize("spec", BATCHABLE)
-def test_batched_tasks_give_the_one_by_one_hypergradient(float64, spec):
+def test_batched_tasks_give_the_one_by_one_hypergradient(float64_default, spec):
     one, together = both_paths(spec)
     assert_close(one.hypergrads, together.hypergrads)
     assert any(float(g.abs().max()) > 1e-6 for g in one.hypergrads)  # not trivially zero
@@ -81,21 +73,21 @@ def test_batched_tasks_give_the_one_by_one_hypergradient(float64, spec):
     ],
     ids=["sgd", "nesterov-wd", "adam"],
 )
-def test_batched_tasks_are_exact_with_every_inner_optimizer(float64, inner):
+def test_batched_tasks_are_exact_with_every_inner_optimizer(float64_default, inner):
     one, together = both_paths("greedy(0.9)", inner=inner)
     assert_close(one.hypergrads, together.hypergrads)
     assert_close(one.state.tensors(), together.state.tensors())
 
 
 @pytest.mark.parametrize("spec", ["cg(3)", "neumann(3)"])
-def test_estimators_that_are_not_sums_run_one_by_one(float64, spec):
+def test_estimators_that_are_not_sums_run_one_by_one(float64_default, spec):
     estimator = lh.get_estimator(spec)
     assert not estimator.batchable
     one, together = both_paths(spec)
     assert_close(one.hypergrads, together.hypergrads, rtol=1e-13)
 
 
-def test_tasks_of_unequal_shapes_run_one_by_one(float64):
+def test_tasks_of_unequal_shapes_run_one_by_one(float64_default):
     small = split_meta_batch({k: v.double() if v.is_floating_point() else v for k, v in random_meta_batch(2).items()})
     large = split_meta_batch(
         {k: v.double() if v.is_floating_point() else v for k, v in random_meta_batch(1, queries=5).items()}
@@ -179,7 +171,7 @@ def test_shared_hyperparameters_are_summed_over_the_tasks_and_match_finite_diffe
         assert abs(float(together[i]) - fd) < 1e-7 * max(1.0, abs(fd))
 
 
-def test_metrics_stay_on_the_device_as_tensors(float64):
+def test_metrics_stay_on_the_device_as_tensors(float64_default):
     one, together = both_paths("t1t2")
     for metrics in (one.metrics, together.metrics):
         assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in metrics.values())
@@ -219,7 +211,7 @@ def _meta_batch64(tasks: int = 3):
 
 
 @pytest.mark.parametrize("spec", ["fo", "t1t2", "greedy(0.99)", "rmd"])
-def test_one_backbone_call_gives_the_one_by_one_hypergradient_and_buffers(float64, spec):
+def test_one_backbone_call_gives_the_one_by_one_hypergradient_and_buffers(float64_default, spec):
     """batch_tasks=True calls the backbone once for the meta-batch; the hypergradient, the metrics and the batch-norm
     buffers (running mean, variance, count) equal those of one call per task."""
     tasks = _meta_batch64(4)
@@ -247,7 +239,7 @@ def test_one_backbone_call_gives_the_one_by_one_hypergradient_and_buffers(float6
     ("norm", "shape"),
     [(torch.nn.BatchNorm2d, (5, 3, 4, 4)), (torch.nn.BatchNorm1d, (5, 3)), (torch.nn.BatchNorm1d, (5, 3, 6))],
 )
-def test_per_task_batch_norm_is_one_call_per_task(float64, norm, shape, momentum):
+def test_per_task_batch_norm_is_one_call_per_task(float64_default, norm, shape, momentum):
     from lightning_hypergrad.inner_model import per_task_batch_norm
 
     g = torch.Generator().manual_seed(1)
@@ -272,7 +264,7 @@ def test_per_task_batch_norm_is_one_call_per_task(float64, norm, shape, momentum
     assert "forward" not in together.__dict__  # the module is left as it was
 
 
-def test_a_subclass_with_its_own_features_keeps_one_call_per_task(float64):
+def test_a_subclass_with_its_own_features_keeps_one_call_per_task(float64_default):
     class Scaled(lh.FewShotClassifier):
         def features(self, task):
             return [2 * f for f in super().features(task)]
@@ -285,7 +277,7 @@ def test_a_subclass_with_its_own_features_keeps_one_call_per_task(float64):
     assert model.stacked_features(stacked) is None
 
 
-def test_on_a_cpu_the_backbone_runs_per_task_unless_asked(float64):
+def test_on_a_cpu_the_backbone_runs_per_task_unless_asked(float64_default):
     stacked = stack_tasks(_meta_batch64(2))
     assert classifier("fo", True).stacked_features(stacked) is None  # automatic: one call per task on a CPU
     assert classifier("fo", True, batch_backbone=True).stacked_features(stacked) is not None

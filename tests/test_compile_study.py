@@ -14,18 +14,10 @@ import torch.nn.functional as F
 
 from studies.compile import report, study
 
-ROOT = Path(__file__).resolve().parents[1]
-
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
-
-
-@pytest.fixture(autouse=True)
-def from_the_root(monkeypatch: pytest.MonkeyPatch):
-    """The study runs from the repository root (``.peers`` is found there); torch's thread count is restored."""
-    threads = torch.get_num_threads()
-    monkeypatch.chdir(ROOT)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.usefixtures("study_from_the_root"),
+    pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning"),
+]
 
 
 def _quick(out: Path) -> tuple[int, dict]:

@@ -63,33 +63,29 @@ def test_the_bilevel_inner_loop_is_torchs_own_training():
     assert trajectory.params[0].shape == net.conv0.weight.shape
 
 
-def test_the_exact_hypergradient_equals_finite_differences_of_torchs_training():
+def test_the_exact_hypergradient_equals_finite_differences_of_torchs_training(float64_default):
     """RMD on the CNN problem (float64) against central differences of the validation loss of torch's training."""
-    torch.set_default_dtype(torch.float64)
-    try:
-        settings = CNNSettings(characters=3, size=9, width=2, steps=6, batch=4, momentum=0.9, knots=2)
-        splits = synthetic_splits(settings)
-        order = batch_order(len(splits.train[1]), settings, 2)
-        h = _hyperparameters(settings, torch.float64)
-        got = lh.RMD()(training_problem(splits, settings, 4, order, h)).hypergrads
-        sqrt = lh.get_estimator("rmd(checkpoint_every='sqrt')")(training_problem(splits, settings, 4, order, h))
-        for a, b in zip(got, sqrt.hypergrads):
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    settings = CNNSettings(characters=3, size=9, width=2, steps=6, batch=4, momentum=0.9, knots=2)
+    splits = synthetic_splits(settings)
+    order = batch_order(len(splits.train[1]), settings, 2)
+    h = _hyperparameters(settings, torch.float64)
+    got = lh.RMD()(training_problem(splits, settings, 4, order, h)).hypergrads
+    sqrt = lh.get_estimator("rmd(checkpoint_every='sqrt')")(training_problem(splits, settings, 4, order, h))
+    for a, b in zip(got, sqrt.hypergrads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
-        def val_loss(log_lr, log_wd):
-            return train_and_measure(splits, settings, 4, order, log_lr, log_wd, measured=("val",))["val_loss"]
+    def val_loss(log_lr, log_wd):
+        return train_and_measure(splits, settings, 4, order, log_lr, log_wd, measured=("val",))["val_loss"]
 
-        eps = 1e-5
-        for which in range(2):
-            base = [x.detach().clone() for x in h]
-            for index in range(base[which].numel()):
-                up, down = [x.clone() for x in base], [x.clone() for x in base]
-                up[which].view(-1)[index] += eps
-                down[which].view(-1)[index] -= eps
-                numeric = (val_loss(*up) - val_loss(*down)) / (2 * eps)
-                assert got[which].reshape(-1)[index].item() == pytest.approx(numeric, rel=1e-5, abs=1e-9)
-    finally:
-        torch.set_default_dtype(torch.float32)
+    eps = 1e-5
+    for which in range(2):
+        base = [x.detach().clone() for x in h]
+        for index in range(base[which].numel()):
+            up, down = [x.clone() for x in base], [x.clone() for x in base]
+            up[which].view(-1)[index] += eps
+            down[which].view(-1)[index] -= eps
+            numeric = (val_loss(*up) - val_loss(*down)) / (2 * eps)
+            assert got[which].reshape(-1)[index].item() == pytest.approx(numeric, rel=1e-5, abs=1e-9)
 
 
 def test_short_horizon_estimators_differ_from_exact_on_the_cnn():

@@ -15,22 +15,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_mixed_mode import SPECS, break_adjoint_step, relative
 from torch import nn
 
 import lightning_hypergrad as lh
 from lightning_hypergrad import InnerModel
-from lightning_hypergrad.estimators import mixed_mode
 from studies.horizon.cnn import CNNSettings, batch_order, synthetic_splits, training_problem
 
-SPECS = ["mixed_rmd", "mixed_rmd(checkpoint_every=2)", "mixed_rmd(checkpoint_every='sqrt')"]
 CNN = CNNSettings(characters=3, size=9, width=2, steps=6, batch=4, momentum=0.9, knots=2)
 
 
 pytestmark = pytest.mark.usefixtures("float64_default")
-
-
-def _relative(a, b) -> float:
-    return max(float((x - y).abs().max()) for x, y in zip(a, b)) / max(float(y.abs().max()) for y in b)
 
 
 # ------------------------------------------------------------------------------------------------ the problems
@@ -76,7 +71,7 @@ def test_equal_to_rmd_on_the_horizon_cnn(spec):
     got = lh.get_estimator(spec)(cnn_problem()).hypergrads
     assert [g.shape for g in got] == [torch.Size([3, CNN.knots]), torch.Size([3])]
     assert all(float(g.abs().max()) > 0 for g in exact)  # both hyperparameters reach the outer loss
-    assert _relative(got, exact) < 1e-12
+    assert relative(got, exact) < 1e-12
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -85,30 +80,15 @@ def test_equal_to_rmd_on_meta_sgd(spec):
     got = lh.get_estimator(spec)(meta_sgd_problem()).hypergrads
     assert len(got) == 8  # four initializations, four per-entry learning rates
     assert all(float(g.abs().max()) > 0 for g in exact)
-    assert _relative(got, exact) < 1e-12
+    assert relative(got, exact) < 1e-12
 
 
 # ------------------------------------------------------------------------------------------------ sensitivity
-def _break(monkeypatch, how: str) -> None:
-    """Replace the sweep's step by one that drops step 2's term of ``h`` (``step``) or zeroes the state's adjoint."""
-    real = mixed_mode.adjoint_step
-
-    def broken(problem, t, *args, **kwargs):
-        a_w, a_s, term = real(problem, t, *args, **kwargs)
-        if how == "state":
-            a_s = [torch.zeros_like(x) for x in a_s]
-        elif how == "step" and t == 2:
-            term = [None for _ in term]
-        return a_w, a_s, term
-
-    monkeypatch.setattr(mixed_mode, "adjoint_step", broken)
-
-
 @pytest.mark.parametrize(
     "family, how", [("cnn", "step"), ("cnn", "state"), ("meta_sgd", "step")]
 )  # Meta-SGD's plain SGD has no state
 def test_the_equality_fails_when_a_steps_term_or_the_states_adjoint_is_dropped(monkeypatch, family, how):
     exact = lh.RMD()(FAMILIES[family]()).hypergrads
-    _break(monkeypatch, how)
+    break_adjoint_step(monkeypatch, how)
     for spec in SPECS:
-        assert _relative(lh.get_estimator(spec)(FAMILIES[family]()).hypergrads, exact) > 1e-6, spec
+        assert relative(lh.get_estimator(spec)(FAMILIES[family]()).hypergrads, exact) > 1e-6, spec

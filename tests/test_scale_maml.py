@@ -22,16 +22,10 @@ from studies.scale import maml
 ROOT = Path(__file__).resolve().parents[1]
 TINY = replace(Protocol(), meta_batch=2, width=4, steps=(2,))
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning")
-
-
-@pytest.fixture(autouse=True)
-def from_the_root(monkeypatch: pytest.MonkeyPatch):
-    """The study runs from the repository root (``.peers`` is found there); torch's thread count is restored."""
-    threads = torch.get_num_threads()
-    monkeypatch.chdir(ROOT)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.usefixtures("study_from_the_root"),
+    pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning"),
+]
 
 
 def second_order_maml(

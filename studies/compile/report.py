@@ -3,14 +3,13 @@ and the issue's two targets with whether each is met."""
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from studies.common import log, write_text
+from studies.common import report_from_record
 
 SPEEDUP_TARGET = 1.3
 """Compiled at least this many times faster than eager (per outer step)."""
@@ -165,14 +164,4 @@ def markdown(record: dict[str, Any]) -> str:
 
 
 def write_report(out: Path, quick: bool = False) -> int:
-    path = record_path(out, quick)
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        log(f"error: cannot read the record {path} ({type(error).__name__}: {error}); run `python -m studies.compile "
-            "run` first")  # fmt: skip
-        return 2
-    text = markdown(record)
-    write_text(path.with_suffix(".md"), text)
-    print(text)
-    return 0
+    return report_from_record(record_path(out, quick), markdown, "python -m studies.compile run")

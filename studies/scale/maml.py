@@ -48,7 +48,6 @@ while it measures (:func:`studies.common.run_alone`).
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -57,7 +56,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -68,6 +66,7 @@ from studies.common import (
     log,
     machine_description,
     memory_meter,
+    report_from_record,
     require_positive,
     run_alone,
     writable_folder,
@@ -80,11 +79,10 @@ from studies.compile.study import (
     Method,
     Protocol,
     _copy,
-    _mean_grads,
     _timed,
     _version,
-    _zero,
     agreement,
+    higher_maml,
     loadavg,
     make_tasks,
     ours_model,
@@ -139,23 +137,9 @@ def batch_statistics_copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
 
 
 def higher_exact(higher: Any, net: nn.Module, targets: list[Tensor], tasks: list, steps: int, lr: float) -> Callable:
-    """higher's second-order MAML: ``innerloop_ctx(track_higher_grads=True)`` around the initial weights, the query
-    loss's ``backward`` into them per task (its MAML Omniglot example), the mean over the tasks."""
-    inner_optimizer = torch.optim.SGD(net.parameters(), lr=lr)
-
-    def run() -> list[Tensor]:
-        _zero(targets)
-        for task in tasks:
-            with higher.innerloop_ctx(net, inner_optimizer, copy_initial_weights=False, track_higher_grads=True) as (
-                fnet,
-                diffopt,
-            ):
-                for _ in range(steps):
-                    diffopt.step(F.cross_entropy(fnet(task["support_x"]), task["support_y"]))
-                F.cross_entropy(fnet(task["query_x"]), task["query_y"]).backward()
-        return _mean_grads(targets, len(tasks))
-
-    return run
+    """higher's second-order MAML: the compile study's :func:`~studies.compile.study.higher_maml` with
+    ``track_higher_grads=True``."""
+    return higher_maml(higher, net, targets, tasks, steps, lr, track_higher_grads=True)
 
 
 def torchopt_exact(
@@ -486,16 +470,7 @@ def markdown(record: dict[str, Any]) -> str:
 
 
 def write_report(out: Path, quick: bool = False) -> int:
-    path = record_path(out, quick)
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        log(f"error: cannot read the record {path} ({type(error).__name__}: {error}); run `{PROG} run` first")
-        return 2
-    text = markdown(record)
-    write_text(path.with_suffix(".md"), text)
-    print(text)
-    return 0
+    return report_from_record(record_path(out, quick), markdown, f"{PROG} run")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
