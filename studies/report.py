@@ -925,6 +925,22 @@ def scale_maml() -> str:
     return "\n".join([*timing_table(record), "", target_line(record)]) + "\n"
 
 
+def scale_cnn() -> str:
+    """docs/scale.md: peak memory against T on the horizon CNN, every exact method (studies/scale/study.py)."""
+    from studies.scale import study
+
+    args = study.parse_args(["report", "--out", str(ROOT / study.OUT)])[1]
+    return "\n".join(study.peak_table(study.load_records(args))) + "\n"
+
+
+def scale_cnn_timing() -> str:
+    """docs/scale.md: the horizon CNN's seconds in interleaved rounds and the targets (studies/scale/timing.py)."""
+    from studies.scale.timing import OUT, table, target_lines
+
+    record = json.loads((ROOT / OUT / "timing.json").read_text(encoding="utf-8"))
+    return "\n".join([*table(record), "", *target_lines(record)]) + "\n"
+
+
 def imaml_accuracy() -> str:
     from studies.imaml.study import accuracy_table
 
@@ -944,6 +960,8 @@ def imaml_memory() -> str:
 BLOCKS: dict[str, Callable[[], str]] = {
     "variants-digits": variants_digits,
     "scale-maml": scale_maml,
+    "scale-cnn": scale_cnn,
+    "scale-cnn-timing": scale_cnn_timing,
     "maml-omniglot": maml_omniglot,
     "readme-advice-table": readme_advice_table,
     "readme-advice": readme_advice,

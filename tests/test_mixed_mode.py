@@ -11,7 +11,13 @@ from test_finite_difference import OPTIMIZERS, ridge_problem, tanh_problem
 import lightning_hypergrad as lh
 from lightning_hypergrad.estimators import mixed_mode
 
-SPECS = ["mixed_rmd", "mixed_rmd(checkpoint_every=2)", "mixed_rmd(checkpoint_every='sqrt')"]
+SPECS = [
+    "mixed_rmd",
+    "mixed_rmd(checkpoint_every=2)",
+    "mixed_rmd(checkpoint_every='sqrt')",
+    "mixed_rmd(product='double_backward')",
+    "mixed_rmd(checkpoint_every=2, product='double_backward')",
+]
 
 
 pytestmark = pytest.mark.usefixtures("float64_default")
@@ -81,21 +87,41 @@ def break_adjoint_step(monkeypatch, how: str) -> None:
     monkeypatch.setattr(mixed_mode, "adjoint_step", broken)
 
 
+@pytest.mark.parametrize("product", ["jvp", "double_backward"])
 @pytest.mark.parametrize("how", ["state", "step"])
-def test_the_equality_fails_when_a_steps_adjoint_or_the_states_is_dropped(monkeypatch, how):
+def test_the_equality_fails_when_a_steps_adjoint_or_the_states_is_dropped(monkeypatch, how, product):
     problem = tanh_problem(lh.SGD(lr=0.2, momentum=0.9), steps=4)
     exact = lh.RMD()(problem).hypergrads
     break_adjoint_step(monkeypatch, how)
-    assert relative(lh.get_estimator("mixed_rmd")(problem).hypergrads, exact) > 1e-4
+    assert relative(lh.MixedRMD(product=product)(problem).hypergrads, exact) > 1e-4
 
 
-def test_the_checkpoint_setting_is_checked():
+@pytest.mark.parametrize("part", ["hessian", "mixed"])
+def test_the_double_backward_products_are_each_needed(monkeypatch, part):
+    # ridge_problem's h enters the training loss (the mixed term) and its w-curvature carries the adjoint back
+    problem = ridge_problem(lh.SGD(lr=0.1, momentum=0.5), steps=4)
+    exact = lh.RMD()(problem).hypergrads
+    real = mixed_mode._second_order_products
+
+    def broken(d, direction, w, h):
+        hessian_a, mixed_a = real(d, direction, w, h)
+        if part == "hessian":
+            return [torch.zeros_like(x) for x in hessian_a], mixed_a
+        return hessian_a, [None for _ in mixed_a]
+
+    monkeypatch.setattr(mixed_mode, "_second_order_products", broken)
+    assert relative(lh.MixedRMD(product="double_backward")(problem).hypergrads, exact) > 1e-4
+
+
+def test_the_settings_are_checked():
     with pytest.raises(ValueError, match="MixedRMD checkpoint_every must be"):
         lh.get_estimator("mixed_rmd(checkpoint_every=0)")
+    with pytest.raises(ValueError, match="MixedRMD product must be one of 'jvp', 'double_backward', got 'hvp'"):
+        lh.get_estimator("mixed_rmd(product='hvp')")
 
 
 @pytest.mark.parametrize("name", ["mse_loss", "huber_loss"])
-@pytest.mark.parametrize("spec", ["mixed_rmd", "mixed_rmd(checkpoint_every=2)"])
+@pytest.mark.parametrize("spec", ["mixed_rmd", "mixed_rmd(checkpoint_every=2)", "mixed_rmd(product='double_backward')"])
 def test_losses_forward_ad_cannot_pass_fall_back_to_one_steps_double_backward(name, spec):
     # F.mse_loss's backward writes into a constant's zero tangent and F.huber_loss's has no forward derivative:
     # torch.func.jvp over their gradients raises; those steps' products come from double backward instead

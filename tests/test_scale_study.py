@@ -183,3 +183,36 @@ def test_a_run_whose_meter_would_not_fit_in_memory_is_skipped():
     assert study.skip_reason(records, "m", 100, max_seconds=1e9, available=None) is None  # unknown: run
     assert "CPU s" in study.skip_reason(records, "m", 100, max_seconds=5, available=None)
     assert study.skip_reason(records, "other", 100, max_seconds=5, available=2**20) is None  # nothing to predict from
+
+
+@pytest.mark.skipif(not hasattr(getattr(__import__("studies.common").common, "_LIBC", None), "malloc_trim"),
+                    reason="needs glibc's malloc_trim (Linux)")  # fmt: skip
+def test_resident_growth_counts_memory_an_earlier_run_freed():
+    """An earlier run's freed heap (200,000 blocks of 1 KiB, as the profiler's event log is made of) must not hide
+    the growth of the next run that reuses it: the skip predictor reads this growth (it once let a run OOM)."""
+    import ctypes
+
+    from studies.common import _LIBC
+
+    malloc, free = _LIBC.malloc, _LIBC.free
+    malloc.restype, free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+
+    def churn() -> list[int]:
+        blocks = [malloc(1024) for _ in range(200_000)]
+        for block in blocks:
+            ctypes.memset(block, 1, 1024)
+        return blocks
+
+    earlier = churn()
+    pin = malloc(1024)  # above the freed blocks: glibc does not give them back by itself (the top is in use)
+    for block in earlier:
+        free(block)
+    before = study.resident_before()
+    if before is None:
+        pytest.skip("needs Linux's /proc/self/clear_refs and status")
+    blocks = churn()
+    try:
+        assert study._status_bytes("VmHWM") - before > 150 * MIB
+    finally:
+        for block in [*blocks, pin]:
+            free(block)

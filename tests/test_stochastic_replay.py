@@ -21,9 +21,11 @@ EXACT = [
     "rmd(checkpoint_every=1)",
     "rmd(checkpoint_every=2)",
     "rmd(checkpoint_every='sqrt')",
+    "rmd(checkpoint_every='auto')",
     f"truncated_rmd({STEPS})",
     "mixed_rmd",
     "mixed_rmd(checkpoint_every=2)",
+    "mixed_rmd(checkpoint_every=2, product='double_backward')",
     "fmd(max_entries=200)",
 ]
 

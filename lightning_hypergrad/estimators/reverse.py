@@ -114,19 +114,22 @@ class RMD(_ReverseMode):
     ``g_T A_T ... A_1 dw_0/dalpha`` comes from the same backward pass (from the first segment's, when checkpointed).
 
     Args:
-        checkpoint_every: ``None`` (plain RMD), the segment length ``K`` (an integer >= 1), or ``"sqrt"``:
-            ``K = ceil(sqrt(T))`` for each problem.
+        checkpoint_every: ``None`` (plain RMD), the segment length ``K`` (an integer >= 1), ``"sqrt"``:
+            ``K = ceil(sqrt(T))`` for each problem, or ``"auto"``: the ``K`` of least memory for each problem,
+            ``ceil(sqrt(T B_state / B_graph))`` from the bytes of one step's ``(w, s)`` and of its graph (measured
+            on step 1, one more step's cost); where a step's graph is larger than its ``(w, s)``, shorter
+            segments than ``"sqrt"``'s at the same time.
         nonfinite: see :class:`HypergradEstimator`.
 
     Raises:
-        ValueError: ``checkpoint_every`` is neither ``None``, an integer >= 1 nor ``"sqrt"``.
+        ValueError: ``checkpoint_every`` is neither ``None``, an integer >= 1, ``"sqrt"`` nor ``"auto"``.
     """
 
     name = "rmd"
     spec_options = ("checkpoint_every", "nonfinite")
     capabilities = Capabilities(
         computes="exact, reverse mode through all T steps; `checkpoint_every=K`: each segment of K steps run "
-        "again from a checkpoint of (w, s) (`'sqrt'`: K = ceil(sqrt(T)))",
+        "again from a checkpoint of (w, s) (`'sqrt'`: K = ceil(sqrt(T)); `'auto'`: the K of least memory)",
         cost="~1x the loop; checkpointed ~2x the loop (1.2-1.4x RMD's time, measured)",
         memory="O(PT); checkpointed O(P(T/K+K))",
         example="rmd(checkpoint_every='sqrt')",
@@ -139,29 +142,37 @@ class RMD(_ReverseMode):
 
     def __init__(self, checkpoint_every: int | str | None = None, nonfinite: str = "warn") -> None:
         super().__init__(nonfinite)
-        self.checkpoint_every = check_checkpoint_every("RMD", checkpoint_every)
+        self.checkpoint_every = check_checkpoint_every("RMD", checkpoint_every, ("sqrt", "auto"))
 
     def _first_differentiated_step(self, problem: BilevelProblem) -> int:
         return 1
 
-    def segment_length(self, steps: int) -> int | None:
-        """``K`` for a problem of ``steps`` inner steps; ``None`` without checkpointing."""
+    def segment_length(
+        self, steps: int, problem: BilevelProblem | None = None, h: list[Tensor] | None = None
+    ) -> int | None:
+        """``K`` for a problem of ``steps`` inner steps; ``None`` without checkpointing. ``"auto"`` needs the
+        problem and its hyperparameters (it measures one step's graph: :func:`memory_optimal_segment`)."""
+        if self.checkpoint_every == "auto":
+            if problem is None or h is None:
+                raise ValueError("RMD(checkpoint_every='auto') chooses K from the problem: pass problem and h")
+            return memory_optimal_segment(problem, h)
         return segment_length(self.checkpoint_every, steps)
 
     def _estimate(self, problem: BilevelProblem, h):
-        every = self.segment_length(problem.steps)
+        every = self.segment_length(problem.steps, problem, h)
         if every is None or every >= problem.steps:
             return super()._estimate(problem, h)
         return _checkpointed_rmd(problem, h, every)
 
 
-def check_checkpoint_every(owner: str, value: object) -> int | str | None:
-    """``value`` checked as a ``checkpoint_every`` setting: ``None``, an integer >= 1 or ``"sqrt"``."""
-    valid = value is None or value == "sqrt"
+def check_checkpoint_every(owner: str, value: object, words: tuple[str, ...] = ("sqrt",)) -> int | str | None:
+    """``value`` checked as a ``checkpoint_every`` setting: ``None``, an integer >= 1 or one of ``words``."""
+    valid = value is None or value in words
     valid |= isinstance(value, int) and not isinstance(value, bool) and value > 0
     if not valid:
+        named = " or ".join(map(repr, words))
         raise ValueError(
-            f"{owner} checkpoint_every must be None (no checkpointing), an integer >= 1 or 'sqrt', got {value!r}"
+            f"{owner} checkpoint_every must be None (no checkpointing), an integer >= 1 or {named}, got {value!r}"
         )
     return value  # type: ignore[return-value]
 
@@ -172,6 +183,36 @@ def segment_length(checkpoint_every: int | str | None, steps: int) -> int | None
     if checkpoint_every == "sqrt":
         return math.isqrt(steps - 1) + 1  # ceil(sqrt(T)) for T >= 1
     return checkpoint_every  # type: ignore[return-value]
+
+
+def step_bytes(problem: BilevelProblem, h: list[Tensor]) -> tuple[int, int]:
+    """``(state, graph)``: the bytes of one step's ``(w, s)``, and the bytes step 1's graph saves for its backward
+    pass (built once, with the random state forked so that the global stream is left as it was, and freed)."""
+    saved: dict[int, int] = {}
+
+    def pack(x: Tensor) -> Tensor:
+        try:
+            storage = x.untyped_storage()
+            saved[storage.data_ptr()] = storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # a tensor without its own storage: its elements
+            saved[id(x)] = x.numel() * x.element_size()
+        # detached: a saved output kept with its grad_fn would hold its own node (a cycle autograd cannot free);
+        # the step's backward needs the values only, and this graph is never differentiated twice
+        return x.detach()
+
+    devices = StepRandomness.of(problem, h).devices
+    with torch.random.fork_rng(devices=devices), torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        first = unroll(problem, h, lambda t: StepMode.CHAIN, stop=1)
+    state = sum(x.numel() * x.element_size() for x in [*first.params, *first.state.tensors()])
+    del first
+    return state, sum(saved.values())
+
+
+def memory_optimal_segment(problem: BilevelProblem, h: list[Tensor]) -> int:
+    """The ``K`` that minimizes checkpointed RMD's memory, ``(T / K) B_state + K B_graph`` (the stored checkpoints
+    and one segment's graphs): ``ceil(sqrt(T B_state / B_graph))``, within 1 and T (:func:`step_bytes`)."""
+    state, graph = step_bytes(problem, h)
+    return max(1, min(problem.steps, math.ceil(math.sqrt(problem.steps * state / max(graph, 1)))))
 
 
 def _checkpointed_rmd(problem: BilevelProblem, h: list[Tensor], every: int) -> Estimate:

@@ -10,7 +10,8 @@ learning rates and log weight decays at the horizon study's start (0.03 and 1e-4
 validation cross-entropy of ``w_T`` the outer loss. One hypergradient is measured, from building the problem to the
 hyperparameters' gradients, in float32 on one thread (``--threads``), for each exact method:
 
-- ours: ``rmd``, ``rmd(checkpoint_every='sqrt')``, ``mixed_rmd`` and ``mixed_rmd(checkpoint_every='sqrt')``;
+- ours: ``rmd``, ``rmd(checkpoint_every='sqrt')``, ``rmd(checkpoint_every='auto')``, ``mixed_rmd``,
+  ``mixed_rmd(checkpoint_every='sqrt')`` and ``mixed_rmd(checkpoint_every='sqrt', product='double_backward')``;
 - ``higher``: ``innerloop_ctx(track_higher_grads=True)`` around ``torch.optim.SGD`` with one parameter group per
   layer, its ``lr`` and ``weight_decay`` overridden by the hyperparameters' tensors; the T steps unrolled, then the
   outer loss differentiated;
@@ -47,6 +48,7 @@ Before any work: an ``--out`` that cannot be written is refused, and ``run`` hol
 from __future__ import annotations
 
 import argparse
+import gc
 import shlex
 import statistics
 import sys
@@ -90,8 +92,20 @@ from studies.scale.growth import Fit, best_fit, largest_steps
 
 PROG = "python -m studies.scale"
 OUT = "studies/scale/results"
-OURS = ("rmd", "rmd(checkpoint_every='sqrt')", "mixed_rmd", "mixed_rmd(checkpoint_every='sqrt')")
-SUBLINEAR = ("rmd(checkpoint_every='sqrt')", "mixed_rmd(checkpoint_every='sqrt')")
+OURS = (
+    "rmd",
+    "rmd(checkpoint_every='sqrt')",
+    "rmd(checkpoint_every='auto')",
+    "mixed_rmd",
+    "mixed_rmd(checkpoint_every='sqrt')",
+    "mixed_rmd(checkpoint_every='sqrt', product='double_backward')",
+)
+SUBLINEAR = (
+    "rmd(checkpoint_every='sqrt')",
+    "rmd(checkpoint_every='auto')",
+    "mixed_rmd(checkpoint_every='sqrt')",
+    "mixed_rmd(checkpoint_every='sqrt', product='double_backward')",
+)
 """The forms whose memory grows with sqrt(T): the ones run at ``--sublinear-steps`` too."""
 PEERS = {"higher": "higher innerloop_ctx", "torchopt": "TorchOpt sgd (functional)"}
 METHODS = (*OURS, *PEERS)
@@ -261,7 +275,16 @@ def _status_bytes(key: str) -> int | None:
 
 
 def resident_before() -> int | None:
-    """The resident size now, after resetting its high-water mark (``None`` where Linux's ``/proc`` cannot)."""
+    """The resident size now, after giving the heap's free memory back to the OS (glibc's ``malloc_trim``) and
+    resetting the high-water mark (``None`` where Linux's ``/proc`` cannot). Without the trim, memory that an earlier
+    run freed stays resident, and a later run that reuses it shows no growth: the allocator meter's event buffer of
+    ``rmd(checkpoint_every='auto')`` at T = 3,000, run after the sqrt form's, read 0.6 GiB where it took 6, and the
+    prediction from it let T = 10,000 run out of memory."""
+    from studies.common import _LIBC
+
+    gc.collect()
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
     try:
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")
@@ -323,6 +346,17 @@ def measure(bench: Bench, method: str, steps: int, meter_name: str, repeats: int
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def add_problem_arguments(parser: argparse.ArgumentParser) -> None:
+    """The CNN problem's data and shapes (the timing study shares them)."""
+    parser.add_argument("--data", choices=("omniglot", "synthetic"), default="omniglot",
+                        help="omniglot (default), or generated images of the same shapes (for tests)")  # fmt: skip
+    parser.add_argument("--root", default=None, help="Omniglot's folder (default $OMNIGLOT_ROOT, else the usual)")
+    parser.add_argument("--characters", type=int, default=50, help="classes (default 50)")
+    parser.add_argument("--size", type=int, default=28, help="image side (default 28)")
+    parser.add_argument("--width", type=int, default=8, help="channels of the first convolution (default 8)")
+    parser.add_argument("--batch", type=int, default=32, help="mini-batch size (default 32)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = StudyParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", nargs="?", choices=("run", "report"), default="run",
@@ -337,13 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip a run predicted to take more CPU seconds (default 120)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3, help="timed runs at most (default 3)")
     parser.add_argument("--check-steps", type=int, default=10, help="T of the float64 agreement check (default 10)")
-    parser.add_argument("--data", choices=("omniglot", "synthetic"), default="omniglot",
-                        help="omniglot (default), or generated images of the same shapes (for tests)")  # fmt: skip
-    parser.add_argument("--root", default=None, help="Omniglot's folder (default $OMNIGLOT_ROOT, else the usual)")
-    parser.add_argument("--characters", type=int, default=50, help="classes (default 50)")
-    parser.add_argument("--size", type=int, default=28, help="image side (default 28)")
-    parser.add_argument("--width", type=int, default=8, help="channels of the first convolution (default 8)")
-    parser.add_argument("--batch", type=int, default=32, help="mini-batch size (default 32)")
+    add_problem_arguments(parser)
     parser.add_argument("--momentum", type=float, default=0.9, help="inner SGD momentum (default 0.9)")
     parser.add_argument("--lr-init", type=float, default=0.03, help="every layer's learning rate (default 0.03)")
     parser.add_argument("--wd-init", type=float, default=1e-4, help="every layer's weight decay (default 1e-4)")
@@ -645,6 +673,23 @@ def fits_of(records: dict[tuple[str, int], dict[str, Any]], method: str) -> tupl
     return best_fit(horizons, [rows[t]["peak_bytes"] for t in horizons])
 
 
+def peak_table(records: dict[tuple[str, int], dict[str, Any]]) -> list[str]:
+    """Each method's peak MiB at every T of the records (``-``: not run), its fitted growth and the largest T within
+    16 GiB (docs/scale.md shows it too)."""
+    horizons = sorted({t for _, t in records})
+    lines = [
+        "| method | " + " | ".join(f"T = {t:,}" for t in horizons) + " | growth (fit) | largest T within 16 GiB |",
+        "|---|" + "---:|" * len(horizons) + "---|---|",
+    ]
+    for method in [m for m in METHODS if any(k[0] == m for k in records)]:
+        rows = {t: r for (m, t), r in records.items() if m == method}
+        cells = [mib(rows[t]["peak_bytes"]) if t in rows else "-" for t in horizons]
+        fitted = fits_of(records, method)
+        growth, largest = ("-", "-") if fitted is None else (_fit_text(*fitted), _largest_text(fitted[0], rows))
+        lines.append(f"| {_label(method)} | " + " | ".join(cells) + f" | {growth} | {largest} |")
+    return lines
+
+
 def markdown(
     args: argparse.Namespace, records: dict[tuple[str, int], dict[str, Any]], agreed: dict[str, Any] | None
 ) -> str:
@@ -676,15 +721,8 @@ def markdown(
     lines += [
         "## Peak memory (MiB) against T, the fitted growth and the largest T within 16 GiB",
         "",
-        head + " | growth (fit) | largest T within 16 GiB |",
-        rule + "---|---|",
+        *peak_table(records),
     ]
-    for method in methods:
-        rows = {t: r for (m, t), r in records.items() if m == method}
-        cells = [mib(rows[t]["peak_bytes"]) if t in rows else "-" for t in horizons]
-        fitted = fits_of(records, method)
-        growth, largest = ("-", "-") if fitted is None else (_fit_text(*fitted), _largest_text(fitted[0], rows))
-        lines.append(f"| {_label(method)} | " + " | ".join(cells) + f" | {growth} | {largest} |")
     reference = {t: r for (m, t), r in records.items() if m == REFERENCE}
 
     def seconds_table(key: str, title: str) -> list[str]:
