@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from lightning_hypergrad._checks import check_choice, check_int
 from lightning_hypergrad.estimators import HypergradEstimator
+from lightning_hypergrad.inner_loop import RandomState, cuda_devices, random_state, same_random_state
 from lightning_hypergrad.inner_model import INITS, InnerModel, per_task_batch_norm
 from lightning_hypergrad.module import BilevelModule, Task
 from lightning_hypergrad.nets import BACKBONES, ConvBackbone, batch_statistics, build_backbone  # noqa: F401
@@ -318,7 +319,9 @@ class MAML(FewShotClassifier):
     is first-order MAML; the estimators that define no term for an initialization refuse it before any work (see
     :class:`~lightning_hypergrad.BilevelProblem`). The network's batch norm uses each batch's statistics in the
     inner loop, the outer loss, validation and test alike, as in MAML's reference implementation (see
-    :mod:`lightning_hypergrad.inner_model`). Validation and test adapt ``w_0`` to each held-out task.
+    :mod:`lightning_hypergrad.inner_model`). Validation and test adapt ``w_0`` to each held-out task. The query
+    accuracy it logs reuses the query logits of the outer loss at ``w_T`` (:class:`QueryLogits`), so a task costs no
+    forward pass beyond what its meta-gradient needs.
 
     Args: as :class:`FewShotClassifier`; ``head_init`` does not apply (the whole initialization is learned), and
         the linear head starts from ``torch.nn.Linear``'s random initialization, as MAML's does. ``eval_batch_norm``
@@ -350,10 +353,84 @@ class MAML(FewShotClassifier):
         return F.cross_entropy(model(task["support_x"]), task["support_y"])
 
     def outer_loss(self, model, h, task):
-        return F.cross_entropy(model(task["query_x"]), task["query_y"])
+        if torch.compiler.is_compiling():  # (compile_losses=True: nothing to remember in a traced call)
+            return F.cross_entropy(model(task["query_x"]), task["query_y"])
+        before = self._query_logits.random_state(model, task["query_x"])
+        logits = model(task["query_x"])
+        self._query_logits.remember(model, task["query_x"], logits, before)
+        return F.cross_entropy(logits, task["query_y"])
 
     def task_metrics(self, model, h, task):
-        return {"acc": (model(task["query_x"]).argmax(-1) == task["query_y"]).float().mean()}
+        logits = self._query_logits.recall(model, task["query_x"])
+        if logits is None:
+            logits = model(task["query_x"])
+        return {"acc": (logits.argmax(-1) == task["query_y"]).float().mean()}
+
+    @property
+    def _query_logits(self) -> QueryLogits:
+        memo = self.__dict__.get("_query_logits_memo")
+        if memo is None:
+            memo = self.__dict__["_query_logits_memo"] = QueryLogits()
+        return memo
+
+
+class QueryLogits:
+    """The query logits of the last outer loss, for the task metric that follows it (the query accuracy at ``w_T``):
+    one forward pass of the query set less per task, which the peers' MAML loops do not spend either.
+
+    They are recalled only for the same inner parameters (the same storages at the same versions: the estimators
+    hand the metric ``w_T``'s tensors or views of them), the same query tensor, the same training mode and no random
+    draw in the forward pass that made them (dropout: a fresh forward draws its own); never under ``torch.func``
+    transforms or ``torch.compile`` (batched or traced tensors have no storage to compare). The memo holds references
+    to the tensors it compares, so that no other tensor can take their storage while it lives.
+    """
+
+    def __init__(self) -> None:
+        self._last: tuple[tuple, list[Tensor], Tensor] | None = None
+
+    @staticmethod
+    def _key(model, x: Tensor) -> tuple | None:
+        """What the logits depend on besides the module's own code: the inner parameters, the query tensor and the
+        module's buffers (by storage, offset, version, shape, stride, dtype) and the training mode; ``None`` where it
+        cannot be told."""
+        if not hasattr(model, "params") or not hasattr(model, "inner"):  # not an InnerModel's bound model
+            return None
+        tensors = [*model.params, x, *model.inner.module.buffers()]  # (a buffer changed in place: computed afresh)
+        if any(not isinstance(t, Tensor) or _transformed(t) for t in tensors):
+            return None
+        parts = [(t.untyped_storage().data_ptr(), t.storage_offset(), t._version, t.shape, t.stride(), t.dtype)
+                 for t in tensors]  # fmt: skip
+        return (*parts, *(m.training for m in model.inner.modules()))
+
+    def random_state(self, model, x: Tensor) -> RandomState | None:
+        """The generators' state before the forward pass (``None`` where nothing would be remembered)."""
+        if self._key(model, x) is None:
+            return None
+        return random_state(cuda_devices([*model.params, x]))
+
+    def remember(self, model, x: Tensor, logits: Tensor, before: RandomState | None) -> None:
+        """Keep ``logits`` for ``model`` and ``x``, unless the forward pass drew random numbers."""
+        self._last = None
+        key = self._key(model, x)
+        now = None if key is None or before is None else random_state(cuda_devices([*model.params, x]))
+        if now is None or not same_random_state(before, now):
+            return
+        self._last = (key, [t.detach() for t in [*model.params, x]], logits.detach())
+
+    def recall(self, model, x: Tensor) -> Tensor | None:
+        """The remembered logits where ``model`` and ``x`` are what they were computed from (once), else ``None``."""
+        last, self._last = self._last, None
+        if last is None:
+            return None
+        key = self._key(model, x)
+        return last[2] if key is not None and key == last[0] else None
+
+
+def _transformed(t: Tensor) -> bool:
+    """Whether ``t`` is a ``torch.func`` wrapper (vmap's batched or grad's tracking tensor): no storage to compare."""
+    from torch._C._functorch import is_batchedtensor, is_functorch_wrapped_tensor
+
+    return bool(is_functorch_wrapped_tensor(t) or is_batchedtensor(t))
 
 
 class IMAML(MAML):

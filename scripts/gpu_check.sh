@@ -8,7 +8,8 @@
 #   3. python -m studies.cost.launches --device cuda: launch counts and times of the three paths;
 #   4. python -m studies.peers --device cuda: the peers side by side (after scripts/install_peers.sh);
 #   5. python -m studies.scale --device cuda: peak CUDA memory and seconds of one hypergradient against T (10, 100,
-#      1000) on the horizon study's CNN for rmd, mixed_rmd (each plain and checkpointed), higher and TorchOpt.
+#      1000) on the horizon study's CNN for rmd (plain, sqrt- and auto-checkpointed), mixed_rmd (plain, checkpointed with
+#      each product: whether forward-over-reverse wins on a GPU), higher and TorchOpt.
 # Options go to part 1 (python -m studies.gpu_check --help lists them):
 #     bash scripts/gpu_check.sh --steps 3 --rounds 2
 #     bash scripts/gpu_check.sh --device cpu --dataset digits --steps 1 --rounds 1 --inner-steps 2   # part 1 alone, no GPU

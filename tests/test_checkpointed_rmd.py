@@ -182,3 +182,13 @@ def test_auto_is_the_segment_length_of_least_memory():
     assert peaks[chosen] <= 1.05 * min(peaks.values())
     assert peaks[chosen] < 0.8 * peaks[math.isqrt(steps - 1) + 1]
     assert peak("auto") <= 1.05 * min(peaks.values())  # the measurement of step 1's graph included
+
+
+def test_auto_measures_nothing_for_one_step(monkeypatch):
+    """At T = 1 there is nothing to checkpoint: no step is built only to be measured (plain RMD's time)."""
+    from lightning_hypergrad.estimators import reverse
+
+    problem = MLPTask(features=6, hidden=16, n=64).problem(1, lh.SGD(lr=0.1, momentum=0.9))
+    expected = lh.RMD()(problem)
+    monkeypatch.setattr(reverse, "step_bytes", lambda *a: pytest.fail("step 1 was measured at T = 1"))
+    assert_same_result(lh.RMD(checkpoint_every="auto")(problem), expected)

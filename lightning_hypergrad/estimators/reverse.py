@@ -153,6 +153,8 @@ class RMD(_ReverseMode):
         """``K`` for a problem of ``steps`` inner steps; ``None`` without checkpointing. ``"auto"`` needs the
         problem and its hyperparameters (it measures one step's graph: :func:`memory_optimal_segment`)."""
         if self.checkpoint_every == "auto":
+            if steps == 1:  # one step: nothing to checkpoint, nothing to measure
+                return 1
             if problem is None or h is None:
                 raise ValueError("RMD(checkpoint_every='auto') chooses K from the problem: pass problem and h")
             return memory_optimal_segment(problem, h)

@@ -101,8 +101,8 @@ PEERS = {
 }
 BARE = "rmd, no task metric"
 """``rmd`` on a copy of the model that computes no task metric: ``lh.MAML`` also computes each task's query accuracy
-after its inner loop (one more forward pass of the query set per task, for its logs), which the peers' loops do not;
-this row computes what they compute."""
+after its inner loop, for its logs (from the outer loss's query logits where they can be reused, else with one more
+forward pass of the query set), which the peers' loops do not; this row computes what they compute."""
 METHODS = (*OURS, BARE, *PEERS)
 REFERENCE = "rmd"
 TOLERANCE = 1e-10
@@ -403,7 +403,8 @@ def target_line(record: dict[str, Any]) -> str:
     value = t["value"]
     ratio = f"`{t['ours']}` / {PEERS[t['peer']]}: {_fmt(value, 3)} (median [IQR] of the per-round ratios)"
     if t["met"]:
-        return f"{head}: **met** ({ratio}, {100 * (1 - value['median']):.0f}% faster)"
+        faster = round(100 * (1 - value["median"]))
+        return f"{head}: **met** ({ratio}, " + (f"{faster}% faster)" if faster else "level with it)")
     return f"{head}: **missed** by {100 * (value['median'] - PEER_TARGET):.0f}% ({ratio})"
 
 
