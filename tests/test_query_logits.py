@@ -14,7 +14,7 @@ from lightning_cases import random_meta_batch
 from torch import nn
 
 import lightning_hypergrad as lh
-from lightning_hypergrad.fewshot import QueryLogits
+from lightning_hypergrad.query_logits import QueryLogits
 from lightning_hypergrad.inner_model import InnerModel
 
 pytestmark = pytest.mark.usefixtures("float64_default")

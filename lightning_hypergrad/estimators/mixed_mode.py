@@ -189,7 +189,7 @@ class MixedRMD(AdjointEstimator):
 
     Raises:
         ValueError: ``checkpoint_every`` neither ``None``, an integer >= 1 nor ``"sqrt"``; ``product`` not one of
-            :data:`PRODUCTS`.
+            ``PRODUCTS``.
     """
 
     name = "mixed_rmd"

@@ -151,7 +151,7 @@ class RMD(_ReverseMode):
         self, steps: int, problem: BilevelProblem | None = None, h: list[Tensor] | None = None
     ) -> int | None:
         """``K`` for a problem of ``steps`` inner steps; ``None`` without checkpointing. ``"auto"`` needs the
-        problem and its hyperparameters (it measures one step's graph: :func:`memory_optimal_segment`)."""
+        problem and its hyperparameters (it measures one step's graph: ``memory_optimal_segment``)."""
         if self.checkpoint_every == "auto":
             if steps == 1:  # one step: nothing to checkpoint, nothing to measure
                 return 1
