@@ -344,6 +344,7 @@ class MAML(FewShotClassifier):
         kwargs["head_init"] = "learned"
         kwargs["eval_batch_norm"] = "batch"
         super().__init__(*args, **kwargs)
+        self._query_logits = QueryLogits()  # the outer loss's query logits, for the accuracy that follows
 
     def _build(self) -> None:
         backbone = self._backbone()
@@ -356,9 +357,9 @@ class MAML(FewShotClassifier):
     def outer_loss(self, model, h, task):
         if torch.compiler.is_compiling():  # (compile_losses=True: nothing to remember in a traced call)
             return F.cross_entropy(model(task["query_x"]), task["query_y"])
-        before = self._query_logits.random_state(model, task["query_x"])
+        token = self._query_logits.before(model, task["query_x"])
         logits = model(task["query_x"])
-        self._query_logits.remember(model, task["query_x"], logits, before)
+        self._query_logits.remember(token, model, task["query_x"], logits)
         return F.cross_entropy(logits, task["query_y"])
 
     def task_metrics(self, model, h, task):
@@ -366,13 +367,6 @@ class MAML(FewShotClassifier):
         if logits is None:
             logits = model(task["query_x"])
         return {"acc": (logits.argmax(-1) == task["query_y"]).float().mean()}
-
-    @property
-    def _query_logits(self) -> QueryLogits:
-        memo = self.__dict__.get("_query_logits_memo")
-        if memo is None:
-            memo = self.__dict__["_query_logits_memo"] = QueryLogits()
-        return memo
 
 
 class IMAML(MAML):

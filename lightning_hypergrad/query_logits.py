@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from torch import Tensor
+from torch._C._functorch import is_batchedtensor, is_functorch_wrapped_tensor
 
 from lightning_hypergrad.inner_loop import RandomState, cuda_devices, random_state, same_random_state
 
@@ -36,20 +37,18 @@ class QueryLogits:
                  for t in tensors]  # fmt: skip
         return (*parts, *(m.training for m in model.inner.modules()))
 
-    def random_state(self, model, x: Tensor) -> RandomState | None:
-        """The generators' state before the forward pass (``None`` where nothing would be remembered)."""
-        if self._key(model, x) is None:
-            return None
-        return random_state(cuda_devices([*model.params, x]))
-
-    def remember(self, model, x: Tensor, logits: Tensor, before: RandomState | None) -> None:
-        """Keep ``logits`` for ``model`` and ``x``, unless the forward pass drew random numbers."""
+    def before(self, model, x: Tensor) -> tuple[tuple, RandomState] | None:
+        """Before the outer loss's forward pass: its key and the generators' state (``None`` where nothing would be
+        remembered). A forward pass that changes a buffer in place changes the key, so its logits are not recalled."""
         self._last = None
         key = self._key(model, x)
-        now = None if key is None or before is None else random_state(cuda_devices([*model.params, x]))
-        if now is None or not same_random_state(before, now):
+        return None if key is None else (key, random_state(cuda_devices([*model.params, x])))
+
+    def remember(self, token: tuple[tuple, RandomState] | None, model, x: Tensor, logits: Tensor) -> None:
+        """Keep ``logits`` (``token`` from :meth:`before`), unless the forward pass drew random numbers."""
+        if token is None or not same_random_state(token[1], random_state(cuda_devices([*model.params, x]))):
             return
-        self._last = (key, [t.detach() for t in [*model.params, x]], logits.detach())
+        self._last = (token[0], [t.detach() for t in [*model.params, x]], logits.detach())
 
     def recall(self, model, x: Tensor) -> Tensor | None:
         """The remembered logits where ``model`` and ``x`` are what they were computed from (once), else ``None``."""
@@ -62,6 +61,4 @@ class QueryLogits:
 
 def _transformed(t: Tensor) -> bool:
     """Whether ``t`` is a ``torch.func`` wrapper (vmap's batched or grad's tracking tensor): no storage to compare."""
-    from torch._C._functorch import is_batchedtensor, is_functorch_wrapped_tensor
-
     return bool(is_functorch_wrapped_tensor(t) or is_batchedtensor(t))

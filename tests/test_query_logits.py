@@ -14,8 +14,8 @@ from lightning_cases import random_meta_batch
 from torch import nn
 
 import lightning_hypergrad as lh
-from lightning_hypergrad.query_logits import QueryLogits
 from lightning_hypergrad.inner_model import InnerModel
+from lightning_hypergrad.query_logits import QueryLogits
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 QUERY = 6  # query images per task: 3 ways x 2 (the support set has 3 x 1)
@@ -61,9 +61,9 @@ def small_model(dropout: bool) -> tuple[InnerModel, list[torch.Tensor], torch.Te
 
 
 def remembered(memo: QueryLogits, model, x: torch.Tensor) -> torch.Tensor:
-    before = memo.random_state(model, x)
+    token = memo.before(model, x)
     logits = model(x)
-    memo.remember(model, x, logits, before)
+    memo.remember(token, model, x, logits)
     return logits
 
 

@@ -66,10 +66,8 @@ def adjoint_step(
     h_const = [x.detach() for x in h]
     with torch.enable_grad():
         if product == "double_backward":
-            w_graph, h_graph = leaves(w), leaves(h_const)
             with replay():
-                value = loss(w_graph, h_graph)
-            d_graph = torch.autograd.grad(value, w_graph, create_graph=True, materialize_grads=True)
+                _, d_graph, w_graph, h_graph = _gradient_with_graph(loss, w, h_const)
             gradient = [x.detach() for x in d_graph]
         else:
             w_in = leaves(w)
@@ -129,6 +127,16 @@ def _forward_over_reverse(
         return _by_double_backward(loss, w_primal, h, direction)
 
 
+def _gradient_with_graph(
+    loss: Callable, w: Sequence[Tensor], h: Sequence[Tensor]
+) -> tuple[Tensor, tuple[Tensor, ...], list[Tensor], list[Tensor]]:
+    """The step's loss and ``d = grad_w L(w, h)`` with its graph (``create_graph``), from fresh leaves of ``w`` and
+    ``h``: ``(loss, d, w_leaves, h_leaves)``."""
+    w_in, h_in = leaves(w), leaves(h)
+    value = loss(w_in, h_in)
+    return value, torch.autograd.grad(value, w_in, create_graph=True, materialize_grads=True), w_in, h_in
+
+
 def _second_order_products(
     d: Sequence[Tensor], direction: list[Tensor], w: list[Tensor], h: list[Tensor]
 ) -> tuple[list[Tensor], list[Tensor | None]]:
@@ -159,14 +167,12 @@ def _by_double_backward(
     from lightning_hypergrad.problem import _once_differentiable_on_a_path
 
     with torch.enable_grad():
-        w_in, h_in = leaves(w), leaves(h)
-        value = loss(w_in, h_in)
+        value, grads, w_in, h_in = _gradient_with_graph(loss, w, h)
         if _once_differentiable_on_a_path(value, w_in):
             raise RuntimeError(
                 "mixed_rmd: forward AD cannot pass the training loss and its fallback, double backward, cannot pass "
                 "its once_differentiable function; use an estimator without double backward (fo, t1t2_fd, sama)"
             )
-        grads = torch.autograd.grad(value, w_in, create_graph=True, materialize_grads=True)
         return _second_order_products(grads, direction, w_in, h_in)
 
 

@@ -153,8 +153,6 @@ class RMD(_ReverseMode):
         """``K`` for a problem of ``steps`` inner steps; ``None`` without checkpointing. ``"auto"`` needs the
         problem and its hyperparameters (it measures one step's graph: ``memory_optimal_segment``)."""
         if self.checkpoint_every == "auto":
-            if steps == 1:  # one step: nothing to checkpoint, nothing to measure
-                return 1
             if problem is None or h is None:
                 raise ValueError("RMD(checkpoint_every='auto') chooses K from the problem: pass problem and h")
             return memory_optimal_segment(problem, h)
@@ -213,6 +211,8 @@ def step_bytes(problem: BilevelProblem, h: list[Tensor]) -> tuple[int, int]:
 def memory_optimal_segment(problem: BilevelProblem, h: list[Tensor]) -> int:
     """The ``K`` that minimizes checkpointed RMD's memory, ``(T / K) B_state + K B_graph`` (the stored checkpoints
     and one segment's graphs): ``ceil(sqrt(T B_state / B_graph))``, within 1 and T (:func:`step_bytes`)."""
+    if problem.steps == 1:  # one step: nothing to checkpoint, nothing to measure
+        return 1
     state, graph = step_bytes(problem, h)
     return max(1, min(problem.steps, math.ceil(math.sqrt(problem.steps * state / max(graph, 1)))))
 

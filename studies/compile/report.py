@@ -82,16 +82,24 @@ def _verdict(target: dict[str, Any], higher_is_better: bool, bound: float) -> st
     return word + (" (the IQR straddles the target)" if straddles else "")
 
 
+def protocol_text(p: dict[str, Any]) -> str:
+    """The protocol of a record (:meth:`studies.compile.study.Protocol.as_record`) in one sentence, without its stop
+    (the MAML scale study's report says it too)."""
+    return (
+        f"Protocol: {p['ways']}-way {p['shots']}-shot, {p['queries']} query image(s) per class, meta-batch "
+        f"{p['meta_batch']}, images {'x'.join(map(str, p['image_shape']))}, conv {p['depth']} x {p['width']} "
+        f"network, inner SGD lr {p['inner_lr']}, T = {', '.join(map(str, p['steps']))}; random images (seed "
+        f"{p['seed']}), the same tasks and initial weights for every method"
+    )
+
+
 def markdown(record: dict[str, Any]) -> str:
     p = record["protocol"]
     lines = ["# torch.compile (`compile_losses=True`) against eager and against the peers", ""]
     if record["quick"]:
         lines += ["**`--quick`: a smoke test of the study on tiny sizes, not a measurement.**", ""]
     lines += [
-        f"Protocol: {p['ways']}-way {p['shots']}-shot, {p['queries']} query image(s) per class, meta-batch "
-        f"{p['meta_batch']}, images {'x'.join(map(str, p['image_shape']))}, conv {p['depth']} x {p['width']} "
-        f"network, inner SGD lr {p['inner_lr']}, T = {', '.join(map(str, p['steps']))}; random images (seed "
-        f"{p['seed']}), the same tasks and initial weights for every method. Timed: {record['outer_step']}. "
+        f"{protocol_text(p)}. Timed: {record['outer_step']}. "
         f"{record['rounds']} interleaved rounds after a warm-up, order rotated per round; median [IQR] over the "
         "rounds; ratios paired round by round (< 1: faster). Compile seconds: the first call of the compiled method "
         "less a warm call of its eager twin, Inductor's on-disk caches disabled (a method whose graphs an earlier one "

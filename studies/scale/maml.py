@@ -73,7 +73,7 @@ from studies.common import (
     write_json,
     write_text,
 )
-from studies.compile.report import _fmt
+from studies.compile.report import _fmt, protocol_text
 from studies.compile.study import (
     Case,
     Method,
@@ -436,10 +436,7 @@ def markdown(record: dict[str, Any]) -> str:
     if record["quick"]:
         lines += ["**`--quick`: a smoke test of the study on tiny sizes, not a measurement.**", ""]
     lines += [
-        f"Protocol: {p['ways']}-way {p['shots']}-shot, {p['queries']} query image(s) per class, meta-batch "
-        f"{p['meta_batch']}, images {'x'.join(map(str, p['image_shape']))}, conv {p['depth']} x {p['width']} network, "
-        f"inner SGD lr {p['inner_lr']}, T = {', '.join(map(str, p['steps']))}; random images (seed {p['seed']}), the "
-        f"same tasks and initial weights for every method, float32, {record['threads']} torch thread. Timed: "
+        f"{protocol_text(p)}, float32, {record['threads']} torch thread. Timed: "
         f"{record['outer_step']}. {record['rounds']} interleaved rounds per T after a warm-up call and the memory "
         "call, order rotated per round; median [IQR] over the rounds; ratios paired round by round (< 1: faster). "
         f"Peak memory: {record['meter']}; MiB = 2^20 bytes.",
